@@ -1,0 +1,11 @@
+"""featinv: see what an image classifier sees, by inverting its feature maps with a conditional
+diffusion model (FeatInv, Neukirch, Vielhaben & Strodthoff, arXiv 2505.21032)."""
+
+from featinv.errors import FeatInvError
+from featinv.features import FeatureExtractor, FeatureSpec
+from featinv.models import FeatInvModel
+from featinv.pipeline import Reconstruction, Reconstructor
+
+__version__ = "0.1.0"
+
+__all__ = ["FeatInvError", "FeatInvModel", "FeatureExtractor", "FeatureSpec", "Reconstruction", "Reconstructor"]

@@ -1,0 +1,274 @@
+"""``featinv <command>``: a thin face over the Python API.
+
+Every command is a function taking parsed arguments. Input a user can fix is reported as one line
+``featinv: error: ...`` with exit code 2, and a failed command leaves no partial output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from featinv.errors import FeatInvError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # noqa: D102 - argparse hook
+        self.exit(2, f"featinv: error: {message} (see '{self.prog} --help')\n")
+
+
+@contextmanager
+def staged_output(out: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``out``; its files move into ``out`` only if the block succeeds."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FeatInvError(f"--out {out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield staging
+        out.mkdir(parents=True, exist_ok=True)
+        for item in staging.iterdir():
+            item.replace(out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _load_model(args: argparse.Namespace):
+    from featinv.models import FeatInvModel
+
+    return FeatInvModel.from_pretrained(args.model)
+
+
+def _extractor(model, args: argparse.Namespace):
+    from featinv.features import FeatureExtractor
+
+    weights = getattr(args, "classifier_weights", None)
+    if weights is None:
+        return model.classifier
+    extractor = FeatureExtractor.from_spec(model.feature_spec)
+    extractor.load_classifier_weights(weights)
+    return extractor
+
+
+def _reconstructor(args: argparse.Namespace):
+    from featinv.pipeline import Reconstructor, resolve_device
+
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    model = _load_model(args)
+    return Reconstructor(model, extractor=_extractor(model, args), device=device, dtype=dtype)
+
+
+def _unique_stems(paths: Sequence[str]) -> list[str]:
+    stems, seen = [], {}
+    for path in paths:
+        stem = Path(path).stem
+        count = seen.get(stem, 0)
+        seen[stem] = count + 1
+        stems.append(stem if count == 0 else f"{stem}_{count}")
+    return stems
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print a model's feature spec and configuration."""
+    from featinv.models.featinv_model import read_model_config
+
+    if not Path(args.model).is_dir():
+        raise FeatInvError(f"model folder not found: {args.model}")
+    config = read_model_config(args.model)
+    if args.json:
+        print(json.dumps(config, indent=2))
+        return 0
+    from featinv.features import FeatureSpec
+
+    spec = FeatureSpec.from_dict(config["feature_spec"])
+    print(f"model folder:  {args.model}")
+    print(f"features:      {spec.describe()}")
+    print(f"classifier in: {spec.input_size}, mean {spec.mean}, std {spec.std}")
+    if spec.model_kwargs:
+        print(f"classifier kw: {spec.model_kwargs}")
+    print(f"latent model:  {'yes (VAE)' if config.get('has_vae') else 'no (pixel space)'}")
+    print(f"classifier:    {'stored' if config.get('has_classifier') else 'not stored (pass --classifier-weights)'}")
+    print(f"prompt:        {config.get('prompt')!r}")
+    print(f"schedule:      {config['noise_schedule']}")
+    return 0
+
+
+def _read_features(path: str) -> torch.Tensor:
+    from featinv.weights import load_state_dict
+
+    tensors = load_state_dict(path, what="features")
+    if "features" not in tensors:
+        raise FeatInvError(f"features file {path} has no tensor named 'features' (has: {', '.join(tensors)})")
+    return tensors["features"].float()
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Reconstruct images from the feature maps of image files (or a features file)."""
+    from featinv.images import load_images, make_grid, save_image
+
+    if args.images is None and args.features is None:
+        raise FeatInvError("give --images FILES... or --features FILE")
+    reconstructor = _reconstructor(args)
+    size = reconstructor.spec.input_size[1:]
+    originals = load_images(args.images, size) if args.images else None
+    features = _read_features(args.features) if args.features else None
+    result = reconstructor.reconstruct(
+        originals,
+        features=features,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        sampler=args.sampler,
+        eta=args.eta,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        pooled=args.pooled,
+        progress=not args.quiet,
+    )
+    stems = _unique_stems(args.images) if args.images else [f"features_{i:03d}" for i in range(len(result.images))]
+    with staged_output(args.out) as staging:
+        for stem, image in zip(stems, result.images, strict=True):
+            save_image(image, staging / f"{stem}.png")
+        columns = [result.images] if originals is None else [originals, result.images]
+        scale = max(1, 128 // columns[0].shape[-1])
+        save_image(make_grid(columns, scale=scale), staging / "grid.png")
+    print(f"wrote {len(stems)} reconstructions and grid.png to {args.out}")
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    """Write the feature maps of image files to a safetensors file (key ``features``)."""
+    from featinv.images import load_images
+    from featinv.weights import save_state_dict_atomic
+
+    model = _load_model(args)
+    extractor = _extractor(model, args)
+    if extractor is None:
+        raise FeatInvError(f"{args.model} stores no classifier: pass --classifier-weights FILE")
+    from featinv.features import pool_and_tile
+
+    images = load_images(args.images, model.feature_spec.input_size[1:])
+    with torch.no_grad():
+        features = extractor(images)
+    if args.pooled:
+        features = pool_and_tile(features)
+    save_state_dict_atomic({"features": features}, args.out)
+    print(f"wrote features {tuple(features.shape)} of {model.feature_spec.describe()} to {args.out}")
+    return 0
+
+
+def _parse_layer(value: str | None) -> str | int | None:
+    return int(value) if value is not None and value.lstrip("-").isdigit() else value
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    """Create a new (untrained) FeatInv model from a preset or a diffusers base and a classifier."""
+    from featinv.features import FeatureExtractor
+    from featinv.models import FeatInvModel
+
+    if (args.preset is None) == (args.base is None):
+        raise FeatInvError("give exactly one of --preset NAME or --base DIR_OR_HUB_ID")
+    if args.base is not None and not Path(args.base).is_dir() and args.base.startswith((".", "/", "~")):
+        raise FeatInvError(f"--base folder not found: {args.base}")
+    try:
+        model_kwargs = json.loads(args.classifier_kwargs) if args.classifier_kwargs else {}
+    except json.JSONDecodeError as error:
+        raise FeatInvError(f"--classifier-kwargs must be a JSON object, got {args.classifier_kwargs!r}") from error
+    if not isinstance(model_kwargs, dict):
+        raise FeatInvError(f"--classifier-kwargs must be a JSON object, got {args.classifier_kwargs!r}")
+    input_size = (3, args.input_size, args.input_size) if args.input_size else None
+    extractor = FeatureExtractor(
+        args.classifier,
+        _parse_layer(args.layer),
+        weights=args.classifier_weights,
+        model_kwargs=model_kwargs,
+        input_size=input_size,
+    )
+    if args.preset is not None:
+        model = FeatInvModel.from_preset(args.preset, extractor, seed=args.seed)
+    else:
+        model = FeatInvModel.from_base(args.base, extractor, seed=args.seed)
+    model.save_pretrained(args.out)
+    print(f"created {args.out}: {extractor.spec.describe()}")
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="FeatInv model folder")
+    parser.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="featinv", description="See what an image classifier sees: invert its feature maps.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    info = commands.add_parser("info", help="print a model's feature spec")
+    info.add_argument("--model", required=True, help="FeatInv model folder")
+    info.add_argument("--json", action="store_true", help="print the raw configuration as JSON")
+    info.set_defaults(func=cmd_info)
+
+    rec = commands.add_parser("reconstruct", help="reconstruct images from feature maps")
+    _add_model_args(rec)
+    rec.add_argument("--images", nargs="+", help="image files whose feature maps to invert")
+    rec.add_argument("--features", help="a safetensors file with a 'features' tensor (B, C, h, w)")
+    rec.add_argument("--out", required=True, help="output folder (one PNG per input and grid.png)")
+    rec.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    rec.add_argument("--guidance", type=float, default=1.75, help="classifier-free guidance scale (default 1.75)")
+    rec.add_argument("--sampler", choices=["ddim", "dpmpp"], default="ddim")
+    rec.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
+    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--batch-size", type=int, default=8)
+    rec.add_argument("--pooled", action="store_true", help="condition on pooled features (the paper's baseline)")
+    rec.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    rec.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    rec.set_defaults(func=cmd_reconstruct)
+
+    create = commands.add_parser("create", help="create an untrained FeatInv model for a classifier and layer")
+    create.add_argument("--preset", help="tiny, minisd or sd15 (random base weights)")
+    create.add_argument("--base", help="a diffusers base: local folder, or a hub id (downloads)")
+    create.add_argument("--classifier", required=True, help="timm model name, e.g. resnet50")
+    create.add_argument("--layer", help="forward_features (default), a feature_info index, or a module path")
+    create.add_argument("--classifier-weights", help="local classifier weights (safetensors or .pth)")
+    create.add_argument("--classifier-kwargs", help="JSON of extra timm.create_model arguments")
+    create.add_argument("--input-size", type=int, help="classifier input side in pixels (default: the model's)")
+    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--out", required=True, help="output model folder")
+    create.set_defaults(func=cmd_create)
+
+    ext = commands.add_parser("extract", help="write the feature maps of images to a safetensors file")
+    _add_model_args(ext)
+    ext.add_argument("--images", nargs="+", required=True)
+    ext.add_argument("--out", required=True, help="output .safetensors file")
+    ext.add_argument("--pooled", action="store_true")
+    ext.set_defaults(func=cmd_extract)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FeatInvError as error:
+        print(f"featinv: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("featinv: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

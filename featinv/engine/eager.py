@@ -1,0 +1,36 @@
+"""The eager backend: ControlNet then base UNet, in plain PyTorch (the numerical reference)."""
+
+from __future__ import annotations
+
+import torch
+
+from featinv.models.featinv_model import FeatInvModel
+
+
+class EagerDenoiser:
+    """eps = UNet(x, t, context, + ControlNet(x, t, context, hint) residuals).
+
+    Args:
+        model: the FeatInv model; inputs are cast to its UNet's dtype, eps is returned in float32.
+        conditioning_scale: multiplier of the ControlNet residuals (1.0 as trained).
+    """
+
+    def __init__(self, model: FeatInvModel, conditioning_scale: float = 1.0) -> None:
+        self.model = model
+        self.conditioning_scale = conditioning_scale
+
+    @torch.no_grad()
+    def __call__(self, sample: torch.Tensor, timestep: int, hint: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        dtype = self.model.unet.dtype
+        sample, hint, context = sample.to(dtype), hint.to(dtype), context.to(dtype)
+        t = torch.tensor(timestep, dtype=torch.long, device=sample.device)
+        down, mid = self.model.controlnet(sample, t, context, hint, conditioning_scale=self.conditioning_scale)
+        eps = self.model.unet(
+            sample,
+            t,
+            encoder_hidden_states=context,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+        return eps.float()

@@ -1,0 +1,323 @@
+"""Feature maps from any timm classifier and any layer, as (B, C, h, w) tensors.
+
+A layer is named in one of three ways:
+
+* ``None`` or ``"forward_features"``: the output of ``model.forward_features`` (the penultimate
+  map, as in the FeatInv paper);
+* an integer (or a string of one): an index into the model's ``feature_info``;
+* a module path such as ``"layer4"`` or ``"stages.3"``.
+
+CNN maps (B, C, h, w), channels-last maps (Swin, (B, h, w, C)) and ViT token sequences
+(B, N, D) with prefix tokens are all returned as (B, C, h, w). The shapes come from a real forward
+pass on a dummy input, never from constants.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featinv.errors import FeatInvError
+from featinv.weights import load_state_dict
+
+FORWARD_FEATURES = "forward_features"
+MODES = ("spatial", "pooled")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a feature map is: which classifier, which layer, its shape and the input it expects.
+
+    Attributes:
+        model: timm model name.
+        layer: ``"forward_features"``, a ``feature_info`` index, or a module path.
+        mode: ``"spatial"`` or ``"pooled"`` (the global average tiled over the grid).
+        channels, height, width: the feature map's shape (C, h, w).
+        input_size: the classifier's input (3, H, W).
+        mean, std: the classifier's input normalisation.
+        model_kwargs: keyword arguments given to ``timm.create_model``.
+    """
+
+    model: str
+    layer: str | int
+    mode: str
+    channels: int
+    height: int
+    width: int
+    input_size: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, h, w)."""
+        return (self.channels, self.height, self.width)
+
+    def describe(self) -> str:
+        """A one-line description, e.g. ``resnet18 layer 'layer4' (512x7x7, spatial)``."""
+        return f"{self.model} layer {self.layer!r} ({self.channels}x{self.height}x{self.width}, {self.mode})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
+        data = dict(data)
+        for key in ("input_size", "mean", "std"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    def same_source(self, other: FeatureSpec) -> bool:
+        """Whether both specs describe the same classifier and layer (mode may differ)."""
+        return (self.model, self.layer, self.model_kwargs, self.shape) == (
+            other.model,
+            other.layer,
+            other.model_kwargs,
+            other.shape,
+        )
+
+    def check_features(self, features: torch.Tensor, name: str = "features") -> None:
+        """Raise ``FeatInvError`` unless ``features`` is a finite (B, C, h, w) map of this spec."""
+        if not isinstance(features, torch.Tensor):
+            raise FeatInvError(
+                f"{name} must be a torch.Tensor of shape (B, {self.channels}, {self.height}, "
+                f"{self.width}), got {type(features).__name__}"
+            )
+        if features.ndim != 4 or tuple(features.shape[1:]) != self.shape:
+            raise FeatInvError(
+                f"{name} has shape {tuple(features.shape)}, expected (B, {self.channels}, {self.height}, "
+                f"{self.width}) for {self.describe()}"
+            )
+        if features.shape[0] == 0:
+            raise FeatInvError(f"{name} is empty (batch size 0)")
+        if not torch.isfinite(features).all():
+            raise FeatInvError(f"{name} contains NaN or Inf values")
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass once the layer has run."""
+
+
+def _check_model_name(name: str) -> None:
+    if not isinstance(name, str) or not timm.is_model(name):
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise FeatInvError(f"unknown timm model {name!r}{hint}")
+
+
+def _layer_choices(model: nn.Module) -> list[str]:
+    choices = [FORWARD_FEATURES]
+    info = getattr(model, "feature_info", None) or []
+    choices += [f"{i} ({entry['module']})" for i, entry in enumerate(info)]
+    choices += [name for name, _ in model.named_children()]
+    return choices
+
+
+def _resolve_layer(model: nn.Module, model_name: str, layer: str | int | None) -> tuple[str | int, str | None]:
+    """Returns (the layer as stored in the spec, the module path to hook or None for forward_features)."""
+    if layer is None or layer == FORWARD_FEATURES:
+        return FORWARD_FEATURES, None
+    info = getattr(model, "feature_info", None) or []
+    if isinstance(layer, int) or (isinstance(layer, str) and layer.lstrip("-").isdigit()):
+        index = int(layer)
+        if not -len(info) <= index < len(info):
+            raise FeatInvError(
+                f"layer index {index} is out of range for {model_name}; valid layers: "
+                + ", ".join(_layer_choices(model))
+            )
+        module_path = info[index]["module"]
+        if module_path not in dict(model.named_modules()):
+            raise FeatInvError(f"feature_info entry {index} of {model_name} names no module ({module_path!r})")
+        return index, module_path
+    if isinstance(layer, str) and layer in dict(model.named_modules()) and layer != "":
+        return layer, layer
+    raise FeatInvError(f"unknown layer {layer!r} for {model_name}; valid layers: " + ", ".join(_layer_choices(model)))
+
+
+def _output_format(model: nn.Module) -> str:
+    fmt = getattr(model, "output_fmt", "NCHW")
+    return str(getattr(fmt, "value", fmt))
+
+
+def _to_nchw(output: Any, model: nn.Module, where: str) -> torch.Tensor:
+    """Convert a layer output (NCHW, NHWC or a token sequence) to (B, C, h, w)."""
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise FeatInvError(f"{where} does not return a tensor; choose another layer")
+    if output.ndim == 4:
+        return output.permute(0, 3, 1, 2) if _output_format(model) == "NHWC" else output
+    if output.ndim == 3:
+        tokens = output[:, getattr(model, "num_prefix_tokens", 0) :]
+        patch_embed = getattr(model, "patch_embed", None)
+        grid = tuple(getattr(patch_embed, "grid_size", ()) or ())
+        if len(grid) != 2 or grid[0] * grid[1] != tokens.shape[1]:
+            side = int(round(tokens.shape[1] ** 0.5))
+            if side * side != tokens.shape[1]:
+                raise FeatInvError(f"{where} gives {tokens.shape[1]} tokens, which do not form a grid")
+            grid = (side, side)
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid[0], grid[1])
+    raise FeatInvError(f"{where} gives a {output.ndim}-d output {tuple(output.shape)}, not a spatial map")
+
+
+class FeatureExtractor(nn.Module):
+    """A frozen timm classifier that returns the feature map of one layer.
+
+    Args:
+        model: timm model name, e.g. ``"resnet50"``.
+        layer: ``None``/``"forward_features"``, a ``feature_info`` index, or a module path.
+        mode: ``"spatial"`` (default) or ``"pooled"`` (global average tiled over the grid).
+        pretrained: load timm's pretrained weights (downloads from the hub: only when asked).
+        weights: a local weights file (safetensors, or a ``.pth`` loaded with ``weights_only=True``).
+        model_kwargs: extra ``timm.create_model`` arguments (e.g. a tiny config for tests).
+        input_size: the classifier's input (3, H, W); by default the model's own.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        layer: str | int | None = None,
+        *,
+        mode: str = "spatial",
+        pretrained: bool = False,
+        weights: str | Path | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        input_size: tuple[int, int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise FeatInvError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        _check_model_name(model)
+        model_kwargs = dict(model_kwargs or {})
+        try:
+            self.classifier = timm.create_model(model, pretrained=pretrained, **model_kwargs)
+        except TypeError as error:
+            raise FeatInvError(f"model_kwargs {model_kwargs} are not accepted by {model}: {error}") from error
+        if weights is not None:
+            self.load_classifier_weights(weights)
+        self.classifier.eval().requires_grad_(False)
+        self.layer, self._module_path = _resolve_layer(self.classifier, model, layer)
+        self._captured: torch.Tensor | None = None
+        self._capturing = False
+        if self._module_path is not None:
+            module = dict(self.classifier.named_modules())[self._module_path]
+            module.register_forward_hook(self._capture)
+
+        data_config = timm.data.resolve_model_data_config(self.classifier)
+        if input_size is None:
+            patch_embed = getattr(self.classifier, "patch_embed", None)
+            img_size = getattr(patch_embed, "img_size", None)
+            if img_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
+                input_size = (3, *img_size)
+            else:
+                input_size = tuple(data_config["input_size"])
+        input_size = tuple(int(v) for v in input_size)
+        if len(input_size) != 3 or input_size[0] != 3 or min(input_size) < 1:
+            raise FeatInvError(f"input_size must be (3, H, W) with H, W >= 1, got {input_size}")
+        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1), persistent=False)
+
+        with torch.no_grad():
+            probe = self._features(torch.zeros(1, *input_size))
+        self.spec = FeatureSpec(
+            model=model,
+            layer=self.layer,
+            mode=mode,
+            channels=int(probe.shape[1]),
+            height=int(probe.shape[2]),
+            width=int(probe.shape[3]),
+            input_size=input_size,
+            mean=tuple(float(v) for v in data_config["mean"]),
+            std=tuple(float(v) for v in data_config["std"]),
+            model_kwargs=model_kwargs,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: FeatureSpec, *, weights: str | Path | None = None) -> FeatureExtractor:
+        """Rebuild the extractor a spec describes (random weights unless ``weights`` is given)."""
+        return cls(
+            spec.model,
+            spec.layer,
+            mode=spec.mode,
+            weights=weights,
+            model_kwargs=spec.model_kwargs,
+            input_size=spec.input_size,
+        )
+
+    def load_classifier_weights(self, weights: str | Path | dict[str, torch.Tensor]) -> None:
+        """Load a state dict (a path or a dict) into the classifier, strictly."""
+        state = weights if isinstance(weights, dict) else load_state_dict(weights, what="classifier weights")
+        result = self.classifier.load_state_dict(state, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise FeatInvError(
+                f"classifier weights do not fit {type(self.classifier).__name__}: "
+                f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+                f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})"
+            )
+
+    def _capture(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if self._capturing:
+            self._captured = output
+            raise _Captured
+
+    def _features(self, normalized: torch.Tensor) -> torch.Tensor:
+        if self._module_path is None:
+            return _to_nchw(self.classifier.forward_features(normalized), self.classifier, FORWARD_FEATURES)
+        self._captured, self._capturing = None, True
+        try:
+            self.classifier(normalized)
+        except _Captured:
+            pass
+        finally:
+            self._capturing = False
+        output, self._captured = self._captured, None
+        if output is None:
+            raise FeatInvError(f"layer {self.layer!r} did not run in the forward pass of the classifier")
+        return _to_nchw(output, self.classifier, f"layer {self.layer!r}")
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize (B, 3, H, W) images in [0, 1] to the classifier's input and normalise them."""
+        check_images(images)
+        size = self.spec.input_size[1:]
+        if tuple(images.shape[-2:]) != tuple(size):
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return (images - self.mean.to(images)) / self.std.to(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Feature maps (B, C, h, w) of (B, 3, H, W) images in [0, 1]."""
+        features = self._features(self.preprocess(images))
+        if self.spec.mode == "pooled":
+            features = pool_and_tile(features)
+        return features
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits (B, num_classes) for (B, 3, H, W) images in [0, 1]."""
+        return self.classifier(self.preprocess(images))
+
+
+def pool_and_tile(features: torch.Tensor) -> torch.Tensor:
+    """The paper's pooled baseline: the global average of (B, C, h, w) tiled back over (h, w)."""
+    return features.mean(dim=(2, 3), keepdim=True).expand_as(features).contiguous()
+
+
+def check_images(images: torch.Tensor, name: str = "images") -> None:
+    """Raise ``FeatInvError`` unless ``images`` is a finite (B, 3, H, W) float tensor in [0, 1]."""
+    if not isinstance(images, torch.Tensor):
+        raise FeatInvError(f"{name} must be a torch.Tensor of shape (B, 3, H, W), got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
+        raise FeatInvError(f"{name} must have shape (B, 3, H, W) with B >= 1, got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise FeatInvError(f"{name} must be a float tensor with values in [0, 1], got dtype {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise FeatInvError(f"{name} contains NaN or Inf values")
+    low, high = float(images.min()), float(images.max())
+    if low < -1e-3 or high > 1 + 1e-3:
+        raise FeatInvError(f"{name} must have values in [0, 1], got range [{low:.3g}, {high:.3g}]")

@@ -1,0 +1,349 @@
+"""The FeatInv model bundle: frozen base UNet, optional VAE, FeatInv ControlNet, stored contexts,
+the feature spec it was trained for, and (optionally) the classifier's weights.
+
+On disk (``save_pretrained``), a folder with no pickle files::
+
+    featinv.json               format version, feature spec, noise schedule, prompt
+    unet/, controlnet/, vae/   diffusers folders: config.json + safetensors
+    contexts.safetensors       the conditional and null contexts (B=1, L, D)
+    classifier.safetensors     the classifier's weights (optional)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors import safe_open
+from torch import nn
+
+from featinv.errors import FeatInvError
+from featinv.features import FeatureExtractor, FeatureSpec
+from featinv.models.controlnet import FeatInvControlNet
+from featinv.models.presets import get_preset
+from featinv.sampling.schedule import NoiseSchedule
+from featinv.weights import load_state_dict, save_state_dict_atomic
+
+FORMAT_VERSION = 1
+DEFAULT_PROMPT = "a high-quality, detailed, and professional image"
+CONFIG_NAME = "featinv.json"
+
+
+def _check_safetensors(path: Path, what: str) -> None:
+    """Raise FeatInvError unless ``path`` is a complete safetensors file (header and data size)."""
+    if not path.is_file():
+        raise FeatInvError(f"{what} is missing: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise FeatInvError(f"{what} {path} is not a valid safetensors file ({error})") from error
+
+
+def _load_submodel(cls: type, folder: Path, what: str, dtype: torch.dtype | None) -> Any:
+    _check_safetensors(folder / "diffusion_pytorch_model.safetensors", f"{what} weights")
+    try:
+        return cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+    except Exception as error:  # diffusers raises several types for a bad folder
+        raise FeatInvError(f"could not load {what} from {folder}: {error}") from error
+
+
+class FeatInvModel(nn.Module):
+    """A FeatInv model: everything needed to map a feature map back to an image.
+
+    Args:
+        unet: the frozen base diffusion UNet.
+        controlnet: the FeatInv ControlNet (hint encoder inside).
+        feature_spec: the classifier and layer this model was trained for.
+        context: (1, L, D) encoder states for the fixed prompt.
+        null_context: (1, L, D) encoder states of the unconditional branch.
+        noise_schedule: the base model's training schedule.
+        vae: the autoencoder of a latent model, or None for a pixel-space model.
+        classifier: the classifier, if it is to be stored with the model.
+        prompt: the fixed prompt ``context`` encodes (documentation only).
+    """
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        controlnet: FeatInvControlNet,
+        feature_spec: FeatureSpec,
+        context: torch.Tensor,
+        null_context: torch.Tensor,
+        *,
+        noise_schedule: NoiseSchedule | None = None,
+        vae: AutoencoderKL | None = None,
+        classifier: FeatureExtractor | None = None,
+        prompt: str | None = None,
+    ) -> None:
+        super().__init__()
+        if controlnet.config.feature_channels != feature_spec.channels:
+            raise FeatInvError(
+                f"controlnet expects {controlnet.config.feature_channels} feature channels but the feature spec "
+                f"has {feature_spec.channels}"
+            )
+        if classifier is not None and not classifier.spec.same_source(feature_spec):
+            raise FeatInvError(
+                f"classifier gives {classifier.spec.describe()}, but the model is for {feature_spec.describe()}"
+            )
+        self.unet = unet.requires_grad_(False)
+        self.controlnet = controlnet
+        self.vae = vae.requires_grad_(False) if vae is not None else None
+        self.classifier = classifier
+        self.feature_spec = feature_spec
+        self.noise_schedule = noise_schedule or NoiseSchedule()
+        self.prompt = prompt
+        self.register_buffer("context", context.detach().clone())
+        self.register_buffer("null_context", null_context.detach().clone())
+
+    # ----- shapes -----------------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one diffusion sample."""
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return (self.unet.config.in_channels, h, w)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(H, W) of the output images."""
+        _, h, w = self.latent_shape
+        if self.vae is None:
+            return (h, w)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (h * factor, w * factor)
+
+    # ----- image space <-> diffusion space ----------------------------------------------------
+    def decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """Diffusion samples (B, C, H, W) -> images (B, 3, H', W') in [0, 1]."""
+        if self.vae is not None:
+            samples = self.vae.decode(samples / self.vae.config.scaling_factor, return_dict=False)[0]
+        return ((samples.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> diffusion samples (the VAE posterior mean for latent models)."""
+        x = images * 2.0 - 1.0
+        if self.vae is None:
+            return x
+        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.mean * self.vae.config.scaling_factor
+
+    # ----- building ---------------------------------------------------------------------------
+    @classmethod
+    def from_preset(
+        cls, name: str, extractor: FeatureExtractor, *, seed: int = 0, store_classifier: bool = True, **overrides: Any
+    ) -> FeatInvModel:
+        """A model with random weights from a preset (``tiny``, ``minisd``, ``sd15``).
+
+        Without a text encoder the stored context is seeded noise and the null context zeros.
+        ``overrides`` replace UNet config keys (or ``image_size``/``context_length``/``hint_channels``).
+        """
+        preset = get_preset(name, **overrides)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel(**preset.unet_config())
+            vae = AutoencoderKL(**preset.vae) if preset.vae is not None else None
+            controlnet = FeatInvControlNet.from_unet(unet, extractor.spec.channels, hint_channels=preset.hint_channels)
+        generator = torch.Generator().manual_seed(seed)
+        dim = unet.config.cross_attention_dim
+        context = torch.randn(1, preset.context_length, dim, generator=generator)
+        null_context = torch.zeros(1, preset.context_length, dim)
+        return cls(
+            unet,
+            controlnet,
+            extractor.spec,
+            context,
+            null_context,
+            vae=vae,
+            classifier=extractor if store_classifier else None,
+            prompt=None,
+        )
+
+    @classmethod
+    def from_base(
+        cls,
+        base: str | Path,
+        extractor: FeatureExtractor,
+        *,
+        prompt: str = DEFAULT_PROMPT,
+        hint_channels: int = 512,
+        store_classifier: bool = True,
+        seed: int = 0,
+    ) -> FeatInvModel:
+        """A new FeatInv model on a diffusers base (a local folder, or a hub id the user gives).
+
+        The base's text encoder, if it has one, encodes ``prompt`` and the empty prompt once; it is
+        not kept. The ControlNet copies the base UNet's encoder weights; the hint encoder's last
+        convolution starts at zero.
+        """
+        base = str(base)
+        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
+        vae = _maybe(lambda: AutoencoderKL.from_pretrained(base, subfolder="vae"))
+        scheduler_config = _maybe(lambda: _read_scheduler_config(base))
+        schedule = NoiseSchedule.from_dict(scheduler_config) if scheduler_config else NoiseSchedule()
+        contexts = _encode_prompts(base, [prompt, ""])
+        encoded_prompt = prompt if contexts is not None else None
+        dim = unet.config.cross_attention_dim
+        if contexts is None:
+            warnings.warn(
+                f"{base} has no text encoder: using a seeded random context and a zero null context", stacklevel=2
+            )
+            generator = torch.Generator().manual_seed(seed)
+            contexts = (torch.randn(1, 77, dim, generator=generator), torch.zeros(1, 77, dim))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            controlnet = FeatInvControlNet.from_unet(unet, extractor.spec.channels, hint_channels=hint_channels)
+        return cls(
+            unet,
+            controlnet,
+            extractor.spec,
+            contexts[0],
+            contexts[1],
+            noise_schedule=schedule,
+            vae=vae,
+            classifier=extractor if store_classifier else None,
+            prompt=encoded_prompt,
+        )
+
+    # ----- saving and loading -----------------------------------------------------------------
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the model folder atomically: into a temporary sibling folder, then renamed."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.unet.save_pretrained(staging / "unet", safe_serialization=True)
+            self.controlnet.save_pretrained(staging / "controlnet", safe_serialization=True)
+            if self.vae is not None:
+                self.vae.save_pretrained(staging / "vae", safe_serialization=True)
+            save_state_dict_atomic(
+                {"context": self.context, "null_context": self.null_context}, staging / "contexts.safetensors"
+            )
+            if self.classifier is not None:
+                save_state_dict_atomic(self.classifier.classifier.state_dict(), staging / "classifier.safetensors")
+            config = {
+                "format_version": FORMAT_VERSION,
+                "feature_spec": self.feature_spec.to_dict(),
+                "noise_schedule": self.noise_schedule.to_dict(),
+                "prompt": self.prompt,
+                "has_vae": self.vae is not None,
+                "has_classifier": self.classifier is not None,
+            }
+            (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            _replace_folder(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> FeatInvModel:
+        """Load a model folder written by :meth:`save_pretrained`.
+
+        Raises:
+            FeatInvError: the folder is missing, or a file in it is missing, truncated or corrupt.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FeatInvError(f"model folder not found: {path}")
+        config = read_model_config(path)
+        spec = FeatureSpec.from_dict(config["feature_spec"])
+        unet = _load_submodel(UNet2DConditionModel, path / "unet", "unet", dtype)
+        controlnet = _load_submodel(FeatInvControlNet, path / "controlnet", "controlnet", dtype)
+        vae = _load_submodel(AutoencoderKL, path / "vae", "vae", dtype) if config.get("has_vae") else None
+        _check_safetensors(path / "contexts.safetensors", "contexts file")
+        contexts = load_state_dict(path / "contexts.safetensors", what="contexts")
+        if set(contexts) != {"context", "null_context"}:
+            raise FeatInvError(f"contexts file {path / 'contexts.safetensors'} must hold context and null_context")
+        classifier = None
+        if config.get("has_classifier"):
+            classifier = FeatureExtractor.from_spec(spec)
+            classifier.load_classifier_weights(path / "classifier.safetensors")
+        model = cls(
+            unet,
+            controlnet,
+            spec,
+            contexts["context"],
+            contexts["null_context"],
+            noise_schedule=NoiseSchedule.from_dict(config["noise_schedule"]),
+            vae=vae,
+            classifier=classifier,
+            prompt=config.get("prompt"),
+        )
+        model.eval()
+        return model.to(dtype) if dtype is not None else model
+
+
+def read_model_config(path: str | Path) -> dict[str, Any]:
+    """The parsed ``featinv.json`` of a model folder, checked for the keys we need."""
+    file = Path(path) / CONFIG_NAME
+    if not file.is_file():
+        raise FeatInvError(f"{path} is not a featinv model folder: {CONFIG_NAME} is missing")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FeatInvError(f"{file} is not valid JSON ({error})") from error
+    missing = [k for k in ("format_version", "feature_spec", "noise_schedule") if k not in config]
+    if missing:
+        raise FeatInvError(f"{file} lacks {', '.join(missing)}")
+    if config["format_version"] != FORMAT_VERSION:
+        raise FeatInvError(f"{file} has format_version {config['format_version']}, expected {FORMAT_VERSION}")
+    return config
+
+
+def _replace_folder(staging: Path, target: Path) -> None:
+    """Move ``staging`` to ``target``; an existing target is swapped out and removed only afterwards."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, backup)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _maybe(load: Any) -> Any:
+    """``load()``, or None when the part does not exist (OSError/EnvironmentError from diffusers)."""
+    try:
+        return load()
+    except (OSError, ValueError):
+        return None
+
+
+def _read_scheduler_config(base: str) -> dict[str, Any]:
+    from diffusers import DDIMScheduler
+
+    return dict(DDIMScheduler.load_config(base, subfolder="scheduler"))
+
+
+def _encode_prompts(base: str, prompts: list[str]) -> tuple[torch.Tensor, ...] | None:
+    """Encode prompts with the base's CLIP text encoder; None if the base has none."""
+    local = Path(base)
+    if local.is_dir() and not (local / "text_encoder").is_dir():
+        return None
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as error:
+        raise FeatInvError(
+            f"{base} has a text encoder; encoding the fixed prompt needs transformers (pip install transformers)"
+        ) from error
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
+        encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval()
+    except OSError:
+        return None
+    with torch.no_grad():
+        tokens = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        )
+        states = encoder(tokens.input_ids)[0]
+    return tuple(states[i : i + 1] for i in range(len(prompts)))

@@ -1,0 +1,216 @@
+"""The reconstructor: images or feature maps in, images out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from featinv.engine import make_denoiser
+from featinv.errors import FeatInvError
+from featinv.features import FeatureExtractor, check_images, pool_and_tile
+from featinv.models.featinv_model import FeatInvModel
+from featinv.sampling import SAMPLERS, classifier_free_guidance
+from featinv.sampling.noise import randn
+
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 1.75
+
+
+@dataclass
+class Reconstruction:
+    """The result of :meth:`Reconstructor.reconstruct`.
+
+    Attributes:
+        images: (B, 3, H, W) reconstructions in [0, 1], float32 on the CPU.
+        features: (B, C, h, w) the feature maps they were conditioned on.
+        samples: (B, C', H', W') final diffusion samples (latents for latent models).
+    """
+
+    images: torch.Tensor
+    features: torch.Tensor
+    samples: torch.Tensor
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/``"auto"``: CUDA when available, else CPU. ``"cuda"`` without a GPU is an error."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as error:
+        raise FeatInvError(f"device must be cpu, cuda, cuda:N or auto, got {device!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FeatInvError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+class Reconstructor:
+    """Reconstructs images from a classifier's feature maps with a FeatInv model.
+
+    Args:
+        model: the FeatInv model.
+        extractor: the classifier to take features from images with; defaults to the model's
+            stored classifier. Its (model, layer) must be the one the FeatInv model was trained for.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        dtype: the denoiser's dtype (float32, float16 or bfloat16); samples stay float32.
+        backend: the engine backend (``eager``).
+    """
+
+    def __init__(
+        self,
+        model: FeatInvModel,
+        *,
+        extractor: FeatureExtractor | None = None,
+        device: str | torch.device | None = "cpu",
+        dtype: torch.dtype = torch.float32,
+        backend: str = "eager",
+    ) -> None:
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise FeatInvError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.device = resolve_device(device)
+        extractor = extractor if extractor is not None else model.classifier
+        if extractor is not None and not extractor.spec.same_source(model.feature_spec):
+            raise FeatInvError(
+                f"this model was trained for {model.feature_spec.describe()}, "
+                f"but the classifier gives {extractor.spec.describe()}"
+            )
+        self.model = model.to(self.device, dtype).eval()
+        self.extractor = extractor.to(self.device, torch.float32).eval() if extractor is not None else None
+        self.denoiser = make_denoiser(self.model, backend)
+
+    @property
+    def spec(self):
+        return self.model.feature_spec
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, *, pooled: bool = False) -> torch.Tensor:
+        """Feature maps (B, C, h, w) of (B, 3, H, W) images in [0, 1]; ``pooled`` tiles the global mean."""
+        if self.extractor is None:
+            raise FeatInvError("this model stores no classifier: pass extractor= to Reconstructor to use images")
+        check_images(images)
+        features = self.extractor(images.to(self.device, torch.float32))
+        return pool_and_tile(features) if pooled else features
+
+    @torch.no_grad()
+    def reconstruct(
+        self,
+        images: torch.Tensor | None = None,
+        *,
+        features: torch.Tensor | None = None,
+        steps: int = DEFAULT_STEPS,
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        sampler: str = "ddim",
+        eta: float = 0.0,
+        seed: int = 0,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        batch_size: int = 8,
+        pooled: bool = False,
+        progress: bool = True,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Reconstruction:
+        """Reconstruct images from feature maps (given, or taken from ``images``).
+
+        Args:
+            images: (B, 3, H, W) in [0, 1]; their feature maps are inverted.
+            features: (B, C, h, w) feature maps of the model's spec (instead of ``images``).
+            steps: sampler steps (50 as published).
+            guidance_scale: classifier-free guidance scale (1.75 as published; <= 1 disables it).
+            sampler: ``ddim`` or ``dpmpp`` (DPM-Solver++ 2M).
+            eta: DDIM stochasticity in [0, 1].
+            seed: image i starts from noise seeded ``seed + i``, whatever the batch size.
+            generator: instead of ``seed``: one generator for all, or one per image.
+            latents: (B, C', H', W') starting noise instead of drawing it.
+            batch_size: images per denoiser batch.
+            pooled: with ``images``, condition on pooled-and-tiled features (the baseline).
+            progress: show a progress bar.
+            callback: called after every step with ``{"i", "t", "x", "denoised", "batch"}``.
+        """
+        features = self._input_features(images, features, pooled)
+        n = features.shape[0]
+        self._check_options(steps, guidance_scale, sampler, eta, batch_size)
+        generators = self._generators(n, seed, generator)
+        if latents is not None:
+            expected = (n, *self.model.latent_shape)
+            if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
+                got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+                raise FeatInvError(f"latents must have shape {expected}, got {got}")
+        noise_schedule = self.model.noise_schedule
+        schedule = noise_schedule.ddim(steps, eta) if sampler == "ddim" else noise_schedule.dpmpp_2m(steps)
+        sample_fn = SAMPLERS[sampler]
+        outputs = []
+        bar = tqdm(total=n * steps, desc="reconstructing", unit="step", disable=not progress, leave=False)
+        try:
+            for start in range(0, n, batch_size):
+                stop = min(start + batch_size, n)
+                batch_generators = generators[start:stop] if isinstance(generators, list) else generators
+                if latents is not None:
+                    x = latents[start:stop].to(self.device, torch.float32)
+                else:
+                    x = randn((stop - start, *self.model.latent_shape), batch_generators, device=self.device)
+                denoise = self._denoiser_for(features[start:stop], guidance_scale)
+
+                def on_step(info: dict[str, Any], start: int = start, stop: int = stop) -> None:
+                    bar.update(stop - start)
+                    if callback is not None:
+                        callback({**info, "batch": start // batch_size})
+
+                x = sample_fn(denoise, x, schedule, generator=batch_generators, callback=on_step)
+                outputs.append(x)
+        finally:
+            bar.close()
+        samples = torch.cat(outputs)
+        images_out = torch.cat([self.model.decode(s.to(self.model.unet.dtype)) for s in samples.split(batch_size)])
+        return Reconstruction(images=images_out.float().cpu(), features=features.cpu(), samples=samples.cpu())
+
+    # ----- helpers ----------------------------------------------------------------------------
+    def _input_features(self, images: torch.Tensor | None, features: torch.Tensor | None, pooled: bool) -> torch.Tensor:
+        if (images is None) == (features is None):
+            raise FeatInvError("pass exactly one of images or features")
+        if images is not None:
+            return self.features(images, pooled=pooled)
+        self.spec.check_features(features)
+        return features.to(self.device, torch.float32)
+
+    def _check_options(self, steps: int, guidance_scale: float, sampler: str, eta: float, batch_size: int) -> None:
+        if sampler not in SAMPLERS:
+            raise FeatInvError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise FeatInvError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not 0.0 <= float(guidance_scale) <= 50.0:
+            raise FeatInvError(f"guidance_scale must be in [0, 50], got {guidance_scale}")
+        if sampler != "ddim" and eta != 0.0:
+            raise FeatInvError(f"eta applies to the ddim sampler only, got eta={eta} with sampler={sampler!r}")
+        self.model.noise_schedule._check_steps(steps)
+
+    @staticmethod
+    def _generators(
+        n: int, seed: int, generator: torch.Generator | Sequence[torch.Generator] | None
+    ) -> torch.Generator | list[torch.Generator]:
+        if generator is None:
+            if not isinstance(seed, int) or seed < 0:
+                raise FeatInvError(f"seed must be a non-negative integer, got {seed!r}")
+            return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+        if isinstance(generator, torch.Generator):
+            return generator
+        generator = list(generator)
+        if len(generator) != n:
+            raise FeatInvError(f"generator list has {len(generator)} entries, expected one per image ({n})")
+        return generator
+
+    def _denoiser_for(self, features: torch.Tensor, guidance_scale: float):
+        """The (x, t) -> eps function for one batch: hint computed once, both branches in one batch."""
+        b = features.shape[0]
+        features = features.to(self.model.unet.dtype)
+        context = self.model.context.expand(b, -1, -1)
+        if guidance_scale <= 1.0:
+            hint = self.model.controlnet.embed(features)
+            return lambda x, t: self.denoiser(x, t, hint, context)
+        # The unconditional branch is the zero feature map with the null context, as trained.
+        hint_pair = self.model.controlnet.embed(torch.cat([torch.zeros_like(features), features]))
+        context_pair = torch.cat([self.model.null_context.expand(b, -1, -1), context])
+        return classifier_free_guidance(lambda x, t: self.denoiser(x, t, hint_pair, context_pair), guidance_scale)

@@ -1,0 +1,52 @@
+"""Safe reading and atomic writing of weights: safetensors, or ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from featinv.errors import FeatInvError
+
+
+def load_state_dict(path: str | Path, *, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Load a state dict from a safetensors file or a ``.pth``/``.pt`` file, never unpickling code.
+
+    Raises:
+        FeatInvError: the file is missing, truncated, corrupt or not a state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FeatInvError(f"{what} file not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise FeatInvError(f"{what} file {path} is not a valid safetensors file ({error})") from error
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for corrupt or unsafe pickles
+        raise FeatInvError(f"{what} file {path} could not be read safely ({type(error).__name__}: {error})") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FeatInvError(f"{what} file {path} does not hold a state dict of tensors")
+    return state
+
+
+def save_state_dict_atomic(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Write a safetensors file atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,87 @@
+"""Packaging for featinv: the Python package, ``kernels/`` as ``featinv.kernels``, and the
+optional pybind11 extension ``featinv._C`` built with CMake (skipped with a warning, leaving the
+pure-Python fallback, when CMake or a C++ compiler is missing)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    """An extension whose sources CMake builds (see CMakeLists.txt)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, sources=[], optional=True)
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        from setuptools.errors import CompileError
+
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise CompileError("cmake not found: featinv._C is skipped, the pure-Python fallback is used")
+        try:
+            import pybind11
+        except ImportError as error:
+            raise CompileError("pybind11 not installed: featinv._C is skipped") from error
+        output_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        configure = [
+            cmake,
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output_dir}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        try:
+            subprocess.run(configure, check=True)
+            subprocess.run([cmake, "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1)], check=True)
+        except (subprocess.CalledProcessError, OSError) as error:
+            raise CompileError(f"building featinv._C failed ({error}); the pure-Python fallback is used") from error
+
+
+packages = find_packages(include=["featinv", "featinv.*"]) + ["featinv.kernels"]
+
+setup(
+    name="featinv",
+    version="0.1.0",
+    description="See what an image classifier sees: invert its feature maps with a conditional diffusion model",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=packages,
+    package_dir={"featinv.kernels": "kernels"},
+    include_package_data=True,
+    ext_modules=[CMakeExtension("featinv._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    install_requires=[
+        "torch>=2.11",
+        "torchvision>=0.26",
+        "diffusers>=0.42,<0.43",
+        "timm>=1.0.29",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "pillow>=10",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "scipy>=1.11"],
+        "dev": ["ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["featinv=featinv.cli:main"]},
+)

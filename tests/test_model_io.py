@@ -1,0 +1,126 @@
+"""The model bundle: save_pretrained -> from_pretrained round-trips exactly, with no pickle files,
+and broken folders are reported clearly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_extractor, make_model
+
+from featinv import FeatInvModel, Reconstructor
+from featinv.errors import FeatInvError
+from featinv.models import FeatInvControlNet
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+
+
+def reconstruct(model, features):
+    return Reconstructor(model).reconstruct(features=features, steps=8, seed=5, progress=False).images
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "model")
+    return tmp_path / "model", tiny_model
+
+
+def test_round_trip_is_bit_identical_and_pickle_free(saved):
+    path, model = saved
+    features = torch.rand(2, *model.feature_spec.shape, generator=torch.Generator().manual_seed(0))
+    loaded = FeatInvModel.from_pretrained(path)
+    assert torch.equal(reconstruct(model, features), reconstruct(loaded, features))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    files = [p for p in path.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    assert {p.name for p in files} >= {"featinv.json", "contexts.safetensors", "classifier.safetensors"}
+    assert loaded.feature_spec == model.feature_spec
+    assert loaded.classifier is not None
+
+
+def test_saving_over_an_existing_model_replaces_it(saved):
+    path, model = saved
+    other = make_model(seed=7)
+    other.save_pretrained(path)
+    loaded = FeatInvModel.from_pretrained(path)
+    assert torch.equal(loaded.context, other.context)
+    assert not any(p.name.startswith(".") for p in path.parent.iterdir())
+
+
+def test_latent_preset_with_vae_round_trips(tmp_path):
+    extractor = make_extractor("convnext", layer=2)
+    vae = {
+        "block_out_channels": (8, 8),
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+    }
+    model = FeatInvModel.from_preset(
+        "minisd",
+        extractor,
+        block_out_channels=(8, 16, 16, 16),
+        norm_num_groups=4,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        layers_per_block=1,
+        image_size=32,
+        hint_channels=8,
+        context_length=3,
+        vae=vae,
+    )
+    assert model.latent_shape == (4, 16, 16)
+    assert model.image_size == (32, 32)
+    model.save_pretrained(tmp_path / "m")
+    loaded = FeatInvModel.from_pretrained(tmp_path / "m")
+    features = torch.rand(1, *model.feature_spec.shape)
+    images = reconstruct(loaded, features)
+    assert images.shape == (1, 3, 32, 32)
+    assert torch.equal(images, reconstruct(model, features))
+
+
+def test_controlnet_copies_the_base_encoder(tiny_model):
+    fresh = FeatInvControlNet.from_unet(tiny_model.unet, tiny_model.feature_spec.channels, hint_channels=16)
+    torch.testing.assert_close(fresh.controlnet.conv_in.weight, tiny_model.unet.conv_in.weight)
+    torch.testing.assert_close(
+        fresh.controlnet.down_blocks[0].resnets[0].conv1.weight, tiny_model.unet.down_blocks[0].resnets[0].conv1.weight
+    )
+    assert torch.count_nonzero(fresh.hint_encoder.conv_out.weight) == 0
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FeatInvError, match="model folder not found"):
+        FeatInvModel.from_pretrained(tmp_path / "nope")
+
+
+def test_truncated_safetensors(saved):
+    path, _ = saved
+    weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(FeatInvError, match="unet weights .* is not a valid safetensors file"):
+        FeatInvModel.from_pretrained(path)
+
+
+def test_garbage_safetensors(saved):
+    path, _ = saved
+    (path / "contexts.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(FeatInvError, match="contexts file .* is not a valid safetensors file"):
+        FeatInvModel.from_pretrained(path)
+
+
+def test_bad_config(saved):
+    path, _ = saved
+    (path / "featinv.json").write_text("{not json")
+    with pytest.raises(FeatInvError, match="not valid JSON"):
+        FeatInvModel.from_pretrained(path)
+    (path / "featinv.json").write_text(json.dumps({"format_version": 99, "feature_spec": {}, "noise_schedule": {}}))
+    with pytest.raises(FeatInvError, match="format_version 99"):
+        FeatInvModel.from_pretrained(path)
+
+
+def test_model_refuses_a_classifier_of_another_spec(tiny_model):
+    other = make_extractor("convnext", layer=2)
+    with pytest.raises(FeatInvError, match="trained for resnet18 layer 'layer3'.*convnext_atto"):
+        Reconstructor(tiny_model, extractor=other)
