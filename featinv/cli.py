@@ -206,6 +206,29 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The built-in default: reconstruct held-out shapes images from spatial and pooled features."""
+    from featinv.demo import run_demo
+
+    metrics = run_demo(args.out, device=args.device, n=args.n)
+    for mode in ("spatial", "pooled"):
+        m = metrics[mode]
+        print(f"{mode:>8}: top-1 agreement {m['top1_agreement']:.3f}  feature cosine {m['feature_cosine']:.3f}  "
+              f"mask IoU {m['mask_iou']:.3f}  centroid distance {m['centroid_distance_px']:.2f} px")
+    print(f"wrote grid.png, metrics.json and report.html to {args.out} ({metrics['seconds']} s)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a preset's models (today: shapes-demo, the built-in default)."""
+    from featinv.training.demo_preset import train_shapes_demo
+
+    if args.preset != "shapes-demo":
+        raise FeatInvError(f"--preset must be shapes-demo, got {args.preset!r}")
+    train_shapes_demo(args.out, device=args.device, scale=args.scale, time_budget_s=args.time_budget)
+    return 0
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="FeatInv model folder")
     parser.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
@@ -248,6 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--out", required=True, help="output model folder")
     create.set_defaults(func=cmd_create)
+
+    demo = commands.add_parser("demo", help="the built-in default on the shipped tiny models")
+    demo.add_argument("--out", default="demo-out")
+    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    demo.add_argument("--n", type=int, default=200, help="held-out images (default 200)")
+    demo.set_defaults(func=cmd_demo)
+
+    train = commands.add_parser("train", help="train a preset's models")
+    train.add_argument("--preset", required=True, help="shapes-demo")
+    train.add_argument("--out", required=True)
+    train.add_argument("--device", default="cpu")
+    train.add_argument("--scale", type=float, default=1.0, help="multiply the step counts")
+    train.add_argument("--time-budget", type=float, help="seconds for the whole run; stages stop early past it")
+    train.set_defaults(func=cmd_train)
 
     ext = commands.add_parser("extract", help="write the feature maps of images to a safetensors file")
     _add_model_args(ext)

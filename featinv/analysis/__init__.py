@@ -1,0 +1,1 @@
+"""Analysis: metrics comparing reconstructions with their originals."""

@@ -1,0 +1,48 @@
+"""Metrics between originals and reconstructions: feature cosine, classifier agreement, object
+location (mask IoU and centroid distance)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def feature_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of flattened feature maps (B, C, h, w) x (B, C, h, w) -> (B,)."""
+    return F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)
+
+
+def topk_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Whether b's top-1 class is among a's top-k classes: (B, N) x (B, N) -> (B,) bool."""
+    return (logits_a.topk(k, dim=1).indices == logits_b.argmax(1, keepdim=True)).any(1)
+
+
+def colour_masks(images: torch.Tensor, originals: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Object masks of images (B, 3, H, W) by colour: pixels nearer the original object's mean colour
+    than the original background's mean colour. Returns (B, 1, H, W) in {0, 1}."""
+    weight = masks.clamp(0, 1)
+    fg = (originals * weight).sum((2, 3)) / weight.sum((2, 3)).clamp_min(1e-6)
+    bg = (originals * (1 - weight)).sum((2, 3)) / (1 - weight).sum((2, 3)).clamp_min(1e-6)
+    to_fg = (images - fg[:, :, None, None]).norm(dim=1, keepdim=True)
+    to_bg = (images - bg[:, :, None, None]).norm(dim=1, keepdim=True)
+    return (to_fg < to_bg).float()
+
+
+def mask_iou(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU of binarised masks (B, 1, H, W) -> (B,)."""
+    p, t = predicted > 0.5, target > 0.5
+    inter = (p & t).flatten(1).sum(1).float()
+    union = (p | t).flatten(1).sum(1).float()
+    return inter / union.clamp_min(1)
+
+
+def centroid_distance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Distance in pixels between the centroids of masks (B, 1, H, W) -> (B,)."""
+
+    def centroid(m: torch.Tensor) -> torch.Tensor:
+        h, w = m.shape[-2:]
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=m.dtype), torch.arange(w, dtype=m.dtype), indexing="ij")
+        total = m.sum((1, 2, 3)).clamp_min(1e-6)
+        return torch.stack([(m[:, 0] * ys).sum((1, 2)) / total, (m[:, 0] * xs).sum((1, 2)) / total], 1)
+
+    return (centroid(predicted.float()) - centroid(target.float())).norm(dim=1)
