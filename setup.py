@@ -66,7 +66,8 @@ setup(
     python_requires=">=3.11",
     packages=packages,
     package_dir={"featinv.kernels": "kernels"},
-    include_package_data=True,
+    package_data={"featinv": ["pretrained/*.png", "pretrained/*.jsonl", "pretrained/*/*.json",
+                              "pretrained/*/*.jsonl", "pretrained/*/*.safetensors", "pretrained/*/*/*"]},
     ext_modules=[CMakeExtension("featinv._C")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[

@@ -49,9 +49,11 @@ def main() -> None:
         denoise = reconstructor._denoiser_for(features, 1.75)
         x = torch.randn(batch, *model.latent_shape, device="cuda")
         with torch.no_grad():
-            step_ms = timed(lambda: denoise(x, 500), repeats=10)
+            step_ms = timed(lambda denoise=denoise, x=x: denoise(x, 500), repeats=10)
         whole_ms = timed(
-            lambda: reconstructor.reconstruct(features=features, steps=args.steps, batch_size=batch, progress=False),
+            lambda f=features, b=batch: reconstructor.reconstruct(
+                features=f, steps=args.steps, batch_size=b, progress=False
+            ),
             repeats=3,
         )
         row = {"backend": "featinv eager fp16", "images": batch, "step_ms": step_ms, "reconstruction_ms": whole_ms}

@@ -1,6 +1,6 @@
 """CPU benchmarks (pytest-benchmark): tiny-model reconstruction, and schedule tables C++ vs Python.
 
-    make bench
+make bench
 """
 
 from __future__ import annotations

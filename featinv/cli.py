@@ -213,8 +213,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     metrics = run_demo(args.out, device=args.device, n=args.n)
     for mode in ("spatial", "pooled"):
         m = metrics[mode]
-        print(f"{mode:>8}: top-1 agreement {m['top1_agreement']:.3f}  feature cosine {m['feature_cosine']:.3f}  "
-              f"mask IoU {m['mask_iou']:.3f}  centroid distance {m['centroid_distance_px']:.2f} px")
+        print(
+            f"{mode:>8}: top-1 agreement {m['top1_agreement']:.3f}  feature cosine {m['feature_cosine']:.3f}  "
+            f"mask IoU {m['mask_iou']:.3f}  centroid distance {m['centroid_distance_px']:.2f} px"
+        )
     print(f"wrote grid.png, metrics.json and report.html to {args.out} ({metrics['seconds']} s)")
     return 0
 

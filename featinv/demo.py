@@ -30,8 +30,9 @@ def _load(root: Path, name: str) -> FeatInvModel:
     return FeatInvModel.from_pretrained(path)
 
 
-def _evaluate(reconstructor: Reconstructor, originals: torch.Tensor, masks: torch.Tensor,
-              images: torch.Tensor) -> dict[str, float]:
+def _evaluate(
+    reconstructor: Reconstructor, originals: torch.Tensor, masks: torch.Tensor, images: torch.Tensor
+) -> dict[str, float]:
     extractor = reconstructor.extractor
     device = reconstructor.device
     with torch.no_grad():
@@ -48,8 +49,16 @@ def _evaluate(reconstructor: Reconstructor, originals: torch.Tensor, masks: torc
     }
 
 
-def run_demo(out: str | Path = "demo-out", *, device: str = "auto", n: int = 200, steps: int = DEMO_STEPS,
-             sampler: str = DEMO_SAMPLER, model_root: str | Path = PRETRAINED, batch_size: int = 50) -> dict[str, Any]:
+def run_demo(
+    out: str | Path = "demo-out",
+    *,
+    device: str = "auto",
+    n: int = 200,
+    steps: int = DEMO_STEPS,
+    sampler: str = DEMO_SAMPLER,
+    model_root: str | Path = PRETRAINED,
+    batch_size: int = 50,
+) -> dict[str, Any]:
     """Run the demo; write ``grid.png``, ``metrics.json`` and ``report.html`` into ``out``."""
     start = time.perf_counter()
     out, model_root = Path(out), Path(model_root)
@@ -81,16 +90,17 @@ def run_demo(out: str | Path = "demo-out", *, device: str = "auto", n: int = 200
 
 def _report(metrics: dict[str, Any]) -> str:
     rows = "".join(
-        f"<tr><td>{name}</td>" + "".join(f"<td>{metrics[mode][name]:.3f}</td>" for mode in ("spatial", "pooled"))
+        f"<tr><td>{name}</td>"
+        + "".join(f"<td>{metrics[mode][name]:.3f}</td>" for mode in ("spatial", "pooled"))
         + "</tr>"
         for name in ("top1_agreement", "feature_cosine", "mask_iou", "centroid_distance_px")
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>featinv demo</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}td,th{{padding:4px 12px}}</style></head>
 <body><h1>featinv demo: what a small classifier sees</h1>
-<p>{metrics['images']} held-out <code>shapes</code> images (seed {metrics['held_out_seed']}), reconstructed
-from the classifier's penultimate feature map with {html.escape(metrics['sampler'])}, {metrics['steps']} steps,
-guidance {metrics['guidance_scale']}, on {html.escape(metrics['device'])} in {metrics['seconds']} s.</p>
+<p>{metrics["images"]} held-out <code>shapes</code> images (seed {metrics["held_out_seed"]}), reconstructed
+from the classifier's penultimate feature map with {html.escape(metrics["sampler"])}, {metrics["steps"]} steps,
+guidance {metrics["guidance_scale"]}, on {html.escape(metrics["device"])} in {metrics["seconds"]} s.</p>
 <table border="1" cellspacing="0"><tr><th>metric</th><th>spatial features</th><th>pooled features</th></tr>
 {rows}</table>
 <p>Top-1 agreement: the classifier gives the reconstruction the original's class. Feature cosine: between the

@@ -11,6 +11,7 @@ On disk (``save_pretrained``), a folder with no pickle files::
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from featinv.models.presets import get_preset
 from featinv.sampling.schedule import NoiseSchedule
 from featinv.weights import load_state_dict, save_state_dict_atomic
 
+_HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
 FORMAT_VERSION = 1
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"
 CONFIG_NAME = "featinv.json"
@@ -50,7 +52,9 @@ def _check_safetensors(path: Path, what: str) -> None:
 def _load_submodel(cls: type, folder: Path, what: str, dtype: torch.dtype | None) -> Any:
     _check_safetensors(folder / "diffusion_pytorch_model.safetensors", f"{what} weights")
     try:
-        return cls.from_pretrained(str(folder), torch_dtype=dtype, use_safetensors=True)
+        return cls.from_pretrained(
+            str(folder), torch_dtype=dtype, use_safetensors=True, low_cpu_mem_usage=_HAS_ACCELERATE
+        )
     except Exception as error:  # diffusers raises several types for a bad folder
         raise FeatInvError(f"could not load {what} from {folder}: {error}") from error
 

@@ -21,8 +21,14 @@ TRAIN_SEED = 1  # the held-out demo images use another seed (featinv.demo.DEMO_S
 CLASSIFIER = "convnext_atto"
 CLASSIFIER_KWARGS = {"num_classes": 6, "dims": [24, 48, 96, 192], "depths": [1, 1, 2, 1], "output_stride": 8}
 CLASSIFIER_INPUT = (3, 64, 64)  # 32 px shapes, upsampled: a 192x8x8 penultimate map
-UNET = {"block_out_channels": (32, 64), "norm_num_groups": 8, "cross_attention_dim": 32, "attention_head_dim": 8,
-        "image_size": 32, "hint_channels": 64}
+UNET = {
+    "block_out_channels": (32, 64),
+    "norm_num_groups": 8,
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "image_size": 32,
+    "hint_channels": 64,
+}
 STEPS = {"classifier": 2000, "base": 8000, "controlnet": 5000}
 
 
@@ -30,8 +36,9 @@ def demo_extractor(mode: str = "spatial") -> FeatureExtractor:
     return FeatureExtractor(CLASSIFIER, mode=mode, model_kwargs=CLASSIFIER_KWARGS, input_size=CLASSIFIER_INPUT)
 
 
-def train_shapes_demo(out: str | Path, *, device: str = "cpu", scale: float = 1.0,
-                      time_budget_s: float | None = None) -> None:
+def train_shapes_demo(
+    out: str | Path, *, device: str = "cpu", scale: float = 1.0, time_budget_s: float | None = None
+) -> None:
     """Train the classifier, the base UNet, and spatial and pooled FeatInv ControlNets; write both
     model folders into ``out``. ``scale`` multiplies the step counts (tests use a tiny one)."""
     out = Path(out)
@@ -52,17 +59,40 @@ def train_shapes_demo(out: str | Path, *, device: str = "cpu", scale: float = 1.
     # The ControlNet copies the encoder of the base as trained, not as initialised.
     fresh = FeatInvControlNet.from_unet(model.unet, extractor.spec.channels, hint_channels=UNET["hint_channels"])
     model.controlnet.load_state_dict(fresh.state_dict())
-    train_controlnet(model, extractor, stream, steps["controlnet"], seed=TRAIN_SEED, log_path=log,
-                     time_budget_s=budget(0.25), name="controlnet-spatial")
+    train_controlnet(
+        model,
+        extractor,
+        stream,
+        steps["controlnet"],
+        seed=TRAIN_SEED,
+        log_path=log,
+        time_budget_s=budget(0.25),
+        name="controlnet-spatial",
+    )
     model.to("cpu").save_pretrained(out / SPATIAL_DIR)
 
     pooled_extractor = demo_extractor("pooled").to(device)
     pooled_extractor.classifier.load_state_dict(extractor.classifier.state_dict())
     model.to(device).controlnet.load_state_dict(fresh.to(device).state_dict())
-    train_controlnet(model, pooled_extractor, stream, steps["controlnet"], seed=TRAIN_SEED + 1, log_path=log,
-                     time_budget_s=budget(0.25), name="controlnet-pooled")
-    pooled = FeatInvModel(model.unet, model.controlnet, pooled_extractor.spec, model.context, model.null_context,
-                          noise_schedule=model.noise_schedule, classifier=pooled_extractor)
+    train_controlnet(
+        model,
+        pooled_extractor,
+        stream,
+        steps["controlnet"],
+        seed=TRAIN_SEED + 1,
+        log_path=log,
+        time_budget_s=budget(0.25),
+        name="controlnet-pooled",
+    )
+    pooled = FeatInvModel(
+        model.unet,
+        model.controlnet,
+        pooled_extractor.spec,
+        model.context,
+        model.null_context,
+        noise_schedule=model.noise_schedule,
+        classifier=pooled_extractor,
+    )
     pooled.to("cpu").save_pretrained(out / POOLED_DIR)
     loss_curve_png(log, out / "loss_curve.png")
     shutil.copy(log, out / SPATIAL_DIR / "train_log.jsonl")

@@ -62,8 +62,9 @@ def generate_shapes(n: int, seed: int, size: int = 32, device: torch.device | st
     bg_a, bg_b = uniform(0.0, 1.0, 3), uniform(0.0, 1.0, 3)
     # Keep the shape visible: push its colour away from the background's mean.
     bg_mean = (bg_a + bg_b) / 2
-    shape_colour = torch.where((shape_colour - bg_mean).abs().mean(1, keepdim=True) < 0.25,
-                               1.0 - bg_mean, shape_colour).clamp(0, 1)
+    shape_colour = torch.where(
+        (shape_colour - bg_mean).abs().mean(1, keepdim=True) < 0.25, 1.0 - bg_mean, shape_colour
+    ).clamp(0, 1)
     grad_angle, stripe_angle = uniform(0.0, 2 * math.pi), uniform(0.0, 2 * math.pi)
     stripe_freq, stripe_amp = uniform(3.0, 9.0), uniform(0.03, 0.12)
 
@@ -84,8 +85,11 @@ def generate_shapes(n: int, seed: int, size: int = 32, device: torch.device | st
     coarse = (torch.arange(size, device=device) + 0.5) / size * 2 - 1
     cy, cx = torch.meshgrid(coarse, coarse, indexing="ij")
     ramp = (torch.cos(grad_angle)[:, None, None] * cx + torch.sin(grad_angle)[:, None, None] * cy + 1.5) / 3
-    stripes = torch.sin(stripe_freq[:, None, None] * math.pi *
-                        (torch.cos(stripe_angle)[:, None, None] * cx + torch.sin(stripe_angle)[:, None, None] * cy))
+    stripes = torch.sin(
+        stripe_freq[:, None, None]
+        * math.pi
+        * (torch.cos(stripe_angle)[:, None, None] * cx + torch.sin(stripe_angle)[:, None, None] * cy)
+    )
     background = bg_a[:, :, None, None] * ramp[:, None] + bg_b[:, :, None, None] * (1 - ramp[:, None])
     background = background + stripe_amp[:, None, None, None] * stripes[:, None]
     images = mask * shape_colour[:, :, None, None] + (1 - mask) * background

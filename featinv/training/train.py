@@ -66,13 +66,17 @@ def _loop(
             optimizer.step()
             scheduler.step()
             if step % 50 == 0 or step == steps - 1:
-                value = float(loss)
+                value = float(loss.detach())
                 losses.append(value)
                 bar.set_postfix(loss=f"{value:.4f}")
                 if log_path is not None:
                     with log_path.open("a") as log:
-                        log.write(json.dumps({"stage": name, "step": step, "loss": value,
-                                              "seconds": time.perf_counter() - start}) + "\n")
+                        log.write(
+                            json.dumps(
+                                {"stage": name, "step": step, "loss": value, "seconds": time.perf_counter() - start}
+                            )
+                            + "\n"
+                        )
             if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
                 print(f"{name}: time budget of {time_budget_s:.0f} s reached after {step + 1} steps")
                 break
@@ -80,8 +84,14 @@ def _loop(
 
 
 def train_classifier(
-    extractor: FeatureExtractor, stream: ShapesStream, steps: int, *, batch_size: int = 256, lr: float = 3e-3,
-    log_path: Path | None = None, time_budget_s: float | None = None,
+    extractor: FeatureExtractor,
+    stream: ShapesStream,
+    steps: int,
+    *,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    log_path: Path | None = None,
+    time_budget_s: float | None = None,
 ) -> list[float]:
     """Cross-entropy training of the extractor's classifier on shapes labels."""
     classifier = extractor.classifier.train().requires_grad_(True)
@@ -107,8 +117,15 @@ def _noisy(model: FeatInvModel, images: torch.Tensor, step: int, seed: int) -> t
 
 
 def train_base(
-    model: FeatInvModel, stream: ShapesStream, steps: int, *, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-    log_path: Path | None = None, time_budget_s: float | None = None,
+    model: FeatInvModel,
+    stream: ShapesStream,
+    steps: int,
+    *,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    log_path: Path | None = None,
+    time_budget_s: float | None = None,
 ) -> list[float]:
     """Noise-prediction training of the base UNet with the stored context (an unconditional model)."""
     unet = model.unet.train().requires_grad_(True)
@@ -127,8 +144,16 @@ def train_base(
 
 
 def train_controlnet(
-    model: FeatInvModel, extractor: FeatureExtractor, stream: ShapesStream, steps: int, *, batch_size: int = 128,
-    lr: float = 5e-4, seed: int = 0, log_path: Path | None = None, time_budget_s: float | None = None,
+    model: FeatInvModel,
+    extractor: FeatureExtractor,
+    stream: ShapesStream,
+    steps: int,
+    *,
+    batch_size: int = 128,
+    lr: float = 5e-4,
+    seed: int = 0,
+    log_path: Path | None = None,
+    time_budget_s: float | None = None,
     name: str = "controlnet",
 ) -> list[float]:
     """FeatInv ControlNet training with the base frozen: features online (batched on the device),
@@ -146,8 +171,14 @@ def train_controlnet(
         context = torch.where(drop[:, None, None], model.null_context, model.context)
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=x_t.is_cuda):
             down, mid = controlnet(x_t, t, context, controlnet.embed(features))
-            eps = model.unet(x_t, t, encoder_hidden_states=context, down_block_additional_residuals=down,
-                             mid_block_additional_residual=mid, return_dict=False)[0]
+            eps = model.unet(
+                x_t,
+                t,
+                encoder_hidden_states=context,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                return_dict=False,
+            )[0]
         return F.mse_loss(eps.float(), noise)
 
     losses = _loop(name, steps, loss_fn, list(controlnet.parameters()), lr, log_path, time_budget_s)
@@ -169,8 +200,9 @@ def loss_curve_png(log_path: Path, out: Path) -> None:
     for row in rows:
         stages.setdefault(row["stage"], []).append((row["step"], row["loss"]))
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3))
-    for ax, (stage, points) in zip(list(axes) if len(stages) > 1 else [axes], stages.items()):
-        ax.plot(*zip(*points))
+    for ax, (stage, points) in zip(list(axes) if len(stages) > 1 else [axes], stages.items(), strict=True):
+        steps, losses = zip(*points, strict=True)
+        ax.plot(steps, losses)
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.set_yscale("log")
