@@ -13,38 +13,44 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from featinv import Reconstructor
 
 
-def diffusers_recipe(model, features, latents, scheduler, steps, guidance_scale):
-    """The StableDiffusionControlNetPipeline denoising loop, with our hint encoder as the
-    ControlNet's conditioning embedding and the zero feature map + null context as unconditional."""
+def recipe_parts(model, features):
+    """A plain diffusers ControlNetModel with our hint encoder as its conditioning embedding, and the
+    recipe's doubled condition and context (zero feature map + null context first)."""
     controlnet = copy.deepcopy(model.controlnet.controlnet)
     controlnet.controlnet_cond_embedding = copy.deepcopy(model.controlnet.hint_encoder)
-    unet = model.unet
     b = features.shape[0]
     condition = torch.cat([torch.zeros_like(features), features])
     context = torch.cat([model.null_context.expand(b, -1, -1), model.context.expand(b, -1, -1)])
+    return controlnet, condition, context
+
+
+def recipe_eps(model, controlnet, x, t, condition, context, guidance_scale):
+    """One guided noise prediction as StableDiffusionControlNetPipeline computes it."""
+    x_in = torch.cat([x] * 2)
+    down, mid = controlnet(
+        x_in, t, encoder_hidden_states=context, controlnet_cond=condition, conditioning_scale=1.0, return_dict=False
+    )
+    eps = model.unet(
+        x_in,
+        t,
+        encoder_hidden_states=context,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+        return_dict=False,
+    )[0]
+    eps_uncond, eps_cond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def diffusers_recipe(model, features, latents, scheduler, steps, guidance_scale):
+    """The StableDiffusionControlNetPipeline denoising loop."""
+    controlnet, condition, context = recipe_parts(model, features)
     scheduler.set_timesteps(steps)
     x = latents * scheduler.init_noise_sigma
     with torch.no_grad():
         for t in scheduler.timesteps:
-            x_in = scheduler.scale_model_input(torch.cat([x] * 2), t)
-            down, mid = controlnet(
-                x_in,
-                t,
-                encoder_hidden_states=context,
-                controlnet_cond=condition,
-                conditioning_scale=1.0,
-                return_dict=False,
-            )
-            eps = unet(
-                x_in,
-                t,
-                encoder_hidden_states=context,
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-                return_dict=False,
-            )[0]
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+            x_in = scheduler.scale_model_input(x, t)
+            eps = recipe_eps(model, controlnet, x_in, t, condition, context, guidance_scale)
             x = scheduler.step(eps, t, x).prev_sample
     return x
 
@@ -95,22 +101,30 @@ def test_one_denoiser_step_is_bit_identical_to_the_recipe(setup):
     model, features, latents = setup
     reconstructor = Reconstructor(model)
     denoise = reconstructor._denoiser_for(features, 1.75)
-    controlnet = copy.deepcopy(model.controlnet.controlnet)
-    controlnet.controlnet_cond_embedding = copy.deepcopy(model.controlnet.hint_encoder)
-    condition = torch.cat([torch.zeros_like(features), features])
-    context = torch.cat([model.null_context.expand(2, -1, -1), model.context.expand(2, -1, -1)])
-    t = torch.tensor(981)
+    controlnet, condition, context = recipe_parts(model, features)
     with torch.no_grad():
-        x_in = torch.cat([latents] * 2)
-        down, mid = controlnet(x_in, t, encoder_hidden_states=context, controlnet_cond=condition, return_dict=False)
-        eps = model.unet(
-            x_in,
-            t,
-            encoder_hidden_states=context,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            return_dict=False,
-        )[0]
-        eps_uncond, eps_cond = eps.chunk(2)
-        expected = eps_uncond + 1.75 * (eps_cond - eps_uncond)
+        expected = recipe_eps(model, controlnet, latents, torch.tensor(981), condition, context, 1.75)
         assert torch.equal(denoise(latents, 981), expected)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
+def test_trained_tiny_model_matches_the_recipe_to_1e_5(sampler):
+    """On a trained tiny model (the shipped shapes-demo one), samples stay at their natural scale
+    (|x| <= ~2) and the loops agree to 1e-5 absolute in fp32."""
+    from featinv import FeatInvModel
+    from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
+    from featinv.training.shapes import generate_shapes
+
+    model = FeatInvModel.from_pretrained(PRETRAINED / SPATIAL_DIR)
+    reconstructor = Reconstructor(model)
+    features = reconstructor.features(generate_shapes(2, 99).images)
+    latents = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    if sampler == "ddim":
+        scheduler, steps = DDIMScheduler.from_config(model.noise_schedule.to_dict()), 50
+    else:
+        config = {**model.noise_schedule.to_dict(), "timestep_spacing": "linspace"}
+        scheduler, steps = DPMSolverMultistepScheduler.from_config(config), 20
+    expected = diffusers_recipe(model, features, latents, scheduler, steps=steps, guidance_scale=1.75)
+    ours = reconstructor.reconstruct(features=features, latents=latents, steps=steps, sampler=sampler, progress=False)
+    assert float(expected.abs().max()) < 4.0
+    assert (ours.samples - expected).abs().max() <= 1e-5
