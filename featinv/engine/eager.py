@@ -24,13 +24,4 @@ class EagerDenoiser:
         dtype = self.model.unet.dtype
         sample, hint, context = sample.to(dtype), hint.to(dtype), context.to(dtype)
         t = torch.tensor(timestep, dtype=torch.long, device=sample.device)
-        down, mid = self.model.controlnet(sample, t, context, hint, conditioning_scale=self.conditioning_scale)
-        eps = self.model.unet(
-            sample,
-            t,
-            encoder_hidden_states=context,
-            down_block_additional_residuals=down,
-            mid_block_additional_residual=mid,
-            return_dict=False,
-        )[0]
-        return eps.float()
+        return self.model.predict_noise(sample, t, context, hint, self.conditioning_scale).float()

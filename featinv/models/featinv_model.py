@@ -131,6 +131,29 @@ class FeatInvModel(nn.Module):
             samples = self.vae.decode(samples / self.vae.config.scaling_factor, return_dict=False)[0]
         return ((samples.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
+    def predict_noise(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        hint: torch.Tensor,
+        conditioning_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """eps = UNet(x, t, context, + ControlNet(x, t, context, hint) residuals), in the UNet's dtype.
+
+        Shapes: ``sample`` (B, C, H, W); ``timestep`` a scalar or (B,); ``context`` (B, L, D);
+        ``hint`` (B, C0, H, W) from ``controlnet.embed``. Used by inference and training alike.
+        """
+        down, mid = self.controlnet(sample, timestep, context, hint, conditioning_scale=conditioning_scale)
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states=context,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> diffusion samples (the VAE posterior mean for latent models)."""
         x = images * 2.0 - 1.0

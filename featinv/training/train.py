@@ -105,10 +105,17 @@ def train_classifier(
     return losses
 
 
-def _noisy(model: FeatInvModel, images: torch.Tensor, step: int, seed: int) -> tuple[torch.Tensor, ...]:
+def _alphas(model: FeatInvModel, device: torch.device) -> torch.Tensor:
+    """The training alpha-bar table (num_train_timesteps,) as float32 on ``device``."""
+    return torch.tensor(model.noise_schedule.alphas_cumprod(), dtype=torch.float32, device=device)
+
+
+def _noisy(
+    model: FeatInvModel, alphas: torch.Tensor, images: torch.Tensor, step: int, seed: int
+) -> tuple[torch.Tensor, ...]:
+    """x_t, t, the noise and the step's generator for the clean ``images`` of step ``step``."""
     g = torch.Generator().manual_seed(seed * 104_729 + step)
     device = images.device
-    alphas = torch.tensor(model.noise_schedule.alphas_cumprod(), dtype=torch.float32, device=device)
     x0 = model.encode(images)
     t = torch.randint(0, model.noise_schedule.num_train_timesteps, (len(x0),), generator=g).to(device)
     noise = torch.randn(x0.shape, generator=g).to(device)
@@ -129,10 +136,11 @@ def train_base(
 ) -> list[float]:
     """Noise-prediction training of the base UNet with the stored context (an unconditional model)."""
     unet = model.unet.train().requires_grad_(True)
+    alphas = _alphas(model, model.context.device)
 
     def loss_fn(step: int) -> torch.Tensor:
         images, _ = stream.batch(step, batch_size)
-        x_t, t, noise, _ = _noisy(model, images, step, seed)
+        x_t, t, noise, _ = _noisy(model, alphas, images, step, seed)
         context = model.context.expand(len(x_t), -1, -1)
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=x_t.is_cuda):
             eps = unet(x_t, t, encoder_hidden_states=context, return_dict=False)[0]
@@ -160,25 +168,18 @@ def train_controlnet(
     15% condition dropout to the zero feature map with the null context."""
     model.unet.eval().requires_grad_(False)
     controlnet = model.controlnet.train().requires_grad_(True)
+    alphas = _alphas(model, model.context.device)
 
     def loss_fn(step: int) -> torch.Tensor:
         images, _ = stream.batch(step, batch_size)
         with torch.no_grad():
             features = extractor(images)
-        x_t, t, noise, g = _noisy(model, images, step, seed)
+        x_t, t, noise, g = _noisy(model, alphas, images, step, seed)
         drop = (torch.rand(len(x_t), generator=g) < CONDITION_DROPOUT).to(x_t.device)
         features = torch.where(drop[:, None, None, None], torch.zeros_like(features), features)
         context = torch.where(drop[:, None, None], model.null_context, model.context)
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=x_t.is_cuda):
-            down, mid = controlnet(x_t, t, context, controlnet.embed(features))
-            eps = model.unet(
-                x_t,
-                t,
-                encoder_hidden_states=context,
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-                return_dict=False,
-            )[0]
+            eps = model.predict_noise(x_t, t, context, controlnet.embed(features))
         return F.mse_loss(eps.float(), noise)
 
     losses = _loop(name, steps, loss_fn, list(controlnet.parameters()), lr, log_path, time_budget_s)
