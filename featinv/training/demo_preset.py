@@ -3,7 +3,6 @@ and the command that trains them (``featinv train --preset shapes-demo``)."""
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -95,5 +94,4 @@ def train_shapes_demo(
     )
     pooled.to("cpu").save_pretrained(out / POOLED_DIR)
     loss_curve_png(log, out / "loss_curve.png")
-    shutil.copy(log, out / SPATIAL_DIR / "train_log.jsonl")
     print(f"trained shapes-demo in {time.perf_counter() - start:.0f} s on {device}; wrote {out}")
