@@ -79,6 +79,8 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "tqdm>=4.66",
+        "accelerate>=1.0",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "scipy>=1.11"],

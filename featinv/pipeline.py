@@ -106,6 +106,7 @@ class Reconstructor:
         sampler: str = "ddim",
         eta: float = 0.0,
         seed: int = 0,
+        first_index: int = 0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         batch_size: int = 8,
@@ -122,7 +123,8 @@ class Reconstructor:
             guidance_scale: classifier-free guidance scale (1.75 as published; <= 1 disables it).
             sampler: ``ddim`` or ``dpmpp`` (DPM-Solver++ 2M).
             eta: DDIM stochasticity in [0, 1].
-            seed: image i starts from noise seeded ``seed + i``, whatever the batch size.
+            seed: image i starts from noise seeded ``seed + first_index + i``, whatever the batch size.
+            first_index: the global index of the first image (a shard of a multi-process run).
             generator: instead of ``seed``: one generator for all, or one per image.
             latents: (B, C', H', W') starting noise instead of drawing it.
             batch_size: images per denoiser batch.
@@ -133,7 +135,7 @@ class Reconstructor:
         features = self._input_features(images, features, pooled)
         n = features.shape[0]
         self._check_options(steps, guidance_scale, sampler, eta, batch_size)
-        generators = self._generators(n, seed, generator)
+        generators = self._generators(n, seed, first_index, generator)
         if latents is not None:
             expected = (n, *self.model.latent_shape)
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
@@ -189,12 +191,14 @@ class Reconstructor:
 
     @staticmethod
     def _generators(
-        n: int, seed: int, generator: torch.Generator | Sequence[torch.Generator] | None
+        n: int, seed: int, first_index: int, generator: torch.Generator | Sequence[torch.Generator] | None
     ) -> torch.Generator | list[torch.Generator]:
         if generator is None:
             if not isinstance(seed, int) or seed < 0:
                 raise FeatInvError(f"seed must be a non-negative integer, got {seed!r}")
-            return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+            if not isinstance(first_index, int) or first_index < 0:
+                raise FeatInvError(f"first_index must be a non-negative integer, got {first_index!r}")
+            return [torch.Generator().manual_seed(seed + first_index + i) for i in range(n)]
         if isinstance(generator, torch.Generator):
             return generator
         generator = list(generator)

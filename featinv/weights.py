@@ -38,14 +38,16 @@ def load_state_dict(path: str | Path, *, what: str = "weights") -> dict[str, tor
     return state
 
 
-def save_state_dict_atomic(state: dict[str, torch.Tensor], path: str | Path) -> None:
+def save_state_dict_atomic(
+    state: dict[str, torch.Tensor], path: str | Path, *, metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file atomically: a temporary file in the same folder, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, temp_name)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, temp_name, metadata=metadata)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

@@ -138,13 +138,16 @@ class FeatInvModel(nn.Module):
         context: torch.Tensor,
         hint: torch.Tensor,
         conditioning_scale: float = 1.0,
+        controlnet: torch.nn.Module | None = None,
     ) -> torch.Tensor:
         """eps = UNet(x, t, context, + ControlNet(x, t, context, hint) residuals), in the UNet's dtype.
 
         Shapes: ``sample`` (B, C, H, W); ``timestep`` a scalar or (B,); ``context`` (B, L, D);
-        ``hint`` (B, C0, H, W) from ``controlnet.embed``. Used by inference and training alike.
+        ``hint`` (B, C0, H, W) from ``controlnet.embed``. Used by inference and training alike;
+        training passes its DDP-wrapped ``controlnet``.
         """
-        down, mid = self.controlnet(sample, timestep, context, hint, conditioning_scale=conditioning_scale)
+        controlnet = self.controlnet if controlnet is None else controlnet
+        down, mid = controlnet(sample, timestep, context, hint, conditioning_scale=conditioning_scale)
         return self.unet(
             sample,
             timestep,

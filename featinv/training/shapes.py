@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from featinv.errors import FeatInvError
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "star")
 SUPERSAMPLE = 4
@@ -94,3 +99,30 @@ def generate_shapes(n: int, seed: int, size: int = 32, device: torch.device | st
     background = background + stripe_amp[:, None, None, None] * stripes[:, None]
     images = mask * shape_colour[:, :, None, None] + (1 - mask) * background
     return ShapesBatch(images.clamp(0, 1).cpu(), labels.cpu(), mask.cpu())
+
+
+def shapes_pool(
+    n: int, seed: int, size: int = 32, device: torch.device | str = "cpu", chunk: int = 2048
+) -> ShapesBatch:
+    """A training pool of ``n`` images, made in chunks (chunk i seeded ``seed * 100003 + i``)."""
+    parts = [generate_shapes(min(chunk, n - i), seed * 100_003 + i, size, device=device) for i in range(0, n, chunk)]
+    return ShapesBatch(*(torch.cat([getattr(p, k) for p in parts]) for k in ("images", "labels", "masks")))
+
+
+def write_shapes(out: str | Path, n: int, seed: int, size: int = 32) -> None:
+    """Write the pool ``shapes_pool(n, seed, size)`` in ImageNet layout: ``images/<class>/NNNNN.png``
+    and the masks as ``masks/<class>/NNNNN.png`` (grey levels = mask coverage)."""
+    if n < 1 or size < 8:
+        raise FeatInvError(f"need --n >= 1 and --size >= 8, got n={n}, size={size}")
+    from featinv.images import save_image
+
+    out = Path(out)
+    pool = shapes_pool(n, seed, size)
+    for name in CLASSES:
+        (out / "images" / name).mkdir(parents=True, exist_ok=True)
+        (out / "masks" / name).mkdir(parents=True, exist_ok=True)
+    for i in tqdm(range(n), desc="writing shapes", unit="image", leave=False):
+        name = CLASSES[int(pool.labels[i])]
+        save_image(pool.images[i], out / "images" / name / f"{i:05d}.png")
+        grey = (pool.masks[i, 0] * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(grey, mode="L").save(out / "masks" / name / f"{i:05d}.png")

@@ -1,108 +1,81 @@
 """Trainers for the built-in default: the demo classifier, the base diffusion UNet and the FeatInv
-ControlNet (base frozen). Data is procedural (``shapes``): batch k is a pure function of
-(seed, k), and so are the diffusion noise and timesteps of step k."""
+ControlNet (base frozen), all through :class:`featinv.training.loop.Trainer`. Data is procedural
+(``shapes``): batch k is a pure function of (seed, k), and so are its noise, timesteps and dropout."""
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from featinv.features import FeatureExtractor
 from featinv.models.featinv_model import FeatInvModel
-from featinv.training.shapes import generate_shapes
+from featinv.training.loop import TrainConfig, Trainer, TrainResult
+from featinv.training.shapes import shapes_pool
 
 CONDITION_DROPOUT = 0.15
 
 
 class ShapesStream:
-    """Training batches drawn from a pre-generated pool of ``shapes`` images on ``device``."""
+    """Training batches drawn from a pre-generated pool of ``shapes`` images on ``device``.
+
+    Batch ``key`` is a pure function of (seed, key): pool indices and horizontal flips."""
 
     def __init__(self, pool_size: int, seed: int, device: torch.device, size: int = 32, chunk: int = 2048) -> None:
-        parts = [
-            generate_shapes(min(chunk, pool_size - i), seed * 100_003 + i, size, device=device)
-            for i in range(0, pool_size, chunk)
-        ]
-        self.images = torch.cat([p.images for p in parts]).to(device)
-        self.labels = torch.cat([p.labels for p in parts]).to(device)
+        pool = shapes_pool(pool_size, seed, size, device=device, chunk=chunk)
+        self.images, self.labels = pool.images.to(device), pool.labels.to(device)
         self.seed = seed
+        self.identity = {"seed": seed, "image_size": size}
 
-    def batch(self, step: int, batch_size: int, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(self.seed * 7_919 + step)
-        index = torch.randint(0, len(self.images), (batch_size,), generator=g).to(self.images.device)
-        images, labels = self.images[index], self.labels[index]
-        if flip:
-            flips = (torch.rand(batch_size, generator=g) < 0.5).to(images.device)
-            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
-        return images, labels
+    def __len__(self) -> int:
+        return len(self.images)
 
+    def draw(self, key: int, batch_size: int, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pool indices (B,) and flip flags (B,) of batch ``key``, on the pool's device."""
+        g = torch.Generator().manual_seed(self.seed * 7_919 + key)
+        index = torch.randint(0, len(self.images), (batch_size,), generator=g)
+        flips = torch.rand(batch_size, generator=g) < 0.5 if flip else torch.zeros(batch_size, dtype=torch.bool)
+        return index.to(self.images.device), flips.to(self.images.device)
 
-def _loop(
-    name: str,
-    steps: int,
-    loss_fn: Callable[[int], torch.Tensor],
-    params: list[torch.nn.Parameter],
-    lr: float,
-    log_path: Path | None,
-    time_budget_s: float | None = None,
-) -> list[float]:
-    """AdamW with a one-cycle schedule and gradient clipping; stops early past ``time_budget_s``."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
-    losses: list[float] = []
-    start = time.perf_counter()
-    with tqdm(range(steps), desc=name, unit="step") as bar:
-        for step in bar:
-            loss = loss_fn(step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            if step % 50 == 0 or step == steps - 1:
-                value = float(loss.detach())
-                losses.append(value)
-                bar.set_postfix(loss=f"{value:.4f}")
-                if log_path is not None:
-                    with log_path.open("a") as log:
-                        log.write(
-                            json.dumps(
-                                {"stage": name, "step": step, "loss": value, "seconds": time.perf_counter() - start}
-                            )
-                            + "\n"
-                        )
-            if time_budget_s is not None and time.perf_counter() - start > time_budget_s:
-                print(f"{name}: time budget of {time_budget_s:.0f} s reached after {step + 1} steps")
-                break
-    return losses
+    def take(self, index: torch.Tensor, flips: torch.Tensor, key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, S, S) and labels (B,) for pool ``index``, flipped where ``flips``
+        (``key`` is for streams with random crops)."""
+        images = self.images[index]
+        return torch.where(flips[:, None, None, None], images.flip(-1), images), self.labels[index]
+
+    def batch(self, key: int, batch_size: int, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.take(*self.draw(key, batch_size, flip))
 
 
-def train_classifier(
-    extractor: FeatureExtractor,
-    stream: ShapesStream,
-    steps: int,
-    *,
-    batch_size: int = 256,
-    lr: float = 3e-3,
-    log_path: Path | None = None,
-    time_budget_s: float | None = None,
-) -> list[float]:
-    """Cross-entropy training of the extractor's classifier on shapes labels."""
-    classifier = extractor.classifier.train().requires_grad_(True)
+class OnlineFeatures:
+    """Feature maps computed in the loop, batched on the device, by the frozen classifier."""
 
-    def loss_fn(step: int) -> torch.Tensor:
-        images, labels = stream.batch(step, batch_size)
-        return F.cross_entropy(classifier(extractor.preprocess(images)), labels)
+    def __init__(self, extractor: FeatureExtractor) -> None:
+        self.extractor = extractor
 
-    losses = _loop("classifier", steps, loss_fn, list(classifier.parameters()), lr, log_path, time_budget_s)
-    classifier.eval().requires_grad_(False)
-    return losses
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, index: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        return self.extractor(images)
+
+
+class CachedFeatures:
+    """Feature maps read from a cache made once by :func:`featinv.training.feature_cache.build_cache`:
+    ``features`` (N, 2, C, h, w) for each pool image, unflipped and flipped."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.features = features
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        rows = self.features[index.to(self.features.device), flips.long().to(self.features.device)]
+        return rows.to(images.device, torch.float32)
+
+
+FeatureSource = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""(images, pool indices, flips) -> feature maps (B, C, h, w)."""
 
 
 def _alphas(model: FeatInvModel, device: torch.device) -> torch.Tensor:
@@ -111,10 +84,10 @@ def _alphas(model: FeatInvModel, device: torch.device) -> torch.Tensor:
 
 
 def _noisy(
-    model: FeatInvModel, alphas: torch.Tensor, images: torch.Tensor, step: int, seed: int
+    model: FeatInvModel, alphas: torch.Tensor, images: torch.Tensor, key: int, seed: int
 ) -> tuple[torch.Tensor, ...]:
-    """x_t, t, the noise and the step's generator for the clean ``images`` of step ``step``."""
-    g = torch.Generator().manual_seed(seed * 104_729 + step)
+    """x_t, t, the noise and the batch's generator for the clean ``images`` of batch ``key``."""
+    g = torch.Generator().manual_seed(seed * 104_729 + key)
     device = images.device
     x0 = model.encode(images)
     t = torch.randint(0, model.noise_schedule.num_train_timesteps, (len(x0),), generator=g).to(device)
@@ -123,87 +96,118 @@ def _noisy(
     return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise, g
 
 
+def train_classifier(
+    extractor: FeatureExtractor, stream: ShapesStream, config: TrainConfig, **trainer_kwargs: Any
+) -> TrainResult:
+    """Cross-entropy training of the extractor's classifier on shapes labels.
+    ``trainer_kwargs``: ``checkpoint_dir``, ``log_path``, ``resume``."""
+    classifier = extractor.classifier.requires_grad_(True)
+    device = next(classifier.parameters()).device
+
+    def loss_fn(module: torch.nn.Module, key: int, part: slice) -> torch.Tensor:
+        images, labels = stream.batch(key, config.batch_size)
+        images, labels = images.to(device), labels.to(device)
+        return F.cross_entropy(module(extractor.preprocess(images[part])), labels[part])
+
+    result = _fit("classifier", classifier, loss_fn, config, **trainer_kwargs)
+    classifier.requires_grad_(False)
+    return result
+
+
 def train_base(
-    model: FeatInvModel,
-    stream: ShapesStream,
-    steps: int,
-    *,
-    batch_size: int = 128,
-    lr: float = 1e-3,
-    seed: int = 0,
-    log_path: Path | None = None,
-    time_budget_s: float | None = None,
-) -> list[float]:
+    model: FeatInvModel, stream: ShapesStream, config: TrainConfig, *, seed: int = 0, **trainer_kwargs: Any
+) -> TrainResult:
     """Noise-prediction training of the base UNet with the stored context (an unconditional model)."""
-    unet = model.unet.train().requires_grad_(True)
+    unet = model.unet.requires_grad_(True)
     alphas = _alphas(model, model.context.device)
 
-    def loss_fn(step: int) -> torch.Tensor:
-        images, _ = stream.batch(step, batch_size)
-        x_t, t, noise, _ = _noisy(model, alphas, images, step, seed)
+    def loss_fn(module: torch.nn.Module, key: int, part: slice) -> torch.Tensor:
+        images, _ = stream.batch(key, config.batch_size)
+        images = images.to(model.context.device)
+        x_t, t, noise, _ = _noisy(model, alphas, images, key, seed)
+        x_t, t, noise = x_t[part], t[part], noise[part]
         context = model.context.expand(len(x_t), -1, -1)
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=x_t.is_cuda):
-            eps = unet(x_t, t, encoder_hidden_states=context, return_dict=False)[0]
+            eps = module(x_t, t, encoder_hidden_states=context, return_dict=False)[0]
         return F.mse_loss(eps.float(), noise)
 
-    losses = _loop("base", steps, loss_fn, list(unet.parameters()), lr, log_path, time_budget_s)
-    unet.eval().requires_grad_(False)
-    return losses
+    result = _fit("base", unet, loss_fn, config, **trainer_kwargs)
+    unet.requires_grad_(False)
+    return result
 
 
 def train_controlnet(
     model: FeatInvModel,
-    extractor: FeatureExtractor,
+    features: FeatureSource,
     stream: ShapesStream,
-    steps: int,
+    config: TrainConfig,
     *,
-    batch_size: int = 128,
-    lr: float = 5e-4,
     seed: int = 0,
-    log_path: Path | None = None,
-    time_budget_s: float | None = None,
-    name: str = "controlnet",
-) -> list[float]:
-    """FeatInv ControlNet training with the base frozen: features online (batched on the device),
-    15% condition dropout to the zero feature map with the null context."""
+    **trainer_kwargs: Any,
+) -> TrainResult:
+    """FeatInv ControlNet training with the base frozen; ``features`` online or cached. 15% condition
+    dropout: the zero feature map with the null context, as sampling's unconditional branch."""
     model.unet.eval().requires_grad_(False)
-    controlnet = model.controlnet.train().requires_grad_(True)
+    controlnet = model.controlnet.requires_grad_(True)
     alphas = _alphas(model, model.context.device)
 
-    def loss_fn(step: int) -> torch.Tensor:
-        images, _ = stream.batch(step, batch_size)
-        with torch.no_grad():
-            features = extractor(images)
-        x_t, t, noise, g = _noisy(model, alphas, images, step, seed)
+    def loss_fn(module: torch.nn.Module, key: int, part: slice) -> torch.Tensor:
+        index, flips = stream.draw(key, config.batch_size)
+        images, _ = stream.take(index, flips, key=key)
+        images = images.to(model.context.device)
+        x_t, t, noise, g = _noisy(model, alphas, images, key, seed)
         drop = (torch.rand(len(x_t), generator=g) < CONDITION_DROPOUT).to(x_t.device)
-        features = torch.where(drop[:, None, None, None], torch.zeros_like(features), features)
+        index, flips, images, x_t, t, noise, drop = (v[part] for v in (index, flips, images, x_t, t, noise, drop))
+        maps = features(images, index, flips)
+        maps = torch.where(drop[:, None, None, None], torch.zeros_like(maps), maps)
         context = torch.where(drop[:, None, None], model.null_context, model.context)
         with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=x_t.is_cuda):
-            eps = model.predict_noise(x_t, t, context, controlnet.embed(features))
+            hint = _unwrap(module).embed(maps)
+            eps = model.predict_noise(x_t, t, context, hint, controlnet=module)
         return F.mse_loss(eps.float(), noise)
 
-    losses = _loop(name, steps, loss_fn, list(controlnet.parameters()), lr, log_path, time_budget_s)
-    controlnet.eval().requires_grad_(False)
-    return losses
+    name = trainer_kwargs.pop("name", "controlnet")
+    result = _fit(name, controlnet, loss_fn, config, **trainer_kwargs)
+    controlnet.requires_grad_(False)
+    return result
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (hint embedding runs outside the wrapped forward)."""
+    return getattr(module, "module", module)
+
+
+def _fit(
+    name: str,
+    module: torch.nn.Module,
+    loss_fn: Any,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    log_path: str | Path | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    trainer = Trainer(name, module, loss_fn, config, checkpoint_dir=checkpoint_dir, log_path=log_path)
+    return trainer.fit(resume=resume)
 
 
 def loss_curve_png(log_path: Path, out: Path) -> None:
-    """Plot the JSONL log's losses per stage (matplotlib, if installed)."""
-    try:
-        import matplotlib
+    """Plot the JSONL log's losses per stage (log scale). Steps logged twice, by a run that was
+    interrupted and resumed from an earlier checkpoint, are plotted once (the resumed value)."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    stages: dict[str, list[Any]] = {}
-    for row in rows:
-        stages.setdefault(row["stage"], []).append((row["step"], row["loss"]))
-    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3))
-    for ax, (stage, points) in zip(list(axes) if len(stages) > 1 else [axes], stages.items(), strict=True):
-        steps, losses = zip(*points, strict=True)
-        ax.plot(steps, losses)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages: dict[str, dict[int, float]] = {}
+    for line in log_path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            stages.setdefault(row["stage"], {})[row["step"]] = row["loss"]
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
+    for ax, (stage, points) in zip(axes[0], stages.items(), strict=True):
+        steps = sorted(points)
+        ax.plot(steps, [points[s] for s in steps])
         ax.set_title(stage)
         ax.set_xlabel("step")
         ax.set_yscale("log")

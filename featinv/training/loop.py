@@ -1,0 +1,235 @@
+"""The one training loop: AdamW, warm-up + cosine learning rate, gradient accumulation, clipping,
+optional EMA (diffusers' ``EMAModel``), multi-process data parallelism through ``accelerate``
+(DDP; the same code runs alone or under ``accelerate launch`` / ``torchrun``), atomic checkpoints
+every N steps and an exact ``resume``.
+
+Exactness: the loss function receives the batch *key* (``step * grad_accum + micro``) and draws
+its data, noise and dropout from generators seeded by it, so step k is the same computation
+whether or not the run was interrupted before it. Each process takes the rows ``part`` of the
+global batch; DDP averages the gradients, so the update is the single-process one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from featinv.errors import FeatInvError
+from featinv.training.checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    load_latest_checkpoint,
+    optimizer_from_checkpoint,
+    optimizer_to_checkpoint,
+    save_checkpoint,
+)
+from featinv.training.distributed import get_accelerator
+
+LossFn = Callable[[torch.nn.Module, int, slice], torch.Tensor]
+"""(the prepared module, batch key, this process's rows of the batch) -> scalar loss."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training stage. ``batch_size`` is the global batch of one micro-step."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05
+    grad_accum: int = 1
+    ema_decay: float | None = None
+    clip_norm: float = 1.0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    time_budget_s: float | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("steps", self.steps >= 1, "an integer >= 1"),
+            ("lr", self.lr > 0, "a number > 0"),
+            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
+            ("ema_decay", self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "in (0, 1) or None"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0 (0: only when stopping)"),
+            ("warmup_fraction", 0.0 <= self.warmup_fraction < 1.0, "in [0, 1)"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise FeatInvError(f"{name} must be {expected}, got {getattr(self, name)}")
+
+    def learning_rate(self, step: int) -> float:
+        """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to zero."""
+        warmup = max(1, int(self.warmup_fraction * self.steps))
+        if step < warmup:
+            return self.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.steps - warmup)
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainResult:
+    """Logged losses, the number of optimizer steps done, and whether all ``steps`` were done."""
+
+    losses: list[float]
+    steps_done: int
+    finished: bool
+
+
+class Trainer:
+    """Train the parameters of ``module`` that require grad by minimising ``loss_fn``."""
+
+    def __init__(
+        self,
+        name: str,
+        module: torch.nn.Module,
+        loss_fn: LossFn,
+        config: TrainConfig,
+        *,
+        checkpoint_dir: str | Path | None = None,
+        log_path: str | Path | None = None,
+        accelerator: Any = None,
+    ) -> None:
+        self.name, self.module, self.loss_fn, self.config = name, module, loss_fn, config
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.log_path = None if log_path is None else Path(log_path)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.accelerator = accelerator or get_accelerator(next(module.parameters()).device)
+        world = self.accelerator.num_processes
+        if config.batch_size % world:
+            raise FeatInvError(f"batch_size must be a multiple of the {world} processes, got {config.batch_size}")
+        self.part = slice(self.accelerator.process_index, None, world)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        if not self.params:
+            raise FeatInvError(f"{name}: the module has no parameter that requires grad")
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.ema = None
+        if config.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=config.ema_decay)
+
+    # ----- checkpoints ------------------------------------------------------------------------
+    def _checkpoint(self, step: int, losses: list[float], elapsed: float) -> None:
+        if self.checkpoint_dir is None:
+            return
+        if self.accelerator.is_main_process:
+            optimizer_tensors, optimizer_rest = optimizer_to_checkpoint(self.optimizer)
+            tensors = {"model": self.module.state_dict(), "optimizer": optimizer_tensors}
+            state: dict[str, Any] = {
+                "stage": self.name,
+                "losses": losses,
+                "elapsed_s": elapsed,
+                "optimizer": optimizer_rest,
+                "config": asdict(self.config),
+            }
+            if self.ema is not None:
+                ema_state = self.ema.state_dict()
+                tensors["ema"] = {str(i): p for i, p in enumerate(ema_state.pop("shadow_params"))}
+                state["ema"] = ema_state
+            save_checkpoint(self.checkpoint_dir, Checkpoint(step, tensors, state), keep=self.config.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def _restore(self) -> tuple[int, list[float], float]:
+        found = None if self.checkpoint_dir is None else load_latest_checkpoint(self.checkpoint_dir)
+        if found is None:
+            return 0, [], 0.0
+        saved = {k: v for k, v in found.state["config"].items() if k in ("steps", "batch_size", "grad_accum", "lr")}
+        current = {k: getattr(self.config, k) for k in saved}
+        if saved != current:
+            raise FeatInvError(f"{self.name}: cannot resume {found.path} made with {saved} under {current}")
+        self.module.load_state_dict(found.tensors["model"])
+        optimizer_from_checkpoint(self.optimizer, found.tensors["optimizer"], found.state["optimizer"])
+        if self.ema is not None and "ema" in found.tensors:
+            shadow = [found.tensors["ema"][str(i)] for i in range(len(found.tensors["ema"]))]
+            self.ema.load_state_dict({**found.state["ema"], "shadow_params": shadow})
+            self.ema.to(self.params[0].device)
+        print(f"{self.name}: resuming from {found.path} (step {found.step})")
+        return found.step, list(found.state["losses"]), float(found.state["elapsed_s"])
+
+    # ----- the loop -----------------------------------------------------------------------------
+    def _log(self, row: dict[str, Any]) -> None:
+        if self.log_path is not None and self.accelerator.is_main_process:
+            with self.log_path.open("a") as log:
+                log.write(json.dumps(row) + "\n")
+
+    def _should_stop(self, elapsed: float) -> bool:
+        budget = self.config.time_budget_s
+        stop = budget is not None and elapsed > budget
+        if self.accelerator.num_processes > 1:  # every process stops at the same step
+            flag = torch.tensor([float(stop)], device=self.accelerator.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        return stop
+
+    def fit(self, resume: bool = False) -> TrainResult:
+        """Run the remaining steps; ``resume`` continues from the newest good checkpoint."""
+        config, accelerator = self.config, self.accelerator
+        if not resume and self.checkpoint_dir is not None and list_checkpoints(self.checkpoint_dir):
+            raise FeatInvError(
+                f"{self.checkpoint_dir} holds checkpoints of an earlier run: resume it (--resume) or use another --out"
+            )
+        start_step, losses, elapsed_before = self._restore() if resume else (0, [], 0.0)
+        wrapped = accelerator.prepare(self.module)
+        self.module.train()
+        started = time.perf_counter()
+        step = start_step
+        images_per_step = config.batch_size * config.grad_accum
+        bar = tqdm(
+            total=config.steps,
+            initial=start_step,
+            desc=self.name,
+            unit="step",
+            disable=not accelerator.is_local_main_process,
+        )
+        try:
+            while step < config.steps:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = config.learning_rate(step)
+                total = 0.0
+                for micro in range(config.grad_accum):
+                    key = step * config.grad_accum + micro
+                    last = micro == config.grad_accum - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
+                        loss = self.loss_fn(wrapped, key, self.part) / config.grad_accum
+                        accelerator.backward(loss)
+                    total += float(loss.detach())
+                accelerator.clip_grad_norm_(self.params, config.clip_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.ema is not None:
+                    self.ema.step(self.params)
+                step += 1
+                elapsed = elapsed_before + time.perf_counter() - started
+                rate = (step - start_step) * images_per_step / max(1e-9, time.perf_counter() - started)
+                bar.update(1)
+                if step % config.log_every == 0 or step == config.steps or step == start_step + 1:
+                    losses.append(total)
+                    bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}")
+                    self._log(
+                        {"stage": self.name, "step": step, "loss": total, "lr": config.learning_rate(step - 1)}
+                        | {"seconds": round(elapsed, 2), "images_per_s": round(rate, 1)}
+                    )
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+                    self._checkpoint(step, losses, elapsed)
+                if step < config.steps and self._should_stop(elapsed):
+                    print(f"{self.name}: time budget of {config.time_budget_s:.0f} s reached after {step} steps")
+                    self._checkpoint(step, losses, elapsed)
+                    break
+        finally:
+            bar.close()
+        if self.ema is not None:
+            self.ema.copy_to(self.params)
+        self.module.eval()
+        return TrainResult(losses, step, step >= config.steps)
