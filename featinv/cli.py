@@ -129,13 +129,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     # Under accelerate launch / torchrun each process takes a contiguous share, seeded by global index.
     if args.images:
         first, paths = shard(args.images)
-        stems = _unique_stems(args.images)[first : first + len(paths)]
+        every_stem = _unique_stems(args.images)
         originals, features = (load_images(paths, size) if paths else None), None
     else:
         every = _read_features(args.features)
-        first, rows = shard(range(len(every)))
-        stems = [f"features_{i:03d}" for i in rows]
-        originals, features = None, every[first : first + len(rows)]
+        first, paths = shard(range(len(every)))
+        every_stem = [f"features_{i:03d}" for i in range(len(every))]
+        originals, features = None, every[first : first + len(paths)]
+    stems = every_stem[first : first + len(paths)]
     if stems:
         result = reconstructor.reconstruct(
             originals,
@@ -153,15 +154,15 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         with staged_output(args.out) as staging:
             for stem, image in zip(stems, result.images, strict=True):
                 save_image(image, staging / f"{stem}.png")
-            if first == 0:  # the grid shows the first images, which the first process holds
-                columns = [result.images] if originals is None else [originals, result.images]
-                columns = [c[:16] for c in columns]
-                scale = max(1, 128 // columns[0].shape[-1])
-                save_image(make_grid(columns, scale=scale), staging / "grid.png")
     barrier()
-    total = len(args.images) if args.images else len(every)
-    if first == 0:
-        print(f"wrote {total} reconstructions and grid.png to {args.out}")
+    if first == 0:  # the process with the first share merges: the grid of the first 16 of all
+        shown = every_stem[:16]
+        columns = [load_images([Path(args.out) / f"{stem}.png" for stem in shown], reconstructor.model.image_size)]
+        if args.images:
+            columns.insert(0, load_images(args.images[: len(shown)], size))
+        with staged_output(args.out) as staging:
+            save_image(make_grid(columns, scale=max(1, 128 // columns[0].shape[-1])), staging / "grid.png")
+        print(f"wrote {len(every_stem)} reconstructions and grid.png to {args.out}")
     return 0
 
 
@@ -226,7 +227,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The built-in default: reconstruct held-out shapes images from spatial and pooled features."""
     from featinv.demo import run_demo
 
-    metrics = run_demo(args.out, device=args.device, n=args.n)
+    metrics = run_demo(args.out, device=args.device, n=args.n, steps=args.steps)
+    if "seconds" not in metrics:  # another process of a multi-process run: the main one reports
+        return 0
     for mode in ("spatial", "pooled"):
         m = metrics[mode]
         print(
@@ -381,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the built-in default on the shipped tiny models")
     demo.add_argument("--out", default="demo-out")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    demo.add_argument("--n", type=int, default=200, help="held-out images (default 200)")
+    demo.add_argument("--n", "--num-images", dest="n", type=int, default=200, help="held-out images (default 200)")
+    demo.add_argument("--steps", type=int, default=10, help="DPM-Solver++ steps (default 10)")
     demo.set_defaults(func=cmd_demo)
 
     train = commands.add_parser("train", help="train the shapes-demo preset, or a model's ControlNet on data")

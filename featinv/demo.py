@@ -15,8 +15,9 @@ from featinv.analysis.metrics import centroid_distance, colour_masks, feature_co
 from featinv.errors import FeatInvError
 from featinv.images import make_grid, save_image
 from featinv.models.featinv_model import FeatInvModel
-from featinv.pipeline import Reconstructor, resolve_device
+from featinv.pipeline import DEFAULT_GUIDANCE, Reconstructor, resolve_device
 from featinv.training.demo_preset import POOLED_DIR, PRETRAINED, SPATIAL_DIR
+from featinv.training.distributed import gather, is_main_process, process_state, shard
 from featinv.training.shapes import generate_shapes
 
 DEMO_SEED = 20_261_126  # never used in training (featinv.training.demo_preset.TRAIN_SEED)
@@ -30,9 +31,10 @@ def _load(root: Path, name: str) -> FeatInvModel:
     return FeatInvModel.from_pretrained(path)
 
 
-def _evaluate(
+def _per_image(
     reconstructor: Reconstructor, originals: torch.Tensor, masks: torch.Tensor, images: torch.Tensor
-) -> dict[str, float]:
+) -> torch.Tensor:
+    """(N, 4) per-image metrics in METRICS order; averaged after the processes' shares are merged."""
     extractor = reconstructor.extractor
     device = reconstructor.device
     with torch.no_grad():
@@ -41,12 +43,16 @@ def _evaluate(
         f_rec = extractor._features(extractor.preprocess(images.to(device)))
         agree = topk_agreement(extractor.logits(originals.to(device)), extractor.logits(images.to(device)))
     predicted = colour_masks(images, originals, masks)
-    return {
-        "top1_agreement": float(agree.float().mean()),
-        "feature_cosine": float(feature_cosine(f_orig, f_rec).mean()),
-        "mask_iou": float(mask_iou(predicted, masks).mean()),
-        "centroid_distance_px": float(centroid_distance(predicted, masks).mean()),
-    }
+    columns = [
+        agree.float().cpu(),
+        feature_cosine(f_orig, f_rec).cpu(),
+        mask_iou(predicted, masks),
+        centroid_distance(predicted, masks),
+    ]
+    return torch.stack([c.float().flatten() for c in columns], dim=1)
+
+
+METRICS = ("top1_agreement", "feature_cosine", "mask_iou", "centroid_distance_px")
 
 
 def run_demo(
@@ -60,29 +66,49 @@ def run_demo(
     batch_size: int = 50,
 ) -> dict[str, Any]:
     """Run the demo; write ``grid.png``, ``metrics.json`` and ``report.html`` into ``out``."""
+    if not isinstance(n, int) or n < 1:
+        raise FeatInvError(f"n must be a positive number of images, got {n!r}")
     start = time.perf_counter()
     out, model_root = Path(out), Path(model_root)
     device = resolve_device(device)
     spatial = Reconstructor(_load(model_root, SPATIAL_DIR), device=device)
     pooled = Reconstructor(_load(model_root, POOLED_DIR), device=device)
     data = generate_shapes(n, DEMO_SEED)
-    kwargs = {"steps": steps, "sampler": sampler, "seed": 0, "batch_size": batch_size}
-    from_spatial = spatial.reconstruct(data.images, **kwargs).images
-    from_pooled = pooled.reconstruct(data.images, **kwargs).images
-    metrics = {
+    # Under accelerate launch / torchrun each process takes a share; the results are merged.
+    first, rows = shard(range(n))
+    mine = slice(first, first + len(rows))
+    kwargs = {"steps": steps, "sampler": sampler, "seed": 0, "first_index": first, "batch_size": batch_size}
+    shares = []
+    if rows:
+        from_spatial = spatial.reconstruct(data.images[mine], **kwargs).images
+        from_pooled = pooled.reconstruct(data.images[mine], **kwargs).images
+        shares.append(
+            {
+                "spatial": _per_image(spatial, data.images[mine], data.masks[mine], from_spatial),
+                "pooled": _per_image(spatial, data.images[mine], data.masks[mine], from_pooled),
+                "shown": (from_spatial[:12], from_pooled[:12]) if first == 0 else None,
+            }
+        )
+    shares = gather(shares)
+    metrics: dict[str, Any] = {
         "images": n,
         "held_out_seed": DEMO_SEED,
         "sampler": sampler,
         "steps": steps,
-        "guidance_scale": 1.75,
+        "guidance_scale": DEFAULT_GUIDANCE,
         "device": str(device),
-        "spatial": _evaluate(spatial, data.images, data.masks, from_spatial),
-        "pooled": _evaluate(spatial, data.images, data.masks, from_pooled),
+        "processes": process_state().num_processes,
     }
+    for mode in ("spatial", "pooled"):
+        values = torch.cat([share[mode] for share in shares]).mean(0)
+        metrics[mode] = {name: float(v) for name, v in zip(METRICS, values, strict=True)}
+    if not is_main_process():
+        return metrics
+    from_spatial, from_pooled = next(share["shown"] for share in shares if share["shown"] is not None)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
-    shown = slice(0, min(n, 12))
-    save_image(make_grid([data.images[shown], from_spatial[shown], from_pooled[shown]], scale=4), out / "grid.png")
+    shown = len(from_spatial)
+    save_image(make_grid([data.images[:shown], from_spatial, from_pooled], scale=4), out / "grid.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "report.html").write_text(_report(metrics))
     return metrics
@@ -93,7 +119,7 @@ def _report(metrics: dict[str, Any]) -> str:
         f"<tr><td>{name}</td>"
         + "".join(f"<td>{metrics[mode][name]:.3f}</td>" for mode in ("spatial", "pooled"))
         + "</tr>"
-        for name in ("top1_agreement", "feature_cosine", "mask_iou", "centroid_distance_px")
+        for name in METRICS
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>featinv demo</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}td,th{{padding:4px 12px}}</style></head>

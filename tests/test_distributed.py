@@ -4,6 +4,7 @@ process."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -26,7 +27,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(args: list[str], processes: int, cwd: Path) -> None:
+def _run(args: list[str], processes: int, cwd: Path) -> str:
     launcher = [sys.executable]
     if processes > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1"]
@@ -34,6 +35,7 @@ def _run(args: list[str], processes: int, cwd: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(launcher + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
 
 
 def test_two_process_ddp_training_ends_with_identical_weights(tmp_path):
@@ -66,9 +68,22 @@ def test_sharded_reconstruction_over_two_processes_equals_one(tmp_path, model_di
     common = ["-m", "featinv.cli", "reconstruct", "--model", str(model_dir), "--steps", "4", "--quiet"]
     common += ["--device", "cpu", "--batch-size", "1", "--images", *map(str, paths)]
     _run([*common, "--out", str(tmp_path / "one")], 1, tmp_path)
-    _run([*common, "--out", str(tmp_path / "two")], 2, tmp_path)
+    printed = _run([*common, "--out", str(tmp_path / "two")], 2, tmp_path)
+    assert printed.count("wrote 5 reconstructions") == 1  # one report, from the process with the first share
     one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
     assert [p.name for p in one] == [p.name for p in two] == ["grid.png", *(f"in{i}.png" for i in range(5))]
     for a, b in zip(one, two, strict=True):
         assert torch.equal(load_image(a), load_image(b)), a.name
     assert not torch.equal(load_image(one[0]), load_image(one[1]))
+
+
+def test_the_demo_merges_the_shares_of_two_processes(tmp_path):
+    common = ["-m", "featinv.cli", "demo", "--device", "cpu", "--num-images", "6", "--steps", "2"]
+    _run([*common, "--out", str(tmp_path / "one")], 1, tmp_path)
+    _run([*common, "--out", str(tmp_path / "two")], 2, tmp_path)
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert two["processes"] == 2 and one["processes"] == 1
+    for mode in ("spatial", "pooled"):
+        for name, value in one[mode].items():
+            assert two[mode][name] == pytest.approx(value, abs=1e-4), (mode, name)
+    assert (tmp_path / "two" / "grid.png").is_file() and not (tmp_path / "one" / "rank1").exists()

@@ -24,10 +24,10 @@ def get_accelerator(device: torch.device | str) -> Any:
 
 
 def process_state() -> Any:
-    """accelerate's ``PartialState``: rank, world size and the process group."""
+    """accelerate's ``PartialState``: rank, world size and the process group (gloo without CUDA)."""
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def shard(items: Sequence[T]) -> tuple[int, list[T]]:
