@@ -83,7 +83,9 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "scipy>=1.11"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "tensorrt": ["tensorrt>=10", "onnx>=1.16"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "scipy>=1.11", "onnx>=1.16", "onnxruntime>=1.18"],
         "dev": ["ruff>=0.6"],
     },
     entry_points={"console_scripts": ["featinv=featinv.cli:main"]},

@@ -69,7 +69,14 @@ def _reconstructor(args: argparse.Namespace):
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
     model = _load_model(args)
-    return Reconstructor(model, extractor=_extractor(model, args), device=device, dtype=dtype)
+    return Reconstructor(
+        model,
+        extractor=_extractor(model, args),
+        device=device,
+        dtype=dtype,
+        backend=args.backend,
+        engine_dir=args.engine_dir,
+    )
 
 
 def _unique_stems(paths: Sequence[str]) -> list[str]:
@@ -184,6 +191,25 @@ def cmd_extract(args: argparse.Namespace) -> int:
         features = pool_and_tile(features)
     save_state_dict_atomic({"features": features}, args.out)
     print(f"wrote features {tuple(features.shape)} of {model.feature_spec.describe()} to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export the denoiser (and hint encoder) to ONNX, or build a TensorRT engine from that export."""
+    from featinv.engine.export import export_onnx
+
+    if args.format == "tensorrt":
+        from featinv.engine.tensorrt import require_tensorrt
+
+        require_tensorrt()  # one clear line, before anything is written
+    model = _load_model(args)
+    manifest = export_onnx(model, args.out, dtype=DTYPES[args.dtype], opset=args.opset)
+    print(f"wrote {', '.join(sorted(manifest['sha256']))} (ONNX opset {args.opset}, checked) to {args.out}")
+    if args.format == "tensorrt":
+        from featinv.engine import make_denoiser
+
+        make_denoiser(model.to("cuda"), "tensorrt", engine_dir=args.out)
+        print(f"built the TensorRT engine into {Path(args.out) / 'tensorrt'}")
     return 0
 
 
@@ -367,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     rec.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    rec.add_argument("--backend", choices=["eager", "onnx", "tensorrt"], default="eager", help="denoiser backend")
+    rec.add_argument("--engine-dir", help="ONNX export / TensorRT engine cache (default: under ~/.cache/featinv)")
     rec.set_defaults(func=cmd_reconstruct)
 
     create = commands.add_parser("create", help="create an untrained FeatInv model for a classifier and layer")
@@ -430,6 +458,14 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0)
     shapes.add_argument("--size", type=int, default=32)
     shapes.set_defaults(func=cmd_data_shapes)
+
+    export = commands.add_parser("export", help="export the denoiser to ONNX (or a TensorRT engine)")
+    export.add_argument("--model", required=True, help="FeatInv model folder")
+    export.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    export.add_argument("--out", required=True, help="output folder (denoiser.onnx, hint_encoder.onnx, manifest)")
+    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    export.add_argument("--opset", type=int, default=17)
+    export.set_defaults(func=cmd_export)
 
     ext = commands.add_parser("extract", help="write the feature maps of images to a safetensors file")
     _add_model_args(ext)

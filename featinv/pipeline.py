@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,7 +58,9 @@ class Reconstructor:
             stored classifier. Its (model, layer) must be the one the FeatInv model was trained for.
         device: ``cpu``, ``cuda`` or ``auto``.
         dtype: the denoiser's dtype (float32, float16 or bfloat16); samples stay float32.
-        backend: the engine backend (``eager``).
+        backend: the engine backend: ``eager`` (the reference), ``onnx`` or ``tensorrt``.
+        engine_dir: the ONNX export / TensorRT engine cache of the ``onnx`` and ``tensorrt``
+            backends (exported there on first use; default under ``~/.cache/featinv``).
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class Reconstructor:
         device: str | torch.device | None = "cpu",
         dtype: torch.dtype = torch.float32,
         backend: str = "eager",
+        engine_dir: str | Path | None = None,
     ) -> None:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise FeatInvError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -80,7 +84,7 @@ class Reconstructor:
             )
         self.model = model.to(self.device, dtype).eval()
         self.extractor = extractor.to(self.device, torch.float32).eval() if extractor is not None else None
-        self.denoiser = make_denoiser(self.model, backend)
+        self.denoiser = make_denoiser(self.model, backend, engine_dir=engine_dir)
 
     @property
     def spec(self):

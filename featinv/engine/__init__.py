@@ -1,16 +1,42 @@
-"""Denoiser backends behind one interface (``Denoiser``): ``eager`` is the reference."""
+"""Denoiser backends behind one interface (``Denoiser``): ``eager`` is the reference; ``onnx`` runs
+the exported graph in onnxruntime; ``tensorrt`` builds (and caches) a TensorRT engine from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 from featinv.engine.base import Denoiser
 from featinv.engine.eager import EagerDenoiser
 from featinv.errors import FeatInvError
 
-BACKENDS = ("eager",)
+BACKENDS = ("eager", "onnx", "tensorrt")
 
 
-def make_denoiser(model, backend: str = "eager") -> Denoiser:
-    """The denoiser of ``model`` on the named backend."""
+def make_denoiser(model, backend: str = "eager", *, engine_dir: str | Path | None = None) -> Denoiser:
+    """The denoiser of ``model`` on the named backend. ``engine_dir``: where the ONNX export (and
+    the TensorRT engine cache) live; default ``~/.cache/featinv/onnx/<weights fingerprint>``."""
     if backend == "eager":
         return EagerDenoiser(model)
+    if backend == "onnx":
+        from featinv.engine.onnx import OnnxDenoiser, ensure_export
+
+        return OnnxDenoiser(ensure_export(model, engine_dir))
+    if backend == "tensorrt":
+        from featinv.engine.onnx import ensure_export
+        from featinv.engine.tensorrt import TensorRTDenoiser, require_tensorrt
+
+        require_tensorrt()  # fail before exporting anything
+        folder = ensure_export(model, engine_dir)
+        from featinv.engine.export import read_manifest
+
+        manifest = read_manifest(folder)
+        shapes = {
+            "sample": tuple(manifest["latent_shape"]),
+            "timestep": (),
+            "context": tuple(manifest["context_shape"]),
+            "hint": tuple(manifest["hint_shape"]),
+        }
+        return TensorRTDenoiser.from_export(folder, folder / "tensorrt", shapes)
     raise FeatInvError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
 
 
