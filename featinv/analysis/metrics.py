@@ -1,5 +1,5 @@
 """Metrics between originals and reconstructions: feature cosine, classifier agreement, object
-location (mask IoU and centroid distance)."""
+location (mask IoU and centroid distance), PSNR and SSIM. FID lives in :mod:`featinv.analysis.fid`."""
 
 from __future__ import annotations
 
@@ -46,3 +46,28 @@ def centroid_distance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Te
         return torch.stack([(m[:, 0] * ys).sum((1, 2)) / total, (m[:, 0] * xs).sum((1, 2)) / total], 1)
 
     return (centroid(predicted.float()) - centroid(target.float())).norm(dim=1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB of images (B, 3, H, W) in [0, 1] -> (B,)."""
+    mse = (a - b).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1 / mse.clamp_min(1e-12))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004, Gaussian window, per channel, averaged) -> (B,)."""
+    x = torch.arange(window, dtype=a.dtype, device=a.device) - window // 2
+    g = torch.exp(-(x**2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(a.shape[1], 1, window, window)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, kernel, groups=a.shape[1])
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return value.flatten(1).mean(1)

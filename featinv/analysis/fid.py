@@ -1,0 +1,80 @@
+"""Frechet distance between two image sets in the feature space of a pluggable network: Inception-v3
+pool features when you supply its weights (FID proper), otherwise the classifier's own penultimate
+(pre-logits) features. The matrix square root is an eigendecomposition in float64 (checked against
+``scipy.linalg.sqrtm`` in the tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from featinv.errors import FeatInvError
+from featinv.features import FeatureExtractor
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]
+"""images (B, 3, H, W) in [0, 1] -> vectors (B, D)."""
+
+
+def sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """The square root of a symmetric positive semi-definite matrix (negative eigenvalues clipped)."""
+    values, vectors = torch.linalg.eigh(matrix.double())
+    return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) of feature sets (N, D) and (M, D)."""
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise FeatInvError(f"feature sets must be (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if len(a) < 2 or len(b) < 2:
+        raise FeatInvError(f"FID needs at least 2 images per set, got {len(a)} and {len(b)}")
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    root_a = sqrtm_psd(cov_a)
+    cross = sqrtm_psd(root_a @ cov_b @ root_a)
+    value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * torch.trace(cross)
+    return float(value.clamp_min(0))
+
+
+def classifier_features(extractor: FeatureExtractor) -> FeatureFn:
+    """The classifier's penultimate (pre-logits) vector of each image."""
+
+    @torch.no_grad()
+    def features(images: torch.Tensor) -> torch.Tensor:
+        device = next(extractor.classifier.parameters()).device
+        x = extractor.preprocess(images.to(device))
+        model = extractor.classifier
+        return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1).float().cpu()
+
+    return features
+
+
+def inception_features(weights: str | Path) -> FeatureFn:
+    """Inception-v3 pool features (2048) from a local weights file for timm's ``inception_v3``."""
+    import timm
+
+    from featinv.weights import load_state_dict
+
+    model = timm.create_model("inception_v3", pretrained=False).eval()
+    missing = model.load_state_dict(load_state_dict(weights, what="Inception weights"), strict=False)
+    if missing.missing_keys:
+        raise FeatInvError(f"Inception weights {weights} do not fit inception_v3 ({missing.missing_keys[:3]} missing)")
+
+    @torch.no_grad()
+    def features(images: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
+        return model.forward_head(model.forward_features(x * 2 - 1), pre_logits=True).flatten(1).float()
+
+    return features
+
+
+def fid(real: torch.Tensor, generated: torch.Tensor, features: FeatureFn, batch_size: int = 64) -> float:
+    """FID between image sets (N, 3, H, W) and (M, 3, H, W) in the space of ``features``."""
+
+    def embed(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([features(chunk) for chunk in images.split(batch_size)])
+
+    return frechet_distance(embed(real), embed(generated))
