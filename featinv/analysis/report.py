@@ -1,0 +1,81 @@
+"""Small HTML reports and matplotlib plots for the analysis commands (files beside the report)."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def line_plot(path: Path, x: Sequence[float], series: dict[str, Sequence[float]], xlabel: str, ylabel: str) -> None:
+    """One line per series over ``x``, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for name, values in series.items():
+        ax.plot(list(x), list(values), marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bar_plot(path: Path, groups: dict[str, dict[str, float]], metrics: Sequence[str]) -> None:
+    """Grouped bars: one panel per metric, one bar per group (method)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        names = list(groups)
+        ax.bar(range(len(names)), [groups[n][metric] for n in names], color=["C0", "C1", "C2", "C3"][: len(names)])
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
+        ax.set_title(metric, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, title: str, intro: str, blocks: Sequence[tuple[str, Any]], data: dict[str, Any]) -> None:
+    """``report.html`` with headed blocks (an image file name, a table as {row: {column: value}}, or
+    text) and ``<name>.json`` with ``data``."""
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}td,th{padding:3px 10px}"
+        "img{image-rendering:pixelated;max-width:100%}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1><p>{html.escape(intro)}</p>",
+    ]
+    for heading, content in blocks:
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        if isinstance(content, str) and content.endswith(".png"):
+            parts.append(f"<img src='{html.escape(content)}'>")
+        elif isinstance(content, dict):
+            columns = list(next(iter(content.values())).keys()) if content else []
+            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in columns)
+            rows = "".join(
+                f"<tr><td>{html.escape(str(name))}</td>"
+                + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns)
+                + "</tr>"
+                for name, row in content.items()
+            )
+            parts.append(f"<table border='1' cellspacing='0'><tr><th></th>{head}</tr>{rows}</table>")
+        else:
+            parts.append(f"<p>{html.escape(str(content))}</p>")
+    parts.append("</body></html>")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.html").write_text("\n".join(parts))
+    (out / "metrics.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else html.escape(str(value))

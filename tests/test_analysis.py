@@ -1,0 +1,169 @@
+"""The analysis toolkit on tiny models and the shipped demo models: metrics (FID against scipy),
+composition, steering, robustness probes, and the four commands with their bad-input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from scipy import linalg
+from test_cli import assert_one_line_error, model_dir, run_cli  # noqa: F401  (fixture)
+
+from featinv.analysis.compose import lerp, mix_by_mask, select_channels, slerp
+from featinv.analysis.fid import frechet_distance, sqrtm_psd
+from featinv.analysis.metrics import psnr, ssim
+from featinv.analysis.robustness import CORRUPTIONS, corrupt, ood_inputs
+from featinv.analysis.steering import Concept, concept_activation_vector, steer
+from featinv.errors import FeatInvError
+from featinv.images import save_image
+
+
+def test_matrix_square_root_matches_scipy():
+    a = torch.randn(12, 12, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    psd = a @ a.T
+    ours = sqrtm_psd(psd).numpy()
+    assert abs(ours - linalg.sqrtm(psd.numpy()).real).max() < 1e-8
+    assert abs(ours @ ours - psd.numpy()).max() < 1e-8
+
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_the_shift():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(300, 8, generator=g)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    near, far = a + 0.1, torch.randn(300, 8, generator=g) * 2 + 1
+    assert 0.05 < frechet_distance(a, near) < frechet_distance(a, far)
+    with pytest.raises(FeatInvError, match="at least 2"):
+        frechet_distance(a[:1], a)
+
+
+def test_psnr_and_ssim_rank_degradations():
+    clean = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    slight, heavy = corrupt(clean, "gaussian_noise", 1), corrupt(clean, "gaussian_noise", 5)
+    assert bool((ssim(clean, clean) > 0.999).all()) and bool((psnr(clean, slight) > psnr(clean, heavy)).all())
+    assert bool((ssim(clean, slight) > ssim(clean, heavy)).all())
+
+
+def test_composition_endpoints_and_masks():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.rand(2, 8, 4, 4, generator=g), torch.rand(2, 8, 4, 4, generator=g) * 3
+    for mix in (lerp, slerp):
+        torch.testing.assert_close(mix(a, b, 0.0), a)
+        torch.testing.assert_close(mix(a, b, 1.0), b)
+    half = slerp(a, b, 0.5).flatten(1).norm(dim=1)
+    torch.testing.assert_close(half, (a.flatten(1).norm(dim=1) + b.flatten(1).norm(dim=1)) / 2)
+    mask = torch.zeros(16, 16)
+    mask[:, 8:] = 1
+    mixed = mix_by_mask(a, b, mask)
+    assert torch.equal(mixed[..., :2], a[..., :2]) and torch.equal(mixed[..., 2:], b[..., 2:])
+    kept, removed = select_channels(a, [0, 1], keep=True), select_channels(a, [0, 1], keep=False)
+    torch.testing.assert_close(kept + removed, a)
+    assert float(kept[:, 2:].abs().sum()) == 0.0
+    with pytest.raises(FeatInvError, match="same shape"):
+        lerp(a, b[:, :4], 0.5)
+
+
+def test_cav_separates_concepts_and_steering_moves_along_it():
+    g = torch.Generator().manual_seed(4)
+    others = torch.rand(20, 6, 3, 3, generator=g)
+    concept_maps = others.clone()
+    concept_maps[:, 2] += 1.0  # the concept lives in channel 2
+    concept = concept_activation_vector(concept_maps, others)
+    assert int(concept.direction.abs().argmax()) == 2 and concept.direction[2] > 0
+    steered = steer(others[:2], concept, [0.0, 0.5, 1.0])
+    assert steered.shape == (3, 2, 6, 3, 3) and torch.equal(steered[0], others[:2])
+    gains = [float(s[:, 2].mean() - others[:2, 2].mean()) for s in steered]
+    assert gains[0] == 0.0 and 0 < gains[1] < gains[2]
+    with pytest.raises(FeatInvError, match=r"strengths must be in \[-50, 50\]"):
+        steer(others, concept, [0.0, 80.0])
+    with pytest.raises(FeatInvError, match="a CAV needs"):
+        concept_activation_vector(concept_maps[:0], others)
+    assert isinstance(concept, Concept)
+
+
+def test_corruptions_and_ood_inputs_stay_images():
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    for name in CORRUPTIONS:
+        out = corrupt(images, name, 3)
+        assert out.shape == images.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+        assert not torch.equal(out, images), name
+    assert all(v.shape == (2, 3, 16, 16) for v in ood_inputs(2, 16).values())
+    with pytest.raises(FeatInvError, match="severity"):
+        corrupt(images, "jpeg", 9)
+
+
+FAST = ["--steps", "2", "--opt-steps", "5", "--device", "cpu"]
+
+
+def test_steer_compose_robustness_and_evaluate_write_their_reports(capsys, tmp_path):
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    save_image(torch.rand(3, 32, 32), a)
+    save_image(torch.rand(3, 32, 32), b)
+    runs = {
+        "steer": ["steer", "--class", 1, "--shapes", 2, "--strengths", "0,1"],
+        "compose": ["compose", "--images", a, b, "--mode", "slerp", "--ts", "0,0.5,1"],
+        "robustness": ["robustness", "--shapes", 2, "--corruptions", "jpeg,contrast"],
+        "evaluate": ["evaluate", "--n", 6],
+    }
+    expected = {
+        "steer": {"strip.png", "probability.png"},
+        "compose": {"originals.png", "grid.png"},
+        "robustness": {"grid.png"},
+        "evaluate": {"grid.png", "metrics.png"},
+    }
+    for name, args in runs.items():
+        out = tmp_path / name
+        code, printed, err = run_cli(capsys, *args, *FAST, "--out", out)
+        assert code == 0, err
+        assert {p.name for p in out.iterdir()} == expected[name] | {"metrics.json", "report.html"}
+        assert "<img" in (out / "report.html").read_text()
+    evaluation = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert set(evaluation["methods"]) == {"featinv spatial", "featinv pooled", "optimisation"}
+    assert {"feature_cosine", "top1_agreement", "fid_vs_real", "mask_iou"} <= set(evaluation["methods"]["optimisation"])
+
+
+def test_analysis_commands_reject_bad_input(capsys, tmp_path, model_dir):  # noqa: F811
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "others").mkdir()
+    save_image(torch.rand(3, 32, 32), tmp_path / "others" / "x.png")
+    small, big = tmp_path / "small.png", tmp_path / "big.png"
+    save_image(torch.rand(3, 16, 16), small)
+    save_image(torch.rand(3, 24, 24), big)
+    cases = [
+        (["steer", "--concept-dir", tmp_path / "empty", "--others-dir", tmp_path / "others"], "holds no images"),
+        (["steer", "--class", 1, "--strengths", "0,100"], "strengths must be in [-50, 50]"),
+        (["steer", "--class", 1, "--strengths", "0,abc"], "comma-separated"),
+        (["steer", "--class", 99], "class index must be in [0, 5]"),
+        (["compose", "--images", small, big], "same size"),
+        (["robustness", "--eps", 2], "--eps must be in"),
+        (["evaluate", "--pooled-model", model_dir], "trained for"),
+    ]
+    for args, pattern in cases:
+        code, _, err = run_cli(capsys, *args, *FAST, "--out", tmp_path / "never")
+        assert_one_line_error(code, err, pattern)
+        assert not (tmp_path / "never").exists()
+
+
+def test_reconstruct_with_the_optimisation_method(capsys, tmp_path):
+    from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
+
+    image = tmp_path / "in.png"
+    save_image(torch.rand(3, 32, 32), image)
+    code, out, err = run_cli(
+        capsys,
+        "reconstruct",
+        "--model",
+        PRETRAINED / SPATIAL_DIR,
+        "--images",
+        image,
+        "--method",
+        "optimize",
+        "--opt-steps",
+        5,
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "o",
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["grid.png", "in.png"]
