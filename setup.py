@@ -48,11 +48,24 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={output_dir}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
+        target = ext.name.rsplit(".", 1)[1]
+        if target == "_sampler":  # the libtorch-based loops: torch's headers and libraries, no find_package
+            try:
+                import torch
+                from torch.utils import cpp_extension
+            except ImportError as error:
+                raise CompileError("torch not importable: featinv._sampler is skipped") from error
+            configure += [
+                f"-DFEATINV_TORCH_INCLUDE={';'.join(cpp_extension.include_paths())}",
+                f"-DFEATINV_TORCH_LIBDIR={cpp_extension.library_paths()[0]}",
+                f"-DFEATINV_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            ]
         try:
             subprocess.run(configure, check=True)
-            subprocess.run([cmake, "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1)], check=True)
+            build = [cmake, "--build", str(build_dir), "--target", target, "--parallel", str(os.cpu_count() or 1)]
+            subprocess.run(build, check=True)
         except (subprocess.CalledProcessError, OSError) as error:
-            raise CompileError(f"building featinv._C failed ({error}); the pure-Python fallback is used") from error
+            raise CompileError(f"building {ext.name} failed ({error}); the pure-Python fallback is used") from error
 
 
 packages = find_packages(include=["featinv", "featinv.*"]) + ["featinv.kernels"]
@@ -68,7 +81,7 @@ setup(
     package_dir={"featinv.kernels": "kernels"},
     package_data={"featinv": ["pretrained/*.png", "pretrained/*.jsonl", "pretrained/*/*.json",
                               "pretrained/*/*.jsonl", "pretrained/*/*.safetensors", "pretrained/*/*/*"]},
-    ext_modules=[CMakeExtension("featinv._C")],
+    ext_modules=[CMakeExtension("featinv._C"), CMakeExtension("featinv._sampler")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         "torch>=2.11",

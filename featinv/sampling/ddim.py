@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from featinv._native import sampler_loop
 from featinv.sampling.guidance import Denoise
 from featinv.sampling.noise import Generators, randn
 from featinv.sampling.schedule import SamplerSchedule
@@ -33,6 +34,9 @@ def sample_ddim(
     """
     if schedule.name != "ddim":
         raise ValueError(f"sample_ddim needs a DDIM schedule, got {schedule.name!r}")
+    native = sampler_loop()
+    if native is not None and all(row[4] == 0.0 for row in schedule.coefficients):  # eta = 0: C++ loop
+        return _run_native(native, "ddim", denoise, x, schedule, callback)
     for i, (t, coefficients) in enumerate(zip(schedule.timesteps, schedule.coefficients, strict=True)):
         sqrt_beta, sqrt_alpha, sqrt_alpha_prev, direction, std = coefficients
         eps = denoise(x, t)
@@ -43,3 +47,17 @@ def sample_ddim(
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "denoised": denoised})
     return x
+
+
+def _run_native(
+    native, name: str, denoise: Denoise, x: torch.Tensor, schedule: SamplerSchedule, callback
+) -> torch.Tensor:
+    """The same loop in C++ (``featinv._sampler``): no Python between the denoiser calls."""
+    hook = None
+    if callback is not None:
+
+        def hook(i: int, t: int, sample: torch.Tensor, denoised: torch.Tensor) -> None:
+            callback({"i": i, "t": t, "x": sample, "denoised": denoised})
+
+    rows = [list(row) for row in schedule.coefficients]
+    return native(name, x, list(schedule.timesteps), rows, denoise, hook)

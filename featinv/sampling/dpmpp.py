@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from featinv._native import sampler_loop
+from featinv.sampling.ddim import _run_native
 from featinv.sampling.guidance import Denoise
 from featinv.sampling.noise import Generators
 from featinv.sampling.schedule import SamplerSchedule
@@ -34,6 +36,9 @@ def sample_dpmpp_2m(
     del generator
     if schedule.name != "dpmpp_2m":
         raise ValueError(f"sample_dpmpp_2m needs a DPM-Solver++(2M) schedule, got {schedule.name!r}")
+    native = sampler_loop()
+    if native is not None:
+        return _run_native(native, "dpmpp_2m", denoise, x, schedule, callback)
     x0_prev = None
     for i, (t, (a_x, a_eps, c_x, c_d0, c_d1)) in enumerate(zip(schedule.timesteps, schedule.coefficients, strict=True)):
         eps = denoise(x, t)
