@@ -668,7 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="featinv (diffusion) or optimize (the Mahendran-Vedaldi baseline, no training needed)",
     )
     rec.add_argument("--opt-steps", type=int, default=300, help="with --method optimize: gradient steps")
-    rec.add_argument("--backend", choices=["eager", "onnx", "tensorrt"], default="eager", help="denoiser backend")
+    rec.add_argument(
+        "--backend", choices=["eager", "compiled", "onnx", "tensorrt"], default="eager", help="denoiser backend"
+    )
     rec.add_argument("--engine-dir", help="ONNX export / TensorRT engine cache (default: under ~/.cache/featinv)")
     rec.set_defaults(func=cmd_reconstruct)
 

@@ -115,3 +115,12 @@ def test_cpp_and_python_schedule_tables_give_identical_reconstructions(monkeypat
             ).samples
     for sampler in ("ddim", "dpmpp"):
         assert torch.equal(results["cpp", sampler], results["python", sampler])
+
+
+@pytest.mark.slow
+def test_compiled_backend_matches_eager(tiny_model, tiny_images):
+    """torch.compile of the denoiser graph (Inductor on CPU): same reconstruction within fp32 noise."""
+    kwargs = {"steps": 6, "seed": 2, "progress": False}
+    eager = Reconstructor(tiny_model).reconstruct(tiny_images, **kwargs)
+    compiled = Reconstructor(tiny_model, backend="compiled").reconstruct(tiny_images, **kwargs)
+    assert float((compiled.samples - eager.samples).abs().max()) <= 1e-4

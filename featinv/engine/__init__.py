@@ -1,4 +1,5 @@
-"""Denoiser backends behind one interface (``Denoiser``): ``eager`` is the reference; ``onnx`` runs
+"""Denoiser backends behind one interface (``Denoiser``): ``eager`` is the reference; ``compiled``
+runs it through torch.compile; ``onnx`` runs
 the exported graph in onnxruntime; ``tensorrt`` builds (and caches) a TensorRT engine from it."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from featinv.engine.base import Denoiser
 from featinv.engine.eager import EagerDenoiser
 from featinv.errors import FeatInvError
 
-BACKENDS = ("eager", "onnx", "tensorrt")
+BACKENDS = ("eager", "compiled", "onnx", "tensorrt")
 
 
 def make_denoiser(model, backend: str = "eager", *, engine_dir: str | Path | None = None) -> Denoiser:
@@ -17,6 +18,10 @@ def make_denoiser(model, backend: str = "eager", *, engine_dir: str | Path | Non
     the TensorRT engine cache) live; default ``~/.cache/featinv/onnx/<weights fingerprint>``."""
     if backend == "eager":
         return EagerDenoiser(model)
+    if backend == "compiled":
+        from featinv.engine.compiled import CompiledDenoiser
+
+        return CompiledDenoiser(model)
     if backend == "onnx":
         from featinv.engine.onnx import OnnxDenoiser, ensure_export
 
