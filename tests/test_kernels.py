@@ -71,3 +71,27 @@ def test_guided_update_rejects_bad_input():
         guided_update_(
             torch.zeros(2, 4, 8, 8, device=DEVICE), x, None, dpm, torch.tensor(2, device=DEVICE), 1.0, "dpmpp_2m"
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_h", [True, False])
+def test_inject_concat_matches_the_reference(dtype, with_h):
+    from featinv.kernels.inject import inject_concat, inject_concat_reference
+
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(3, 5, 7, 9, generator=g).to(DEVICE, dtype) if with_h else None
+    skip = torch.randn(3, 6, 9, 7, generator=g).to(DEVICE, dtype).transpose(2, 3)  # non-contiguous
+    res = torch.randn(3, 6, 7, 9, generator=g).to(DEVICE, dtype)
+    got, want = inject_concat(h, skip, res, 0.8, block=128), inject_concat_reference(h, skip, res, 0.8)
+    assert got.shape == ((3, 11, 7, 9) if with_h else (3, 6, 7, 9)) and got.dtype == dtype
+    tolerance = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tolerance, atol=tolerance)
+    if with_h:
+        assert torch.equal(got[:, :5], h)  # copied bit for bit
+
+
+def test_inject_concat_rejects_mismatched_shapes():
+    from featinv.kernels.inject import inject_concat
+
+    with pytest.raises(ValueError, match="same shape"):
+        inject_concat(None, torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4))
