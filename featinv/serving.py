@@ -1,0 +1,151 @@
+"""The embeddable low-latency API: a reconstructor that warms up once, then serves requests from any
+thread, one at a time on the device, with previews every k steps and cancellation in flight.
+
+    server = RealtimeReconstructor(FeatInvModel.from_pretrained(DIR), steps=10)
+    request = server.submit(images, seed=0, preview_every=2, on_preview=show)
+    request.cancel()            # e.g. the user moved the slider again
+    images = request.result()   # raises RequestCancelled if it was cancelled
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from featinv.errors import FeatInvError
+from featinv.models.featinv_model import FeatInvModel
+from featinv.pipeline import DEFAULT_GUIDANCE, Reconstructor, resolve_device
+
+Preview = Callable[[int, torch.Tensor], None]
+"""(step index, predicted images (B, 3, H, W) in [0, 1]) -> None."""
+
+
+class RequestCancelled(Exception):
+    """The request was cancelled before it finished."""
+
+
+class Request:
+    """A submitted reconstruction: ``result()``, ``cancel()``, ``done()``."""
+
+    def __init__(self) -> None:
+        self._future: Future[torch.Tensor] = Future()
+        self._cancel = threading.Event()
+        self.steps_run = 0
+
+    def cancel(self) -> None:
+        """Stop the request at its next step (or before it starts)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> torch.Tensor:
+        """The reconstructions (B, 3, H, W); raises :class:`RequestCancelled` if cancelled."""
+        return self._future.result(timeout)
+
+
+class RealtimeReconstructor:
+    """Serve reconstructions with bounded latency: fixed steps and sampler, warmed up at creation,
+    requests run one at a time in submission order on a worker thread."""
+
+    def __init__(
+        self,
+        model: FeatInvModel,
+        *,
+        device: str | torch.device = "auto",
+        backend: str = "eager",
+        steps: int = 10,
+        sampler: str = "dpmpp",
+        guidance_scale: float = DEFAULT_GUIDANCE,
+        warmup: bool = True,
+    ) -> None:
+        device = resolve_device(device)
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.reconstructor = Reconstructor(model, device=device, backend=backend, dtype=dtype)
+        self.steps, self.sampler, self.guidance_scale = steps, sampler, guidance_scale
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featinv-serve")
+        if warmup:  # compile / allocate once, so the first user request is not the slow one
+            zeros = torch.zeros(1, *model.feature_spec.shape)
+            self.submit(features=zeros).result()
+
+    @property
+    def spec(self):
+        return self.reconstructor.spec
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Feature maps (B, C, h, w) of images (B, 3, H, W), computed on the serving thread."""
+        return self._worker.submit(self.reconstructor.features, images).result()
+
+    def submit(
+        self,
+        images: torch.Tensor | None = None,
+        *,
+        features: torch.Tensor | None = None,
+        seed: int = 0,
+        preview_every: int = 0,
+        on_preview: Preview | None = None,
+    ) -> Request:
+        """Queue a reconstruction of ``images`` (or of ``features``); returns at once."""
+        if preview_every < 0:
+            raise FeatInvError(f"preview_every must be >= 0, got {preview_every}")
+        request = Request()
+
+        def run() -> None:
+            if request.cancelled:
+                request._future.set_exception(RequestCancelled("cancelled before it started"))
+                return
+            try:
+                images_out = self._run(request, images, features, seed, preview_every, on_preview)
+            except RequestCancelled as error:
+                request._future.set_exception(error)
+            except Exception as error:  # delivered to the caller, the server keeps serving
+                request._future.set_exception(error)
+            else:
+                request._future.set_result(images_out)
+
+        self._worker.submit(run)
+        return request
+
+    def _run(
+        self,
+        request: Request,
+        images: torch.Tensor | None,
+        features: torch.Tensor | None,
+        seed: int,
+        preview_every: int,
+        on_preview: Preview | None,
+    ) -> torch.Tensor:
+        model = self.reconstructor.model
+
+        def on_step(info: dict[str, Any]) -> None:
+            request.steps_run = info["i"] + 1
+            if request.cancelled:
+                raise RequestCancelled(f"cancelled after {request.steps_run} of {self.steps} steps")
+            if on_preview is not None and preview_every and (info["i"] + 1) % preview_every == 0:
+                with torch.no_grad():
+                    preview = model.decode(info["denoised"].to(model.unet.dtype)).float().cpu()
+                on_preview(info["i"], preview)
+
+        result = self.reconstructor.reconstruct(
+            images,
+            features=features,
+            steps=self.steps,
+            sampler=self.sampler,
+            guidance_scale=self.guidance_scale,
+            seed=seed,
+            batch_size=64,
+            progress=False,
+            callback=on_step,
+        )
+        return result.images
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,70 @@
+"""The embeddable API: warmed up once, safe from several threads, previews every k steps, and
+cancellation of a request in flight."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from featinv.pipeline import Reconstructor
+from featinv.serving import RealtimeReconstructor, RequestCancelled
+
+
+@pytest.fixture
+def server(tiny_model):
+    server = RealtimeReconstructor(tiny_model, device="cpu", steps=6)
+    yield server
+    server.close()
+
+
+def test_requests_from_several_threads_equal_sequential_runs(server, tiny_model, tiny_images):
+    expected = [
+        Reconstructor(tiny_model).reconstruct(tiny_images[i : i + 1], steps=6, sampler="dpmpp", seed=i, progress=False)
+        for i in range(3)
+    ]
+    results: dict[int, torch.Tensor] = {}
+
+    def client(i: int) -> None:
+        results[i] = server.submit(tiny_images[i : i + 1], seed=i).result(timeout=60)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(3):
+        torch.testing.assert_close(results[i], expected[i].images, rtol=0, atol=1e-6)
+
+
+def test_previews_arrive_every_k_steps(server, tiny_images):
+    seen = []
+    images = server.submit(tiny_images, preview_every=2, on_preview=lambda i, p: seen.append((i, p.shape))).result(60)
+    assert [i for i, _ in seen] == [1, 3, 5]
+    assert all(shape == images.shape for _, shape in seen)
+
+
+def test_a_request_can_be_cancelled_in_flight_and_the_server_goes_on(server, tiny_images):
+    started = threading.Event()
+    release = threading.Event()
+
+    def hold(i, preview):  # pause the first request after its first step until it has been cancelled
+        started.set()
+        release.wait(10)
+
+    first = server.submit(tiny_images, preview_every=1, on_preview=hold)
+    second = server.submit(tiny_images, seed=5)
+    assert started.wait(30)
+    first.cancel()
+    release.set()
+    with pytest.raises(RequestCancelled):
+        first.result(60)
+    assert first.steps_run < server.steps
+    assert second.result(60).shape == (3, 3, 16, 16)  # the server keeps serving
+
+
+def test_bad_input_reaches_the_caller_not_the_server(server, tiny_images):
+    with pytest.raises(ValueError, match="features"):
+        server.submit(features=torch.zeros(1, 3, 2, 2)).result(30)
+    assert server.submit(tiny_images[:1]).result(60).shape == (1, 3, 16, 16)
