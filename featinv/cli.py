@@ -227,6 +227,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The interactive web app (FastAPI + one HTML page) on the demo model or --model DIR."""
+    try:
+        from featinv.web.app import serve
+    except ImportError as error:
+        raise FeatInvError(f"featinv serve needs the web extra: pip install 'featinv[web]' ({error})") from error
+    if args.model is not None and not Path(args.model).is_dir():
+        raise FeatInvError(f"model folder not found: {args.model}")
+    print(f"serving on http://{args.host}:{args.port}")
+    serve(args.model, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
 def _parse_layer(value: str | None) -> str | int | None:
     return int(value) if value is not None and value.lstrip("-").isdigit() else value
 
@@ -775,6 +788,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--n", "--num-images", dest="n", type=int, default=64, help="images to evaluate (default 64)")
     evaluate.add_argument("--fid-weights", help="timm inception_v3 weights for FID proper (default: the classifier)")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    serve = commands.add_parser("serve", help="the interactive web app")
+    serve.add_argument("--model", help="FeatInv model folder (default: the shipped demo model)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto")
+    serve.set_defaults(func=cmd_serve)
 
     ext = commands.add_parser("extract", help="write the feature maps of images to a safetensors file")
     _add_model_args(ext)

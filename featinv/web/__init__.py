@@ -1,0 +1,1 @@
+"""``featinv serve``: the interactive web app (FastAPI + one plain HTML page)."""

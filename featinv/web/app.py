@@ -1,0 +1,190 @@
+"""The web app: upload or pick an image, see its reconstructions (several seeds), steer toward a
+class with a slider, interpolate toward a second image with another; stale requests are cancelled.
+
+FastAPI with one plain HTML page, not Gradio: the page needs request-level control (a newer slider
+value cancels the request in flight, on the server and in the browser) and must stay fast on a CPU;
+a small JSON API plus ``fetch`` with ``AbortController`` does exactly that, with three dependencies.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import threading
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from fastapi import FastAPI, File, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
+
+from featinv.analysis.compose import lerp
+from featinv.analysis.steering import class_concept, steer
+from featinv.errors import FeatInvError
+from featinv.models.featinv_model import FeatInvModel
+from featinv.serving import RealtimeReconstructor, RequestCancelled
+
+MAX_UPLOAD_BYTES = 8 * 1024 * 1024
+MAX_PIXELS = 4096 * 4096
+PAGE = Path(__file__).with_name("index.html")
+
+
+def _png_data_url(image: torch.Tensor, scale: int = 4) -> str:
+    from featinv.images import to_pil
+
+    pil = to_pil(image)
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+class ReconstructQuery(BaseModel):
+    """One slider state: image ``id``, steering ``strength`` toward class ``concept``, and ``mix``
+    toward image ``other``; ``client`` identifies the page whose older request becomes stale."""
+
+    id: str
+    client: str = "default"
+    strength: float = 0.0
+    concept: int = 0
+    other: str | None = None
+    mix: float = 0.0
+
+
+class Session:
+    """Uploaded images' feature maps by id, and each client's request in flight."""
+
+    def __init__(self) -> None:
+        self.features: dict[str, torch.Tensor] = {}
+        self.thumbnails: dict[str, str] = {}
+        self.in_flight: dict[str, Any] = {}
+        self.lock = threading.Lock()
+        self.ids = itertools.count(1)
+
+
+def decode_upload(data: bytes, size: tuple[int, int]) -> torch.Tensor:
+    """An uploaded file as (1, 3, H, W) in [0, 1] at ``size``; FeatInvError for anything else."""
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise FeatInvError(f"the file is {len(data) / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES / 1e6:.0f} MB")
+    if data[:8] == b"\x93NUMPY\x01\x00" or data[8:9] == b"{" and b'"dtype"' in data[:4096]:
+        raise FeatInvError("this is a weights or array file, not an image (upload a PNG or JPEG)")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_PIXELS:
+                raise FeatInvError(
+                    f"the image is {image.width}x{image.height}; at most {MAX_PIXELS} pixels are accepted"
+                )
+            image = image.convert("RGB").resize(size[::-1], Image.BICUBIC)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
+        raise FeatInvError(f"not an image this app can read ({type(error).__name__})") from error
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size[0], size[1], 3)
+    return pixels.permute(2, 0, 1).float()[None] / 255
+
+
+def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, seeds: int = 3):
+    """The FastAPI app serving ``model``."""
+    server = RealtimeReconstructor(model, device=device, steps=steps)
+    session = Session()
+    size = model.image_size
+    classes = server.reconstructor.extractor.classifier.get_classifier().out_features
+    app = FastAPI(title="featinv")
+
+    def error(message: str, status: int = 400) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    def remember(image: torch.Tensor) -> dict[str, Any]:
+        features = server.features(image)
+        with session.lock:
+            key = str(next(session.ids))
+            session.features[key] = features
+            session.thumbnails[key] = _png_data_url(image[0])
+        return {"id": key, "thumbnail": session.thumbnails[key]}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return PAGE.read_text()
+
+    @app.get("/api/info")
+    def info() -> dict[str, Any]:
+        from featinv.training.shapes import CLASSES
+
+        names = list(CLASSES) if server.spec.model == "convnext_atto" and classes == len(CLASSES) else None
+        names = names or [f"class {k}" for k in range(classes)]
+        return {
+            "model": server.spec.describe(),
+            "classes": classes,
+            "class_names": names,
+            "seeds": seeds,
+            "steps": steps,
+        }
+
+    @app.post("/api/example/{index}")
+    def example(index: int) -> Any:
+        from featinv.demo import DEMO_SEED
+        from featinv.training.shapes import CLASSES, generate_shapes
+
+        if not 0 <= index < 100:
+            return error("example index must be in [0, 99]")
+        sample = generate_shapes(index + 1, DEMO_SEED + 7, size=size[0])
+        name = CLASSES[int(sample.labels[index])] if len(CLASSES) == classes else str(int(sample.labels[index]))
+        return {**remember(sample.images[index : index + 1]), "label": name}
+
+    @app.post("/api/upload")
+    async def upload(file: Annotated[UploadFile, File()]) -> Any:
+        data = await file.read(MAX_UPLOAD_BYTES + 1)
+        try:
+            return remember(decode_upload(data, size))
+        except FeatInvError as message:
+            return error(str(message))
+
+    @app.post("/api/reconstruct")
+    def reconstruct(query: ReconstructQuery) -> Any:
+        with session.lock:
+            features = session.features.get(query.id)
+            other = session.features.get(query.other) if query.other else None
+            stale = session.in_flight.get(query.client)
+        if features is None:
+            return error("unknown image: upload or pick one first", 404)
+        if not -5.0 <= query.strength <= 5.0 or not 0.0 <= query.mix <= 1.0:
+            return error("strength must be in [-5, 5] and mix in [0, 1]")
+        if not 0 <= query.concept < classes:
+            return error(f"concept must be a class in [0, {classes - 1}]")
+        if stale is not None:
+            stale.cancel()  # a newer slider value makes the request in flight stale
+        if other is not None and query.mix > 0:
+            features = lerp(features, other, query.mix)
+        if query.strength != 0:
+            features = steer(features, class_concept(server.reconstructor.extractor, query.concept), [query.strength])[
+                0
+            ]
+        request = server.submit(features=features.repeat(seeds, 1, 1, 1), seed=0)
+        with session.lock:
+            session.in_flight[query.client] = request
+        try:
+            images = request.result(timeout=120)
+        except RequestCancelled:
+            return error("superseded by a newer request", 409)
+        except FeatInvError as message:
+            return error(str(message))
+        with torch.no_grad():
+            probs = server.reconstructor.extractor.logits(images.to(server.reconstructor.device)).softmax(1).cpu()
+        return {
+            "images": [_png_data_url(image) for image in images],
+            "concept_probability": float(probs[:, query.concept].mean()),
+        }
+
+    app.state.server = server
+    return app
+
+
+def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000, device: str = "auto") -> None:
+    """Run the app with uvicorn (blocking)."""
+    import uvicorn
+
+    from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
+
+    model = FeatInvModel.from_pretrained(model_dir or PRETRAINED / SPATIAL_DIR)
+    uvicorn.run(create_app(model, device=device), host=host, port=port, log_level="warning")

@@ -1,0 +1,137 @@
+"""The web app in a real browser: headless Chromium (Debian's chromium + chromium-driver) drives the
+page served on 127.0.0.1: upload an image, wait for its reconstructions, move the steering slider
+and see them change within 2 seconds on the CPU, and get a message, not a crash, for bad uploads.
+A screenshot is kept in test-artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+webdriver = pytest.importorskip("selenium.webdriver")
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    import uvicorn
+
+    from featinv.models.featinv_model import FeatInvModel
+    from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
+    from featinv.web.app import create_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    app = create_app(FeatInvModel.from_pretrained(PRETRAINED / SPATIAL_DIR), device="cpu")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _wait(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _results(browser) -> list[str]:
+    return [img.get_attribute("src") or "" for img in browser.find_elements("css selector", "img.result")]
+
+
+def test_upload_reconstruct_steer_and_bad_uploads(app_url, browser, tmp_path):
+    from featinv.images import save_image
+    from featinv.training.shapes import generate_shapes
+
+    picture = tmp_path / "shape.png"
+    save_image(generate_shapes(1, 4242).images[0], picture)
+    browser.get(app_url)
+    _wait(lambda: browser.find_elements("css selector", "img.result"), 30, "the page to load")
+
+    browser.find_element("id", "upload").send_keys(str(picture))
+    first = _wait(
+        lambda: all(s.startswith("data:image/png") for s in _results(browser)) and _results(browser),
+        60,
+        "the first reconstructions",
+    )
+    assert len(first) == 3 and len(set(first)) == 3  # three seeds, three different pictures
+
+    updates = int(browser.find_element("tag name", "body").get_attribute("data-updates") or 0)
+    slider = browser.find_element("id", "strength")
+    moved_at = time.monotonic()
+    browser.execute_script(
+        "arguments[0].value = '1'; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", slider
+    )
+    _wait(
+        lambda: int(browser.find_element("tag name", "body").get_attribute("data-updates") or 0) > updates,
+        10,
+        "a reconstruction after the slider moved",
+    )
+    latency = time.monotonic() - moved_at
+    changed = _results(browser)
+    assert changed != first
+    assert latency < 2.0, f"the slider move took {latency:.2f} s to show"
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "webapp.png"))
+
+    bad_files = {
+        "notes.png": b"this is not an image",
+        "model.safetensors": (16).to_bytes(8, "little") + b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+    }
+    for name, data in bad_files.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        browser.find_element("id", "upload").send_keys(str(path))
+        message = _wait(lambda: browser.find_element("id", "message").text, 10, f"a message for {name}")
+        assert "image" in message
+    huge = tmp_path / "huge.png"
+    from PIL import Image
+
+    Image.new("RGB", (5000, 4000)).save(huge)
+    browser.find_element("id", "upload").send_keys(str(huge))
+    _wait(lambda: "pixels" in browser.find_element("id", "message").text, 20, "a message for the huge image")
+
+    # The server keeps serving: the mix slider with an example image still updates the pictures.
+    browser.find_element("id", "example-b").click()
+    updates = int(browser.find_element("tag name", "body").get_attribute("data-updates") or 0)
+    browser.execute_script(
+        "arguments[0].value = '0.5'; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));",
+        browser.find_element("id", "mix"),
+    )
+    _wait(
+        lambda: int(browser.find_element("tag name", "body").get_attribute("data-updates") or 0) > updates,
+        10,
+        "an update after the bad uploads",
+    )
+    assert browser.find_element("id", "message").text == ""
