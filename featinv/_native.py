@@ -15,6 +15,14 @@ from featinv.errors import FeatInvError
 IMPLEMENTATIONS = ("auto", "cpp", "python")
 
 
+def _chosen(impl: str | None) -> str:
+    """``impl``, or ``FEATINV_IMPL`` (default ``auto``), checked."""
+    impl = (impl or os.environ.get("FEATINV_IMPL") or "auto").lower()
+    if impl not in IMPLEMENTATIONS:
+        raise FeatInvError(f"FEATINV_IMPL must be one of {', '.join(IMPLEMENTATIONS)}, got {impl!r}")
+    return impl
+
+
 def _load_native() -> ModuleType | None:
     try:
         from featinv import _C
@@ -34,9 +42,7 @@ def schedule_tables(impl: str | None = None) -> ModuleType:
     Args:
         impl: ``cpp``, ``python`` or ``auto``; ``None`` reads ``FEATINV_IMPL`` (default ``auto``).
     """
-    impl = (impl or os.environ.get("FEATINV_IMPL") or "auto").lower()
-    if impl not in IMPLEMENTATIONS:
-        raise FeatInvError(f"FEATINV_IMPL must be one of {', '.join(IMPLEMENTATIONS)}, got {impl!r}")
+    impl = _chosen(impl)
     if impl != "python":
         native = _load_native()
         if native is not None:
@@ -68,9 +74,7 @@ def native_sampler_available() -> bool:
 
 def sampler_loop(impl: str | None = None):
     """The native ``sample_loop`` for the chosen implementation, or None for the Python loops."""
-    impl = (impl or os.environ.get("FEATINV_IMPL") or "auto").lower()
-    if impl not in IMPLEMENTATIONS:
-        raise FeatInvError(f"FEATINV_IMPL must be one of {', '.join(IMPLEMENTATIONS)}, got {impl!r}")
+    impl = _chosen(impl)
     if impl == "python":
         return None
     native = _load_sampler()

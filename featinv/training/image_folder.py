@@ -17,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 from featinv.errors import FeatInvError
+from featinv.training.train import draw_batch
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -54,10 +55,7 @@ class ImageFolderStream:
 
     def draw(self, key: int, batch_size: int, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """File indices (B,) and flip flags (B,) of batch ``key``."""
-        g = torch.Generator().manual_seed(self.seed * 7_919 + key)
-        index = torch.randint(0, len(self.files), (batch_size,), generator=g)
-        flips = torch.rand(batch_size, generator=g) < 0.5 if flip else torch.zeros(batch_size, dtype=torch.bool)
-        return index, flips
+        return draw_batch(self.seed, key, len(self.files), batch_size, flip)
 
     def _decode(self, index: int) -> Image.Image:
         path = self.files[index]

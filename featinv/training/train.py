@@ -20,6 +20,15 @@ from featinv.training.shapes import shapes_pool
 CONDITION_DROPOUT = 0.15
 
 
+def draw_batch(seed: int, key: int, pool_size: int, batch_size: int, flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (B,) into a pool and horizontal-flip flags (B,) of batch ``key``: a pure function of
+    (seed, key), shared by every training stream so that resumed runs draw the same batches."""
+    g = torch.Generator().manual_seed(seed * 7_919 + key)
+    index = torch.randint(0, pool_size, (batch_size,), generator=g)
+    flips = torch.rand(batch_size, generator=g) < 0.5 if flip else torch.zeros(batch_size, dtype=torch.bool)
+    return index, flips
+
+
 class ShapesStream:
     """Training batches drawn from a pre-generated pool of ``shapes`` images on ``device``.
 
@@ -36,9 +45,7 @@ class ShapesStream:
 
     def draw(self, key: int, batch_size: int, flip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Pool indices (B,) and flip flags (B,) of batch ``key``, on the pool's device."""
-        g = torch.Generator().manual_seed(self.seed * 7_919 + key)
-        index = torch.randint(0, len(self.images), (batch_size,), generator=g)
-        flips = torch.rand(batch_size, generator=g) < 0.5 if flip else torch.zeros(batch_size, dtype=torch.bool)
+        index, flips = draw_batch(self.seed, key, len(self.images), batch_size, flip)
         return index.to(self.images.device), flips.to(self.images.device)
 
     def take(self, index: torch.Tensor, flips: torch.Tensor, key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
