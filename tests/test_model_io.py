@@ -124,3 +124,14 @@ def test_model_refuses_a_classifier_of_another_spec(tiny_model):
     other = make_extractor("convnext", layer=2)
     with pytest.raises(FeatInvError, match="trained for resnet18 layer 'layer3'.*convnext_atto"):
         Reconstructor(tiny_model, extractor=other)
+
+
+def test_a_reloaded_model_saves_without_its_source_path(tmp_path, tiny_model):
+    from featinv.models import FeatInvModel
+
+    tiny_model.save_pretrained(tmp_path / "a")
+    FeatInvModel.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    for part in ("unet", "controlnet"):
+        assert "_name_or_path" not in (tmp_path / "b" / part / "config.json").read_text()
+    again = FeatInvModel.from_pretrained(tmp_path / "b")
+    assert again.controlnet.config.hint_channels == tiny_model.controlnet.config.hint_channels

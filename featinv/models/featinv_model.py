@@ -266,6 +266,7 @@ class FeatInvModel(nn.Module):
                 "has_classifier": self.classifier is not None,
             }
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            _drop_source_paths(staging)
             _replace_folder(staging, path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -324,6 +325,15 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     if config["format_version"] != FORMAT_VERSION:
         raise FeatInvError(f"{file} has format_version {config['format_version']}, expected {FORMAT_VERSION}")
     return config
+
+
+def _drop_source_paths(folder: Path) -> None:
+    """Remove diffusers' ``_name_or_path`` (where a part was loaded from, often a local path) from the
+    part configs: a saved model should not carry the machine's paths it happened to be read from."""
+    for config_path in folder.glob("*/config.json"):
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        if config.pop("_name_or_path", None) is not None:
+            config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _replace_folder(staging: Path, target: Path) -> None:
