@@ -46,7 +46,7 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": []}
     for batch in args.batches:
         features = torch.rand(batch, *model.feature_spec.shape, device="cuda")
-        denoise = reconstructor._denoiser_for(features, 1.75)
+        denoise = reconstructor.guided_denoiser(features, 1.75)
         x = torch.randn(batch, *model.latent_shape, device="cuda")
         with torch.no_grad():
             step_ms = timed(lambda denoise=denoise, x=x: denoise(x, 500), repeats=10)

@@ -158,7 +158,7 @@ class Reconstructor:
                     x = latents[start:stop].to(self.device, torch.float32)
                 else:
                     x = randn((stop - start, *self.model.latent_shape), batch_generators, device=self.device)
-                denoise = self._denoiser_for(features[start:stop], guidance_scale)
+                denoise = self.guided_denoiser(features[start:stop], guidance_scale)
 
                 def on_step(info: dict[str, Any], start: int = start, stop: int = stop) -> None:
                     bar.update(stop - start)
@@ -191,7 +191,7 @@ class Reconstructor:
             raise FeatInvError(f"guidance_scale must be in [0, 50], got {guidance_scale}")
         if sampler != "ddim" and eta != 0.0:
             raise FeatInvError(f"eta applies to the ddim sampler only, got eta={eta} with sampler={sampler!r}")
-        self.model.noise_schedule._check_steps(steps)
+        self.model.noise_schedule.check_steps(steps)
 
     @staticmethod
     def _generators(
@@ -210,8 +210,9 @@ class Reconstructor:
             raise FeatInvError(f"generator list has {len(generator)} entries, expected one per image ({n})")
         return generator
 
-    def _denoiser_for(self, features: torch.Tensor, guidance_scale: float):
-        """The (x, t) -> eps function for one batch: hint computed once, both branches in one batch."""
+    def guided_denoiser(self, features: torch.Tensor, guidance_scale: float):
+        """The (x, t) -> eps function for a batch of feature maps (B, C, h, w): the hint is computed
+        once, both guidance branches run as one batch. Public for engines and benchmarks."""
         b = features.shape[0]
         features = features.to(self.model.unet.dtype)
         context = self.model.context.expand(b, -1, -1)

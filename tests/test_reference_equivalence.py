@@ -100,7 +100,7 @@ def test_one_denoiser_step_is_bit_identical_to_the_recipe(setup):
     """Everything except the scheduler's float32 arithmetic agrees exactly: eps with guidance."""
     model, features, latents = setup
     reconstructor = Reconstructor(model)
-    denoise = reconstructor._denoiser_for(features, 1.75)
+    denoise = reconstructor.guided_denoiser(features, 1.75)
     controlnet, condition, context = recipe_parts(model, features)
     with torch.no_grad():
         expected = recipe_eps(model, controlnet, latents, torch.tensor(981), condition, context, 1.75)

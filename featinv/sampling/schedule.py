@@ -69,13 +69,14 @@ class NoiseSchedule:
         betas = tables.betas(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)
         return list(tables.alphas_cumprod(betas))
 
-    def _check_steps(self, num_steps: int) -> None:
+    def check_steps(self, num_steps: int) -> None:
+        """Raise ``FeatInvError`` unless ``num_steps`` is an integer in [1, num_train_timesteps]."""
         if not isinstance(num_steps, int) or not 1 <= num_steps <= self.num_train_timesteps:
             raise FeatInvError(f"steps must be an integer in [1, {self.num_train_timesteps}], got {num_steps!r}")
 
     def ddim(self, num_steps: int, eta: float = 0.0, impl: str | None = None) -> SamplerSchedule:
         """DDIM tables: ``(sqrt(1-a_t), sqrt(a_t), sqrt(a_prev), sqrt(1-a_prev-std^2), std)`` per step."""
-        self._check_steps(num_steps)
+        self.check_steps(num_steps)
         if not 0.0 <= float(eta) <= 1.0:
             raise FeatInvError(f"eta must be in [0, 1], got {eta}")
         tables = schedule_tables(impl)
@@ -95,7 +96,7 @@ class NoiseSchedule:
         ``timestep_spacing`` defaults to ``linspace``, the default of diffusers'
         ``DPMSolverMultistepScheduler``.
         """
-        self._check_steps(num_steps)
+        self.check_steps(num_steps)
         tables = schedule_tables(impl)
         alphas = self.alphas_cumprod(impl)
         steps = list(tables.dpmpp_timesteps(self.num_train_timesteps, num_steps, timestep_spacing, self.steps_offset))
