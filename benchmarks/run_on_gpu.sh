@@ -11,5 +11,6 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.t
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 python3 -c "import featinv._C; print('featinv._C built')" | tee -a "$OUT/gpu.txt"
+python3 -c "import torch, featinv._sampler; print('featinv._sampler built')" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | tail -15
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.txt"
