@@ -29,6 +29,7 @@ import torch
 
 from featinv.errors import FeatInvError
 from featinv.models.featinv_model import FeatInvModel
+from featinv.weights import file_sha256
 
 MANIFEST = "manifest.json"
 DENOISER_FILE, HINT_FILE = "denoiser.onnx", "hint_encoder.onnx"
@@ -71,14 +72,6 @@ def model_fingerprint(model: FeatInvModel) -> str:
     return digest.hexdigest()
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _example_inputs(model: FeatInvModel, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(batch, *model.feature_spec.shape, generator=generator).to(dtype)
@@ -112,9 +105,11 @@ def export_onnx(
     dtype: torch.dtype = torch.float32,
     opset: int = 17,
     check: bool = True,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """Export ``denoiser.onnx`` and ``hint_encoder.onnx`` into ``out`` (written atomically, with
     ``manifest.json``); run ``onnx.checker`` with ``full_check`` on both. Returns the manifest.
+    ``fingerprint``: :func:`model_fingerprint` of ``model`` when the caller has it already.
 
     Raises:
         FeatInvError: onnx is not installed, or a graph fails the checker.
@@ -156,7 +151,7 @@ def export_onnx(
             "version": 1,
             "opset": opset,
             "dtype": str(dtype).removeprefix("torch."),
-            "model_fingerprint": model_fingerprint(source),
+            "model_fingerprint": fingerprint or model_fingerprint(source),
             "feature_spec": model.feature_spec.to_dict(),
             "latent_shape": list(model.latent_shape),
             "context_shape": list(model.context.shape[1:]),

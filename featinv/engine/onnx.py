@@ -14,18 +14,20 @@ from featinv.errors import FeatInvError
 from featinv.models.featinv_model import FeatInvModel
 
 
-def default_engine_dir(model: FeatInvModel) -> Path:
+def default_engine_dir(fingerprint: str) -> Path:
     """``$FEATINV_CACHE`` (default ``~/.cache/featinv``) / onnx / <weights fingerprint>."""
     root = Path(os.environ.get("FEATINV_CACHE", Path.home() / ".cache" / "featinv"))
-    return root / "onnx" / model_fingerprint(model)[:20]
+    return root / "onnx" / fingerprint[:20]
 
 
 def ensure_export(model: FeatInvModel, engine_dir: str | Path | None = None) -> Path:
-    """A folder holding this model's ONNX export: reused when its fingerprint matches, else exported."""
-    folder = Path(engine_dir) if engine_dir is not None else default_engine_dir(model)
+    """A folder holding this model's ONNX export: reused when its fingerprint matches, else exported.
+    The fingerprint hashes every weight, so it is computed once here."""
+    fingerprint = model_fingerprint(model)
+    folder = Path(engine_dir) if engine_dir is not None else default_engine_dir(fingerprint)
     manifest = read_manifest(folder)
-    if manifest is None or manifest.get("model_fingerprint") != model_fingerprint(model):
-        export_onnx(model, folder)
+    if manifest is None or manifest.get("model_fingerprint") != fingerprint:
+        export_onnx(model, folder, fingerprint=fingerprint)
     return folder
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
-from featinv.engine.export import DENOISER_FILE, file_sha256
+from featinv.engine.export import DENOISER_FILE
 from featinv.errors import FeatInvError
+from featinv.weights import file_sha256
 
 INSTALL_HINT = "pip install tensorrt (needs an NVIDIA GPU with CUDA 12 or newer)"
 PRECISIONS = ("fp16", "fp32")

@@ -9,7 +9,6 @@ does not verify. Nothing is pickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from featinv.weights import file_sha256
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
@@ -36,14 +37,6 @@ class Checkpoint:
     path: Path | None = None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(root: str | Path, checkpoint: Checkpoint, *, keep: int = 2) -> Path:
     """Write ``checkpoint`` atomically under ``root``; keep the newest ``keep`` checkpoints."""
     root = Path(root)
@@ -55,7 +48,7 @@ def save_checkpoint(root: str | Path, checkpoint: Checkpoint, *, keep: int = 2) 
         for group, tensors in checkpoint.tensors.items():
             path = temp / f"{group}.safetensors"
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-            hashes[path.name] = _sha256(path)
+            hashes[path.name] = file_sha256(path)
         manifest = {"step": checkpoint.step, "state": checkpoint.state, "sha256": hashes}
         (temp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for path in temp.iterdir():  # on disk before the rename makes the checkpoint visible
@@ -96,7 +89,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     tensors = {}
     for name, expected in hashes.items():
         file = path / name
-        if not file.is_file() or _sha256(file) != expected:
+        if not file.is_file() or file_sha256(file) != expected:
             raise ValueError(f"checkpoint {path}: {name} is missing or does not match its sha256")
         tensors[name.removesuffix(".safetensors")] = load_file(str(file))
     return Checkpoint(int(manifest["step"]), tensors, manifest.get("state", {}), path)
