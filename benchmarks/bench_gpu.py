@@ -46,17 +46,7 @@ def diffusers_eager(model: FeatInvModel, features: torch.Tensor, latents: torch.
     """The diffusers way: condition embedded inside every ControlNet call, DDIMScheduler.step."""
     from diffusers import DDIMScheduler
 
-    schedule = model.noise_schedule
-    scheduler = DDIMScheduler(
-        num_train_timesteps=schedule.num_train_timesteps,
-        beta_start=schedule.beta_start,
-        beta_end=schedule.beta_end,
-        beta_schedule=schedule.beta_schedule,
-        clip_sample=False,
-        set_alpha_to_one=schedule.set_alpha_to_one,
-        steps_offset=schedule.steps_offset,
-        timestep_spacing=schedule.timestep_spacing,
-    )
+    scheduler = DDIMScheduler.from_config(model.noise_schedule.to_dict())  # our fields are diffusers' names
     scheduler.set_timesteps(steps)
     b = features.shape[0]
     dtype = model.unet.dtype
