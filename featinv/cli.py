@@ -454,7 +454,9 @@ def _load_mask(path: str | None, size: tuple[int, int]) -> torch.Tensor | None:
         raise FeatInvError(
             f"--mask must be {size[1]}x{size[0]} pixels like the images, got {grey.size[0]}x{grey.size[1]}"
         )
-    return torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).view(*size).float() / 255
+    from featinv.images import from_pil
+
+    return from_pil(grey)[0]
 
 
 def _floats(text: str, name: str) -> list[float]:

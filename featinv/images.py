@@ -26,9 +26,16 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.T
             image = image.convert("RGB")
             if size is not None and (image.height, image.width) != tuple(size):
                 image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-            array = np.asarray(image, dtype=np.float32) / 255.0
+            return from_pil(image)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise FeatInvError(f"{path} is not a readable image ({type(error).__name__})") from error
+
+
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """A PIL image -> (C, H, W) float32 in [0, 1]: 3 channels for RGB, 1 for greyscale (``L``)."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 

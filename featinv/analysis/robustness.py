@@ -12,7 +12,7 @@ from PIL import Image
 
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor, check_images
-from featinv.images import to_pil
+from featinv.images import from_pil, to_pil
 
 CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "jpeg", "contrast", "brightness", "pixelate")
 
@@ -72,8 +72,8 @@ def corrupt(images: torch.Tensor, name: str, severity: int = 3, seed: int = 0) -
         for image in images:
             buffer = io.BytesIO()
             to_pil(image).save(buffer, format="JPEG", quality=quality)
-            pixels = torch.frombuffer(bytearray(Image.open(buffer).convert("RGB").tobytes()), dtype=torch.uint8)
-            out.append(pixels.view(image.shape[1], image.shape[2], 3).permute(2, 0, 1).float() / 255)
+            with Image.open(buffer) as compressed:
+                out.append(from_pil(compressed.convert("RGB")))
         return torch.stack(out)
     if name == "contrast":
         mean = images.mean((1, 2, 3), keepdim=True)

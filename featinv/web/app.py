@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from featinv.analysis.compose import lerp
 from featinv.analysis.steering import class_concept, steer
 from featinv.errors import FeatInvError
+from featinv.images import from_pil, to_pil
 from featinv.models.featinv_model import FeatInvModel
 from featinv.serving import RealtimeReconstructor, RequestCancelled
 
@@ -33,8 +34,6 @@ PAGE = Path(__file__).with_name("index.html")
 
 
 def _png_data_url(image: torch.Tensor, scale: int = 4) -> str:
-    from featinv.images import to_pil
-
     pil = to_pil(image)
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
@@ -77,11 +76,9 @@ def decode_upload(data: bytes, size: tuple[int, int]) -> torch.Tensor:
                 raise FeatInvError(
                     f"the image is {image.width}x{image.height}; at most {MAX_PIXELS} pixels are accepted"
                 )
-            image = image.convert("RGB").resize(size[::-1], Image.BICUBIC)
+            return from_pil(image.convert("RGB").resize(size[::-1], Image.BICUBIC))[None]
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise FeatInvError(f"not an image this app can read ({type(error).__name__})") from error
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size[0], size[1], 3)
-    return pixels.permute(2, 0, 1).float()[None] / 255
 
 
 def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, seeds: int = 3):
