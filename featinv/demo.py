@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from featinv.analysis.metrics import centroid_distance, colour_masks, feature_cosine, mask_iou, topk_agreement
+from featinv.analysis.metrics import reconstruction_metrics
 from featinv.errors import FeatInvError
 from featinv.images import make_grid, save_image
 from featinv.models.featinv_model import FeatInvModel
@@ -35,21 +35,8 @@ def _per_image(
     reconstructor: Reconstructor, originals: torch.Tensor, masks: torch.Tensor, images: torch.Tensor
 ) -> torch.Tensor:
     """(N, 4) per-image metrics in METRICS order; averaged after the processes' shares are merged."""
-    extractor = reconstructor.extractor
-    device = reconstructor.device
-    with torch.no_grad():
-        # Features are always compared in the spatial map of the classifier.
-        f_orig = extractor._features(extractor.preprocess(originals.to(device)))
-        f_rec = extractor._features(extractor.preprocess(images.to(device)))
-        agree = topk_agreement(extractor.logits(originals.to(device)), extractor.logits(images.to(device)))
-    predicted = colour_masks(images, originals, masks)
-    columns = [
-        agree.float().cpu(),
-        feature_cosine(f_orig, f_rec).cpu(),
-        mask_iou(predicted, masks),
-        centroid_distance(predicted, masks),
-    ]
-    return torch.stack([c.float().flatten() for c in columns], dim=1)
+    values = reconstruction_metrics(reconstructor.extractor, originals, images, masks)
+    return torch.stack([values[name] for name in METRICS], dim=1)
 
 
 METRICS = ("top1_agreement", "feature_cosine", "mask_iou", "centroid_distance_px")

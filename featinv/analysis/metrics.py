@@ -3,8 +3,13 @@ location (mask IoU and centroid distance), PSNR and SSIM. FID lives in :mod:`fea
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from featinv.features import FeatureExtractor
 
 
 def feature_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -71,3 +76,35 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) 
     cov = blur(a * b) - mu_a * mu_b
     value = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return value.flatten(1).mean(1)
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    extractor: FeatureExtractor,
+    originals: torch.Tensor,
+    reconstructions: torch.Tensor,
+    masks: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-image metrics, each (B,) float on the CPU, of reconstructions (B, 3, H, W) against their
+    originals: feature cosine in the classifier's spatial map and after pooling, top-1 and top-5
+    agreement, PSNR, SSIM, and with object masks (B, 1, H, W) the colour-mask IoU and centroid
+    distance. Callers average them (after merging shares, in a multi-process run)."""
+    device = next(extractor.classifier.parameters()).device
+    originals, reconstructions = originals.cpu(), reconstructions.cpu()
+    # Features are always compared in the spatial map of the classifier, whatever the model's mode.
+    f_orig = extractor._features(extractor.preprocess(originals.to(device)))
+    f_rec = extractor._features(extractor.preprocess(reconstructions.to(device)))
+    logits_orig, logits_rec = extractor.logits(originals.to(device)), extractor.logits(reconstructions.to(device))
+    values = {
+        "feature_cosine": feature_cosine(f_orig, f_rec),
+        "pooled_feature_cosine": feature_cosine(f_orig.mean((2, 3), keepdim=True), f_rec.mean((2, 3), keepdim=True)),
+        "top1_agreement": topk_agreement(logits_orig, logits_rec),
+        "top5_agreement": topk_agreement(logits_orig, logits_rec, k=5),
+        "psnr_db": psnr(reconstructions, originals),
+        "ssim": ssim(reconstructions, originals),
+    }
+    if masks is not None:
+        predicted = colour_masks(reconstructions, originals, masks)
+        values["mask_iou"] = mask_iou(predicted, masks)
+        values["centroid_distance_px"] = centroid_distance(predicted, masks)
+    return {name: value.float().cpu().flatten() for name, value in values.items()}

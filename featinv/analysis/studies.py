@@ -12,15 +12,7 @@ import torch
 
 from featinv.analysis.compose import lerp, mix_by_mask, select_channels, slerp
 from featinv.analysis.fid import classifier_features, fid
-from featinv.analysis.metrics import (
-    centroid_distance,
-    colour_masks,
-    feature_cosine,
-    mask_iou,
-    psnr,
-    ssim,
-    topk_agreement,
-)
+from featinv.analysis.metrics import reconstruction_metrics
 from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
 from featinv.analysis.report import bar_plot, line_plot, write_report
 from featinv.analysis.robustness import corrupt, ood_inputs, pgd_attack
@@ -237,28 +229,16 @@ def evaluate_study(
         )
     methods["optimisation"] = make_inverter(spatial, "optimize", optimize=optimize, seed=seed)(spatial.features(images))
     embed = fid_features or classifier_features(extractor)
-    with torch.no_grad():
-        f_orig = extractor._features(extractor.preprocess(images.to(spatial.device)))
-        logits_orig = extractor.logits(images.to(spatial.device))
     table = {}
     for name, recon in methods.items():
-        with torch.no_grad():
-            f_rec = extractor._features(extractor.preprocess(recon.to(spatial.device)))
-            logits_rec = extractor.logits(recon.to(spatial.device))
-        pooled_cosine = feature_cosine(f_orig.mean((2, 3), keepdim=True), f_rec.mean((2, 3), keepdim=True))
-        row = {
-            "feature_cosine": float(feature_cosine(f_orig, f_rec).mean()),
-            "pooled_feature_cosine": float(pooled_cosine.mean()),
-            "top1_agreement": float(topk_agreement(logits_orig, logits_rec).float().mean()),
-            "top5_agreement": float(topk_agreement(logits_orig, logits_rec, k=5).float().mean()),
-            "fid_vs_real": fid(real, recon, embed),
-            "psnr_db": float(psnr(recon, images).mean()),
-            "ssim": float(ssim(recon, images).mean()),
+        means = {
+            key: float(value.mean()) for key, value in reconstruction_metrics(extractor, images, recon, masks).items()
         }
-        if masks is not None:
-            predicted = colour_masks(recon, images, masks)
-            row["mask_iou"] = float(mask_iou(predicted, masks).mean())
-            row["centroid_distance_px"] = float(centroid_distance(predicted, masks).mean())
+        agreement = {
+            key: means.pop(key)
+            for key in ("feature_cosine", "pooled_feature_cosine", "top1_agreement", "top5_agreement")
+        }
+        row = {**agreement, "fid_vs_real": fid(real, recon, embed), **means}  # the report's column order
         table[name] = row
     reference = {"fid_real_vs_originals": fid(real, images, embed)}
     out.mkdir(parents=True, exist_ok=True)
