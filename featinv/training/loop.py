@@ -167,7 +167,9 @@ class Trainer:
 
     def _should_stop(self, elapsed: float) -> bool:
         budget = self.config.time_budget_s
-        stop = budget is not None and elapsed > budget
+        if budget is None:  # no budget: no per-step collective either
+            return False
+        stop = elapsed > budget
         if self.accelerator.num_processes > 1:  # every process stops at the same step
             flag = torch.tensor([float(stop)], device=self.accelerator.device)
             stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
