@@ -36,22 +36,30 @@ def native_available() -> bool:
     return _load_native() is not None
 
 
+def _native_module(impl: str | None, load, name: str, compiler: str) -> ModuleType | None:
+    """The policy shared by every native module: None under ``python``; the module under ``auto``
+    if it was built (else None); the module under ``cpp``, or one clear error when it was not built."""
+    impl = _chosen(impl)
+    if impl == "python":
+        return None
+    module = load()
+    if module is None and impl == "cpp":
+        raise FeatInvError(
+            f"FEATINV_IMPL=cpp but the C++ extension featinv.{name} is not built; "
+            f"reinstall with {compiler} and CMake available, or set FEATINV_IMPL=python"
+        )
+    return module
+
+
 def schedule_tables(impl: str | None = None) -> ModuleType:
     """The module that computes schedule tables for the chosen implementation.
 
     Args:
         impl: ``cpp``, ``python`` or ``auto``; ``None`` reads ``FEATINV_IMPL`` (default ``auto``).
     """
-    impl = _chosen(impl)
-    if impl != "python":
-        native = _load_native()
-        if native is not None:
-            return native
-        if impl == "cpp":
-            raise FeatInvError(
-                "FEATINV_IMPL=cpp but the C++ extension featinv._C is not built; "
-                "reinstall with a C++ compiler and CMake available, or set FEATINV_IMPL=python"
-            )
+    native = _native_module(impl, _load_native, "_C", "a C++ compiler")
+    if native is not None:
+        return native
     from featinv.sampling import schedule_tables as python_tables
 
     return python_tables
@@ -74,13 +82,5 @@ def native_sampler_available() -> bool:
 
 def sampler_loop(impl: str | None = None):
     """The native ``sample_loop`` for the chosen implementation, or None for the Python loops."""
-    impl = _chosen(impl)
-    if impl == "python":
-        return None
-    native = _load_sampler()
-    if native is None and impl == "cpp":
-        raise FeatInvError(
-            "FEATINV_IMPL=cpp but the C++ sampler featinv._sampler is not built; "
-            "reinstall with a C++20 compiler and CMake available, or set FEATINV_IMPL=python"
-        )
+    native = _native_module(impl, _load_sampler, "_sampler", "a C++20 compiler")
     return None if native is None else native.sample_loop
