@@ -1,0 +1,154 @@
+"""``featinv train``, ``featinv features cache`` and ``featinv data shapes``: the CLI of
+:mod:`featinv.training` (see :mod:`featinv.cli` for the conventions every command follows)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from featinv.cli import Parser, add_model_args, load_model, required_extractor
+from featinv.errors import FeatInvError
+
+
+def _stream(data: str, size: int, *, pool: int, seed: int, augment: bool):
+    """The training stream for ``--data``: ``shapes`` (a seeded pool) or an ImageNet-layout folder."""
+    if data == "shapes":
+        from featinv.training.train import ShapesStream
+
+        if pool < 1:
+            raise FeatInvError(f"--pool must be >= 1, got {pool}")
+        return ShapesStream(pool_size=pool, seed=seed, device=torch.device("cpu"), size=size)
+    from featinv.training.image_folder import ImageFolderStream
+
+    return ImageFolderStream(data, size, seed=seed, augment=augment)
+
+
+def _model_and_extractor(args: argparse.Namespace, device: torch.device):
+    model = load_model(args).to(device)
+    extractor = required_extractor(model, args)
+    return model, extractor.to(device)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train the shapes-demo preset, or the ControlNet of a model folder on shapes or an image folder."""
+    from featinv.training.loop import TrainConfig
+
+    if (args.preset is None) == (args.model is None):
+        raise FeatInvError("give exactly one of --preset shapes-demo or --model DIR")
+    common = {"checkpoint_every": args.checkpoint_every, "grad_accum": args.grad_accum, "ema_decay": args.ema}
+    if args.preset is not None:
+        from featinv.training.demo_preset import train_shapes_demo
+
+        if args.preset != "shapes-demo":
+            raise FeatInvError(f"--preset must be shapes-demo, got {args.preset!r}")
+        train_shapes_demo(
+            args.out,
+            device=args.device,
+            scale=args.scale,
+            time_budget_s=args.time_budget,
+            resume=args.resume,
+            features_cache=args.features_cache,
+            **common,
+        )
+        return 0
+    from featinv.training.distributed import get_accelerator
+    from featinv.training.feature_cache import load_cache
+    from featinv.training.train import OnlineFeatures, loss_curve_png, train_controlnet
+
+    accelerator = get_accelerator(args.device)
+    model, extractor = _model_and_extractor(args, accelerator.device)
+    config = TrainConfig(
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, time_budget_s=args.time_budget, **common
+    )
+    stream = _stream(
+        args.data, model.image_size[0], pool=args.pool, seed=args.seed, augment=args.features_cache is None
+    )
+    features = (
+        OnlineFeatures(extractor) if args.features_cache is None else load_cache(args.features_cache, extractor, stream)
+    )
+    out = Path(args.out)
+    result = train_controlnet(
+        model,
+        features,
+        stream,
+        config,
+        seed=args.seed,
+        checkpoint_dir=out / "checkpoints",
+        log_path=out / "train_log.jsonl",
+        resume=args.resume,
+    )
+    if accelerator.is_main_process:
+        model.to("cpu").save_pretrained(out / "model")
+        loss_curve_png(out / "train_log.jsonl", out / "loss_curve.png")
+        state = "finished" if result.finished else f"stopped at step {result.steps_done} (--resume continues)"
+        print(f"{state}; wrote {out / 'model'}, train_log.jsonl and loss_curve.png")
+    return 0
+
+
+def cmd_features_cache(args: argparse.Namespace) -> int:
+    """Compute a training pool's feature maps once (unflipped and flipped) into a safetensors file."""
+    from featinv.pipeline import resolve_device
+    from featinv.training.feature_cache import build_cache
+
+    model, extractor = _model_and_extractor(args, resolve_device(args.device))
+    stream = _stream(args.data, model.image_size[0], pool=args.pool, seed=args.seed, augment=False)
+    path = build_cache(extractor, stream, args.out, batch_size=args.batch_size, dtype=args.dtype)
+    print(f"wrote the features of {len(stream)} images ({extractor.spec.describe()}, x2 flips) to {path}")
+    return 0
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    """Write a shapes dataset in ImageNet layout: images/<class>/NNNNN.png and masks/<class>/NNNNN.png."""
+    from featinv.training.shapes import write_shapes
+
+    write_shapes(args.out, n=args.n, seed=args.seed, size=args.size)
+    print(f"wrote {args.n} shapes images and masks ({args.size} px, seed {args.seed}) to {args.out}")
+    return 0
+
+
+def add_training_commands(commands) -> None:
+    """Register the training commands on the ``featinv`` sub-parsers."""
+    train = commands.add_parser("train", help="train the shapes-demo preset, or a model's ControlNet on data")
+    train.add_argument("--preset", help="shapes-demo: the built-in default's classifier, base and ControlNets")
+    train.add_argument("--model", help="a model folder (from 'featinv create'): train its ControlNet, base frozen")
+    train.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
+    train.add_argument("--data", default="shapes", help="with --model: shapes, or an ImageNet-layout folder")
+    train.add_argument("--out", required=True, help="output folder (models, checkpoints/, train_log.jsonl)")
+    train.add_argument("--device", default="cpu", help="cpu or cuda (accelerate picks the rank's GPU)")
+    train.add_argument("--scale", type=float, default=1.0, help="with --preset: multiply the step counts")
+    train.add_argument("--steps", type=int, default=5000, help="with --model: optimizer steps")
+    train.add_argument("--batch-size", type=int, default=64, help="with --model: global batch per micro-step")
+    train.add_argument("--lr", type=float, default=5e-4, help="with --model: peak learning rate")
+    train.add_argument("--pool", type=int, default=50_000, help="with --data shapes: images in the training pool")
+    train.add_argument("--seed", type=int, default=1)
+    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    train.add_argument("--ema", type=float, help="EMA decay of the trained weights, e.g. 0.999 (default: off)")
+    train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: at stops)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    train.add_argument("--features-cache", help="a cache from 'featinv features cache' instead of online features")
+    train.add_argument("--time-budget", type=float, help="seconds; stops early past it (checkpointed)")
+    train.set_defaults(func=cmd_train)
+
+    features = commands.add_parser("features", help="feature-map utilities")
+    features_commands = features.add_subparsers(dest="features_command", required=True, parser_class=Parser)
+    cache = features_commands.add_parser("cache", help="compute a training pool's feature maps once")
+    add_model_args(cache)
+    cache.add_argument("--data", default="shapes", help="shapes, or an ImageNet-layout folder")
+    cache.add_argument("--pool", type=int, default=50_000, help="with --data shapes: images in the pool")
+    cache.add_argument("--seed", type=int, default=1, help="the pool's seed (as given to 'featinv train')")
+    cache.add_argument("--out", required=True, help="output .safetensors file")
+    cache.add_argument("--batch-size", type=int, default=256)
+    cache.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    cache.add_argument("--device", default="auto")
+    cache.set_defaults(func=cmd_features_cache)
+
+    data = commands.add_parser("data", help="write datasets to disk")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    shapes = data_commands.add_parser("shapes", help="the procedural shapes dataset, ImageNet layout, with masks")
+    shapes.add_argument("--out", required=True)
+    shapes.add_argument("--n", type=int, default=1000)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--size", type=int, default=32)
+    shapes.set_defaults(func=cmd_data_shapes)
