@@ -334,7 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("--opt-steps", type=int, default=300, help="with --method optimize: gradient steps")
     rec.add_argument(
-        "--backend", choices=["eager", "compiled", "onnx", "tensorrt"], default="eager", help="denoiser backend"
+        "--backend",
+        choices=["eager", "compiled", "fast", "onnx", "tensorrt"],
+        default="eager",
+        help="denoiser backend (fast: CUDA only)",
     )
     rec.add_argument("--engine-dir", help="ONNX export / TensorRT engine cache (default: under ~/.cache/featinv)")
     rec.set_defaults(func=cmd_reconstruct)

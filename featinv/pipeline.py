@@ -58,7 +58,8 @@ class Reconstructor:
             stored classifier. Its (model, layer) must be the one the FeatInv model was trained for.
         device: ``cpu``, ``cuda`` or ``auto``.
         dtype: the denoiser's dtype (float32, float16 or bfloat16); samples stay float32.
-        backend: the engine backend: ``eager`` (the reference), ``onnx`` or ``tensorrt``.
+        backend: the engine backend: ``eager`` (the reference), ``compiled``, ``fast`` (CUDA: the
+            whole guided loop in captured graphs, ``featinv.engine.fast``), ``onnx`` or ``tensorrt``.
         engine_dir: the ONNX export / TensorRT engine cache of the ``onnx`` and ``tensorrt``
             backends (exported there on first use; default under ``~/.cache/featinv``).
     """
@@ -85,6 +86,11 @@ class Reconstructor:
         self.model = model.to(self.device, dtype).eval()
         self.extractor = extractor.to(self.device, torch.float32).eval() if extractor is not None else None
         self.denoiser = make_denoiser(self.model, backend, engine_dir=engine_dir)
+        self.fast = None
+        if backend == "fast":
+            from featinv.engine.fast import FastPath
+
+            self.fast = FastPath(self.model)
 
     @property
     def spec(self):
@@ -158,14 +164,19 @@ class Reconstructor:
                     x = latents[start:stop].to(self.device, torch.float32)
                 else:
                     x = randn((stop - start, *self.model.latent_shape), batch_generators, device=self.device)
-                denoise = self.guided_denoiser(features[start:stop], guidance_scale)
 
                 def on_step(info: dict[str, Any], start: int = start, stop: int = stop) -> None:
                     bar.update(stop - start)
                     if callback is not None:
                         callback({**info, "batch": start // batch_size})
 
-                x = sample_fn(denoise, x, schedule, generator=batch_generators, callback=on_step)
+                if self.fast is not None and guidance_scale > 1.0 and eta == 0.0:
+                    hook = on_step if callback is not None else None
+                    x = self.fast.sample(features[start:stop], x, schedule, guidance_scale, callback=hook)
+                    bar.update(0 if hook else (stop - start) * steps)
+                else:
+                    denoise = self.guided_denoiser(features[start:stop], guidance_scale)
+                    x = sample_fn(denoise, x, schedule, generator=batch_generators, callback=on_step)
                 outputs.append(x)
         finally:
             bar.close()

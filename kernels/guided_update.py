@@ -117,17 +117,20 @@ def guided_update_(
     out_x0: torch.Tensor | None = None,
     *,
     block: int = 1024,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Update ``x`` (B, ...) float32 in place; return this step's data prediction x0 (``out_x0`` if
-    given). ``step`` is a device int tensor (0-d or (1,)); ``table`` a (steps, 5) float64 tensor on
-    ``x``'s device. Falls back to the reference where Triton cannot run."""
+    given, which must not alias ``x0_prev``). ``step`` is a device int tensor (0-d or (1,));
+    ``table`` a (steps, 5) float64 tensor on ``x``'s device. Falls back to the reference where
+    Triton cannot run. ``validate=False`` skips the check that reads the table on the host (needed
+    inside CUDA graph capture; DPM++ callers then pass a zero ``x0_prev`` for the first step)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     if x.dtype != torch.float32:
         raise ValueError(f"x must be float32 (the latents stay fp32), got {x.dtype}")
     if eps_pair.shape[0] != 2 * x.shape[0] or eps_pair.shape[1:] != x.shape[1:]:
         raise ValueError(f"eps_pair must be (2B, ...) for x (B, ...), got {tuple(eps_pair.shape)} and {tuple(x.shape)}")
-    needs_prev = sampler == "dpmpp_2m" and float(table[int(step)][4]) != 0.0
+    needs_prev = validate and sampler == "dpmpp_2m" and float(table[int(step)][4]) != 0.0
     if needs_prev and x0_prev is None:
         raise ValueError("this DPM-Solver++ step needs the previous data prediction x0_prev")
     out_x0 = out_x0 if out_x0 is not None else torch.empty_like(x)

@@ -1,6 +1,8 @@
 """Denoiser backends behind one interface (``Denoiser``): ``eager`` is the reference; ``compiled``
-runs it through torch.compile; ``onnx`` runs
-the exported graph in onnxruntime; ``tensorrt`` builds (and caches) a TensorRT engine from it."""
+runs it through torch.compile; ``onnx`` runs the exported graph in onnxruntime; ``tensorrt``
+builds (and caches) a TensorRT engine from it. ``fast`` (CUDA only) replaces the whole guided
+sampler loop (``featinv.engine.fast``); its per-step denoiser, used where that loop does not apply
+(no guidance, DDIM with eta > 0), is the eager one."""
 
 from __future__ import annotations
 
@@ -10,13 +12,18 @@ from featinv.engine.base import Denoiser
 from featinv.engine.eager import EagerDenoiser
 from featinv.errors import FeatInvError
 
-BACKENDS = ("eager", "compiled", "onnx", "tensorrt")
+BACKENDS = ("eager", "compiled", "fast", "onnx", "tensorrt")
 
 
 def make_denoiser(model, backend: str = "eager", *, engine_dir: str | Path | None = None) -> Denoiser:
     """The denoiser of ``model`` on the named backend. ``engine_dir``: where the ONNX export (and
     the TensorRT engine cache) live; default ``~/.cache/featinv/onnx/<weights fingerprint>``."""
     if backend == "eager":
+        return EagerDenoiser(model)
+    if backend == "fast":
+        from featinv.engine.fast import require_cuda
+
+        require_cuda(model.context.device)
         return EagerDenoiser(model)
     if backend == "compiled":
         from featinv.engine.compiled import CompiledDenoiser
