@@ -1,22 +1,33 @@
 """GPU benchmark: the miniSD-scale FeatInv model (SD1.x UNet + FeatInv ControlNet, 32x32 latents,
 random weights: speed does not depend on weight values), fp16, DDIM with guidance 1.75.
 
-Side by side in one run, for each batch size: diffusers eager (the ControlNet embeds its condition
-every step and DDIMScheduler.step updates the latents, as diffusers' ControlNet pipelines do),
-featinv eager (hint once per sample, both guidance branches in one batch), and torch.compile
-mode=reduce-overhead (featinv's ``compiled`` backend). Per-step time, whole-reconstruction time,
-ratios against diffusers eager and against reduce-overhead, the fraction of a given bf16 peak (FLOPs
-counted by torch's FlopCounterMode on one step), and the max abs difference of the final latents
-against featinv eager for the same seed. Prints a table, writes JSON (``--out``).
+Side by side in one run, for each batch size:
 
-    python benchmarks/bench_gpu.py --out results.json                         # on a GPU
-    python benchmarks/bench_gpu.py --preset tiny --device cpu --no-compile    # a smoke run anywhere
+* diffusers eager: the ControlNet embeds its condition every step and DDIMScheduler.step updates
+  the latents, as diffusers' ControlNet pipelines do;
+* featinv eager: hint once per sample, both guidance branches in one batch;
+* torch.compile mode=reduce-overhead: featinv's ``compiled`` backend;
+* featinv fast: ``featinv.engine.fast`` (compiled pieces, ControlNet concurrent with the UNet
+  encoder on two streams, fused guidance + update, one CUDA graph per step replayed from C++),
+  and two ablations of it (one stream; eager pieces in the graph).
+
+Per-step time, whole-reconstruction time (``Reconstructor.reconstruct``: hint, 50 steps, VAE
+decode), ratios, the fraction of a given bf16 peak (FLOPs counted by torch's FlopCounterMode on one
+guided step) and the max abs difference of the final latents against featinv eager for the same
+seed. Every backend is compiled and captured first, then timed (``--wait-pid``: timing starts only
+after that process ends, so a job sharing the GPU during compilation does not disturb the timings).
+A last table times the Triton kernels against eager PyTorch and torch.compile of the same math.
+Prints tables, writes JSON (``--out``) after every section.
+
+    python benchmarks/bench_gpu.py --out results.json                                   # on a GPU
+    python benchmarks/bench_gpu.py --preset tiny --device cpu --no-compile --no-fast    # a smoke run
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Callable
 
@@ -28,18 +39,19 @@ from featinv import FeatInvModel, FeatureExtractor, Reconstructor
 GUIDANCE = 1.75
 
 
-def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in milliseconds (synchronised on CUDA), after one warm-up call."""
+def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
+    """(median wall time of ``fn`` in milliseconds, synchronised on CUDA, after one warm-up call;
+    the last call's result)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
+    result = fn()
     times = []
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        fn()
+        result = fn()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], result
 
 
 def diffusers_eager(model: FeatInvModel, features: torch.Tensor, latents: torch.Tensor, steps: int) -> torch.Tensor:
@@ -63,6 +75,101 @@ def diffusers_eager(model: FeatInvModel, features: torch.Tensor, latents: torch.
     return x
 
 
+def build_model(preset: str) -> FeatInvModel:
+    if preset == "minisd":
+        # resnet50 at 256 px gives a 2048x8x8 map; the hint shape only affects the once-per-sample encoder.
+        extractor = FeatureExtractor("resnet50", input_size=(3, 256, 256))
+        return FeatInvModel.from_preset("minisd", extractor, store_classifier=False)
+    extractor = FeatureExtractor("resnet18", "layer3", model_kwargs={"num_classes": 10}, input_size=(3, 32, 32))
+    return FeatInvModel.from_preset(
+        "tiny",
+        extractor,
+        store_classifier=False,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        image_size=16,
+        hint_channels=16,
+    )
+
+
+def fast_step_fn(reconstructor: Reconstructor, features: torch.Tensor, latents: torch.Tensor, steps: int):
+    """One replay of the captured step (its step index reset first, so it never runs off the table)."""
+    schedule = reconstructor.model.noise_schedule.ddim(steps)
+    graph = reconstructor.fast.step_graph(len(latents), schedule, GUIDANCE)
+    graph._reset(reconstructor.fast.hint_pair(features), latents)
+
+    def step() -> None:
+        graph.step.zero_()
+        if graph.graph is not None:
+            graph.graph.replay()
+        else:
+            graph._step()
+
+    return step
+
+
+def kernel_rows(device: torch.device) -> list[dict]:
+    """The Triton kernels against eager PyTorch and torch.compile of the same math (CUDA events)."""
+    from featinv.kernels.guided_update import guided_update_, guided_update_reference
+    from featinv.kernels.inject import inject_concat
+
+    def per_call_us(fn: Callable[[], object], n: int = 300) -> float:
+        for _ in range(10):
+            fn()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) * 1e3 / n
+
+    rows = []
+    schedule = torch.tensor(
+        build_model("tiny").noise_schedule.ddim(50).coefficients, dtype=torch.float64, device=device
+    )
+    step = torch.tensor([10], device=device)
+    for batch in (1, 16):
+        x = torch.randn(batch, 4, 32, 32, device=device)
+        eps = torch.randn(2 * batch, 4, 32, 32, device=device, dtype=torch.float16)
+        out = torch.empty_like(x)
+
+        def reference(eps=eps, x=x):
+            return guided_update_reference(eps, x, None, schedule, 10, GUIDANCE, "ddim")
+
+        compiled = torch.compile(reference)
+        rows.append(
+            {
+                "kernel": f"guidance + DDIM update, {batch} images",
+                "triton_us": per_call_us(
+                    lambda eps=eps, x=x, out=out: guided_update_(eps, x, None, schedule, step, GUIDANCE, "ddim", out)
+                ),
+                "eager_us": per_call_us(reference),
+                "compiled_us": per_call_us(compiled),
+            }
+        )
+    for batch in (2, 32):
+        h = torch.randn(batch, 640, 16, 16, device=device, dtype=torch.float16)
+        skip = torch.randn(batch, 320, 16, 16, device=device, dtype=torch.float16)
+        res = torch.randn_like(skip)
+
+        def reference(h=h, skip=skip, res=res):
+            return torch.cat([h, skip + res], dim=1)
+
+        compiled = torch.compile(reference)
+        rows.append(
+            {
+                "kernel": f"injection into the up-block concat, batch {batch}, (640+320)x16x16",
+                "triton_us": per_call_us(lambda h=h, skip=skip, res=res: inject_concat(h, skip, res)),
+                "eager_us": per_call_us(reference),
+                "compiled_us": per_call_us(compiled),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_gpu.json")
@@ -70,34 +177,43 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (it takes minutes)")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows (they take minutes)")
+    parser.add_argument("--no-fast", action="store_true", help="skip the fast path (it needs CUDA)")
+    parser.add_argument(
+        "--compiled-batches", type=int, nargs="*", help="batch sizes for torch.compile rows (default: all)"
+    )
+    parser.add_argument(
+        "--wait-pid", type=int, nargs="+", default=[], help="after compiling, wait for these processes to end"
+    )
+    parser.add_argument("--wait-max", type=float, default=300.0, help="seconds to wait for --wait-pid at most")
     parser.add_argument("--peak-tflops", type=float, default=774.0, help="measured bf16 matmul peak (H200: 774)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_gpu.py: no CUDA GPU here; use --device cpu --preset tiny for a smoke run")
+    if device.type != "cuda":
+        args.no_fast = True
+    if args.compiled_batches is None:
+        args.compiled_batches = args.batches
+    torch.backends.cudnn.benchmark = True  # for every row alike
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    if args.preset == "minisd":
-        # resnet50 at 256 px gives a 2048x8x8 map; the hint shape only affects the once-per-sample encoder.
-        extractor = FeatureExtractor("resnet50", input_size=(3, 256, 256))
-        model = FeatInvModel.from_preset("minisd", extractor, store_classifier=False)
-    else:
-        extractor = FeatureExtractor("resnet18", "layer3", model_kwargs={"num_classes": 10}, input_size=(3, 32, 32))
-        model = FeatInvModel.from_preset(
-            "tiny",
-            extractor,
-            store_classifier=False,
-            block_out_channels=(8, 16),
-            norm_num_groups=4,
-            cross_attention_dim=16,
-            attention_head_dim=4,
-            image_size=16,
-            hint_channels=16,
-        )
+    t0 = time.perf_counter()
+    model = build_model(args.preset)
     backends = {"featinv eager": Reconstructor(model, device=device, dtype=dtype)}
     if not args.no_compile:
         compiled = Reconstructor(model, device=device, dtype=dtype, backend="compiled")
         backends[f"torch.compile {compiled.denoiser.mode}"] = compiled  # reduce-overhead on CUDA
+    if not args.no_fast:
+        fast = Reconstructor(model, device=device, dtype=dtype, backend="fast")
+        backends["featinv fast"] = fast
+        one_stream = Reconstructor(model, device=device, dtype=dtype)
+        one_stream.fast = fast.fast.with_options(streams=False)
+        backends["featinv fast, one stream"] = one_stream
+        from featinv.engine.fast import FastPath
+
+        eager_pieces = Reconstructor(model, device=device, dtype=dtype)
+        eager_pieces.fast = FastPath(eager_pieces.model, compile_mode=None)
+        backends["featinv fast, eager pieces"] = eager_pieces
     eager = backends["featinv eager"]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     results = {
@@ -107,64 +223,121 @@ def main() -> None:
         "dtype": str(dtype),
         "steps": args.steps,
         "guidance": GUIDANCE,
+        "model_build_s": time.perf_counter() - t0,
+        "compile_s": {},
         "rows": [],
     }
+
+    def save() -> None:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+    inputs = {}
     for batch in args.batches:
         generator = torch.Generator().manual_seed(batch)
         features = torch.rand(batch, *model.feature_spec.shape, generator=generator).to(device)
         latents = torch.randn(batch, *model.latent_shape, generator=generator).to(device)
+        inputs[batch] = (features, latents)
+
+    def whole(reconstructor: Reconstructor, batch: int) -> torch.Tensor:
+        features, latents = inputs[batch]
+        return reconstructor.reconstruct(
+            features=features, latents=latents, steps=args.steps, batch_size=batch, progress=False
+        ).samples
+
+    if args.wait_pid:  # another job sharing the GPU (a training run): let it finish first
+        waited = time.perf_counter()
+        while any(os.path.exists(f"/proc/{pid}") for pid in args.wait_pid):
+            if time.perf_counter() - waited > args.wait_max:
+                results["wait_gave_up"] = True
+                break
+            time.sleep(1.0)
+        results["waited_for_pid_s"] = time.perf_counter() - waited
+
+    def print_row(row: dict) -> None:
+        print(
+            f"{row['backend']:<28} images={row['images']:<3} step {row['step_ms']:8.2f} ms  {args.steps} steps "
+            f"{row['reconstruction_ms']:9.1f} ms  x{row.get('speedup_vs_diffusers_eager', float('nan')):.2f} vs "
+            f"diffusers  x{row.get('step_speedup_vs_reduce_overhead', float('nan')):.2f} step vs reduce-overhead  "
+            f"peak {100 * row['fraction_of_peak']:.1f}%  diff {row['max_abs_diff_vs_featinv_eager']:.2e}",
+            flush=True,
+        )
+
+    # Batch by batch, backend by backend: warm up (compile, capture), then time at once; each row is
+    # saved as soon as it is measured. torch.compile's CUDA graph trees come last.
+    for batch in args.batches:
+        features, latents = inputs[batch]
         denoise = eager.guided_denoiser(features, GUIDANCE)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             denoise(latents, 500)
         step_flops = counter.get_total_flops()
-        reference = eager.reconstruct(
-            features=features, latents=latents, steps=args.steps, batch_size=batch, progress=False
-        ).samples
-        runs: dict[str, tuple[Callable[[], object], Callable[[], torch.Tensor]]] = {
-            "diffusers eager": (
-                lambda f=features, x=latents: diffusers_eager(eager.model, f, x, 1),
-                lambda f=features, x=latents: diffusers_eager(eager.model, f, x, args.steps),
-            )
-        }
-        for name, reconstructor in backends.items():
-            step_fn = reconstructor.guided_denoiser(features, GUIDANCE)
-            runs[name] = (
-                lambda s=step_fn, x=latents: s(x, 500),
-                lambda r=reconstructor, f=features, x=latents, b=batch: (
-                    r.reconstruct(features=f, latents=x, steps=args.steps, batch_size=b, progress=False).samples
-                ),
-            )
-        rows = []
-        for name, (one_step, whole) in runs.items():
-            with torch.no_grad():
-                step_ms = timed(one_step, 10, device)
-                whole_ms = timed(whole, 3, device)
-                final = whole().to(reference.device)
-            rows.append(
-                {
-                    "backend": name,
-                    "images": batch,
-                    "step_ms": step_ms,
-                    "reconstruction_ms": whole_ms,
-                    "fraction_of_peak": step_flops / (step_ms * 1e-3) / (args.peak_tflops * 1e12),
-                    "max_abs_diff_vs_featinv_eager": float((final.float().cpu() - reference.float().cpu()).abs().max()),
-                }
-            )
-        base = next(r for r in rows if r["backend"] == "diffusers eager")
-        compiled = next((r for r in rows if r["backend"].startswith("torch.compile")), None)
-        for row in rows:
-            row["speedup_vs_diffusers_eager"] = base["reconstruction_ms"] / row["reconstruction_ms"]
-            if compiled is not None:
-                row["step_speedup_vs_reduce_overhead"] = compiled["step_ms"] / row["step_ms"]
-            results["rows"].append(row)
-            print(
-                f"{row['backend']:<30} images={batch:<3} step {row['step_ms']:8.2f} ms  {args.steps} steps "
-                f"{row['reconstruction_ms']:9.1f} ms  x{row['speedup_vs_diffusers_eager']:.2f} vs diffusers  "
-                f"peak {100 * row['fraction_of_peak']:.1f}%  diff {row['max_abs_diff_vs_featinv_eager']:.2e}"
-            )
         results.setdefault("flops_per_step", {})[str(batch)] = step_flops
-    with open(args.out, "w") as handle:
-        json.dump(results, handle, indent=2)
+        with torch.no_grad():
+            reference = whole(eager, batch).float().cpu()
+        order = ["diffusers eager", *(n for n in backends if not n.startswith("torch.compile"))]
+        order += [n for n in backends if n.startswith("torch.compile") and batch in args.compiled_batches]
+        rows = []
+        for name in order:
+            if name == "diffusers eager":
+                one_step = lambda f=features, x=latents: diffusers_eager(eager.model, f, x, 1)  # noqa: E731
+                whole_run = lambda f=features, x=latents: diffusers_eager(eager.model, f, x, args.steps)  # noqa: E731
+            else:
+                reconstructor = backends[name]
+                begin = time.perf_counter()
+                with torch.no_grad():
+                    whole(reconstructor, batch)  # compile and capture
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                results["compile_s"][f"{name}, {batch}"] = time.perf_counter() - begin
+                if reconstructor.fast is not None:
+                    one_step = fast_step_fn(reconstructor, features, latents, args.steps)
+                else:
+                    guided = reconstructor.guided_denoiser(features, GUIDANCE)
+                    one_step = lambda s=guided, x=latents: s(x, 500)  # noqa: E731
+                whole_run = lambda r=reconstructor, b=batch: whole(r, b)  # noqa: E731
+            with torch.no_grad():
+                step_ms, _ = timed(one_step, 20, device)
+                whole_ms, final = timed(whole_run, 3, device)
+                final = final.float().cpu()
+            row = {
+                "backend": name,
+                "images": batch,
+                "step_ms": step_ms,
+                "reconstruction_ms": whole_ms,
+                "fraction_of_peak": step_flops / (step_ms * 1e-3) / (args.peak_tflops * 1e12),
+                "max_abs_diff_vs_featinv_eager": float((final - reference).abs().max()),
+                "max_abs_latent": float(reference.abs().max()),
+            }
+            row["speedup_vs_diffusers_eager"] = (rows[0] if rows else row)["reconstruction_ms"] / whole_ms
+            rows.append(row)
+            results["rows"].append(row)
+            print_row(row)
+            save()
+        compiled_row = next((r for r in rows if r["backend"].startswith("torch.compile")), None)
+        for row in rows:
+            if compiled_row is not None:
+                row["step_speedup_vs_reduce_overhead"] = compiled_row["step_ms"] / row["step_ms"]
+                row["reconstruction_speedup_vs_reduce_overhead"] = (
+                    compiled_row["reconstruction_ms"] / row["reconstruction_ms"]
+                )
+        save()
+    print("summary:")
+    for row in results["rows"]:
+        print_row(row)
+
+    # 3. the kernels on their own.
+    if device.type == "cuda":
+        try:
+            results["kernels"] = kernel_rows(device)
+        except Exception as error:  # report, keep the rest
+            results["kernels_error"] = repr(error)
+        for row in results.get("kernels", []):
+            print(
+                f"{row['kernel']:<62} triton {row['triton_us']:7.1f} us  eager {row['eager_us']:7.1f} us  "
+                f"torch.compile {row['compiled_us']:7.1f} us",
+                flush=True,
+            )
+        save()
     print(f"device: {device_name}; wrote {args.out}")
 
 

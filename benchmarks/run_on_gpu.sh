@@ -1,16 +1,44 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (Python 3.12, torch 2.11, no diffusers): install the carried
-# wheels (.whl/: diffusers, importlib_metadata), build featinv with its C++ extension, run the
-# test suite there, then the GPU benchmark. Results go to $OUT (or ./gpu-out).
+# wheels (.whl/: diffusers, importlib_metadata), build featinv with its C++ extensions, run the GPU
+# tests (fast path, Triton kernels, sampler loops), then the GPU benchmark. With FINETUNE=1 the
+# shipped demo's spatial ControlNet is fine-tuned on the GPU at the same time (it needs the GPU
+# little while the benchmark compiles; the benchmark waits for it before timing anything).
+# Results go to $OUT (or ./gpu-out): run.log, bench_gpu.json, and the fine-tune's outputs.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TQDM_DISABLE=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export PATH=/opt/gcc/bin:$PATH
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+exec > >(tee -a "$OUT/run.log") 2>&1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site || exit 1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__)" | tee -a "$OUT/gpu.txt"
+  && export PYTHONPATH=$PWD:/tmp/site || exit 1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, 'triton', triton.__version__)"
+FT_PID=
+if [ "${FINETUNE:-0}" = 1 ]; then
+  stamp "fine-tune started"
+  python3 -c "import sys; from featinv.cli import main; sys.exit(main(sys.argv[1:]))" train \
+    --model featinv/pretrained/shapes-demo --data shapes --pool 50000 --seed 4 --steps "${FT_STEPS:-2500}" \
+    --batch-size 256 --lr 2e-4 --ema 0.999 --checkpoint-every 1000 --time-budget "${FT_BUDGET:-260}" \
+    --device cuda --out /tmp/ft > /tmp/ft.log 2>&1 &
+  FT_PID=$!
+  (while kill -0 "$FT_PID" 2>/dev/null; do sleep 2; done; stamp "fine-tune ended"; tail -c 1200 /tmp/ft.log
+   mkdir -p "$OUT/ft" && cp /tmp/ft/model/controlnet/* "$OUT/ft/" && cp /tmp/ft/train_log.jsonl "$OUT/ft_train_log.jsonl") &
+  WATCH_PID=$!
+fi
+stamp "build"
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
-python3 -c "import featinv._C; print('featinv._C built')" | tee -a "$OUT/gpu.txt"
-python3 -c "import torch, featinv._sampler; print('featinv._sampler built')" | tee -a "$OUT/gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | tail -15
-timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.txt"
+python3 -c "import featinv._C, featinv._sampler; print('featinv._C and featinv._sampler built')"
+python3 -c "from featinv.engine.graph_loop import native_graph_loop; print('graph loop', native_graph_loop('cpp'))"
+stamp "GPU tests (in the background, while the benchmark compiles)"
+(timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_kernels.py \
+  > /tmp/pytest.log 2>&1; stamp "GPU tests ended"; tail -25 /tmp/pytest.log) &
+TEST_PID=$!
+stamp "benchmark"
+timeout "${BENCH_TIMEOUT:-460}" python3 benchmarks/bench_gpu.py --out "$OUT/bench_gpu.json" --wait-pid $TEST_PID $FT_PID
+stamp "benchmark done"
+wait "$TEST_PID"
+[ -n "$FT_PID" ] && wait "$WATCH_PID"
+stamp "done"
