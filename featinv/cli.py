@@ -240,7 +240,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.model is not None and not Path(args.model).is_dir():
         raise FeatInvError(f"model folder not found: {args.model}")
     print(f"serving on http://{args.host}:{args.port}")
-    serve(args.model, host=args.host, port=args.port, device=args.device)
+    serve(args.model, host=args.host, port=args.port, device=args.device, backend=args.backend)
     return 0
 
 
@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto")
+    serve.add_argument(
+        "--backend", choices=["eager", "compiled", "fast"], default="eager", help="denoiser backend (fast: CUDA only)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     ext = commands.add_parser("extract", help="write the feature maps of images to a safetensors file")

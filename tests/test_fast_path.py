@@ -144,3 +144,23 @@ def test_reconstructor_fast_backend_in_fp16(tiny_model):
     got = Reconstructor(tiny_model, device="cuda", dtype=torch.float16, backend="fast").reconstruct(**kwargs)
     diff, scale = float((got.samples - want.samples).abs().max()), float(want.samples.abs().max())
     assert diff <= 2e-2 * max(1.0, scale), (diff, scale)  # fp16 against fp32
+
+
+@pytest.mark.skipif(CUDA, reason="checks the error without a GPU")
+@pytest.mark.parametrize("command", ["reconstruct", "serve"])
+def test_cli_fast_backend_without_a_gpu_is_one_line_and_exit_2(command, capsys, tiny_model, tmp_path):
+    from featinv.cli import main
+
+    tiny_model.save_pretrained(tmp_path / "model")
+    args = ["--model", str(tmp_path / "model"), "--backend", "fast", "--device", "cpu"]
+    if command == "reconstruct":
+        pytest.importorskip("PIL")
+        from featinv.images import save_image
+
+        save_image(torch.rand(3, 32, 32), tmp_path / "a.png")
+        args += ["--images", str(tmp_path / "a.png"), "--out", str(tmp_path / "out")]
+    else:
+        pytest.importorskip("fastapi")
+    assert main([command, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a CUDA GPU" in err[0], err

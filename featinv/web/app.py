@@ -81,9 +81,9 @@ def decode_upload(data: bytes, size: tuple[int, int]) -> torch.Tensor:
         raise FeatInvError(f"not an image this app can read ({type(error).__name__})") from error
 
 
-def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, seeds: int = 3):
-    """The FastAPI app serving ``model``."""
-    server = RealtimeReconstructor(model, device=device, steps=steps)
+def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, seeds: int = 3, backend: str = "eager"):
+    """The FastAPI app serving ``model`` (``backend`` as ``Reconstructor``'s: ``fast`` on a GPU)."""
+    server = RealtimeReconstructor(model, device=device, steps=steps, backend=backend)
     session = Session()
     size = model.image_size
     classes = server.reconstructor.extractor.classifier.get_classifier().out_features
@@ -177,11 +177,17 @@ def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, se
     return app
 
 
-def serve(model_dir: str | Path | None, host: str = "127.0.0.1", port: int = 8000, device: str = "auto") -> None:
+def serve(
+    model_dir: str | Path | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    backend: str = "eager",
+) -> None:
     """Run the app with uvicorn (blocking)."""
     import uvicorn
 
     from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
 
     model = FeatInvModel.from_pretrained(model_dir or PRETRAINED / SPATIAL_DIR)
-    uvicorn.run(create_app(model, device=device), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(model, device=device, backend=backend), host=host, port=port, log_level="warning")
