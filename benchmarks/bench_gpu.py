@@ -35,6 +35,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from featinv import FeatInvModel, FeatureExtractor, Reconstructor
+from featinv.sampling.schedule import NoiseSchedule
 
 GUIDANCE = 1.75
 
@@ -63,7 +64,7 @@ def diffusers_eager(model: FeatInvModel, features: torch.Tensor, latents: torch.
     b = features.shape[0]
     dtype = model.unet.dtype
     condition = torch.cat([torch.zeros_like(features), features]).to(dtype)
-    context = torch.cat([model.null_context.expand(b, -1, -1), model.context.expand(b, -1, -1)])
+    context = model.guidance_contexts(b)
     x = latents.clone()
     with torch.no_grad():
         for t in scheduler.timesteps:
@@ -127,9 +128,7 @@ def kernel_rows(device: torch.device) -> list[dict]:
         return start.elapsed_time(end) * 1e3 / n
 
     rows = []
-    schedule = torch.tensor(
-        build_model("tiny").noise_schedule.ddim(50).coefficients, dtype=torch.float64, device=device
-    )
+    schedule = torch.tensor(NoiseSchedule().ddim(50).coefficients, dtype=torch.float64, device=device)
     step = torch.tensor([10], device=device)
     for batch in (1, 16):
         x = torch.randn(batch, 4, 32, 32, device=device)

@@ -232,5 +232,5 @@ class Reconstructor:
             return lambda x, t: self.denoiser(x, t, hint, context)
         # The unconditional branch is the zero feature map with the null context, as trained.
         hint_pair = self.model.controlnet.embed(torch.cat([torch.zeros_like(features), features]))
-        context_pair = torch.cat([self.model.null_context.expand(b, -1, -1), context])
+        context_pair = self.model.guidance_contexts(b)
         return classifier_free_guidance(lambda x, t: self.denoiser(x, t, hint_pair, context_pair), guidance_scale)

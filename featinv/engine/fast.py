@@ -57,7 +57,6 @@ class FastPath:
         if compile_mode is not None:
             pieces = [torch.compile(piece, mode=compile_mode, dynamic=False) for piece in pieces]
         self.controlnet, self.encode, self.decode = pieces
-        self.compile_mode = compile_mode
         self._null_hint: torch.Tensor | None = None
         self._graphs: dict[tuple, StepGraph] = {}
 
@@ -136,11 +135,7 @@ class StepGraph:
         self.step = torch.zeros(1, dtype=torch.long, device=device)
         self.timesteps = torch.tensor(schedule.timesteps, dtype=torch.long, device=device)
         self.table = torch.tensor(schedule.coefficients, dtype=torch.float64, device=device)
-        self.context = (
-            torch.cat([model.null_context.expand(batch, -1, -1), model.context.expand(batch, -1, -1)])
-            .to(dtype)
-            .contiguous()
-        )
+        self.context = model.guidance_contexts(batch).to(dtype)
         self.hint = torch.zeros(2 * batch, *path.null_hint().shape[1:], device=device, dtype=dtype)
         self.side = torch.cuda.Stream(device) if path.streams else None
         self.graph = None

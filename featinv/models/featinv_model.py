@@ -124,6 +124,11 @@ class FeatInvModel(nn.Module):
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return (h * factor, w * factor)
 
+    def guidance_contexts(self, batch: int) -> torch.Tensor:
+        """(2B, L, D): the null context B times, then the stored context B times: the order of the
+        two classifier-free-guidance branches (unconditional first) everywhere in featinv."""
+        return torch.cat([self.null_context.expand(batch, -1, -1), self.context.expand(batch, -1, -1)])
+
     # ----- image space <-> diffusion space ----------------------------------------------------
     def decode(self, samples: torch.Tensor) -> torch.Tensor:
         """Diffusion samples (B, C, H, W) -> images (B, 3, H', W') in [0, 1]."""
