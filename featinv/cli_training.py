@@ -43,6 +43,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if args.preset != "shapes-demo":
             raise FeatInvError(f"--preset must be shapes-demo, got {args.preset!r}")
+        if args.consistency_weight is not None:
+            raise FeatInvError("--consistency-weight applies to --model training (a fine-tune), not to --preset")
         train_shapes_demo(
             args.out,
             device=args.device,
@@ -55,7 +57,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from featinv.training.distributed import get_accelerator
     from featinv.training.feature_cache import load_cache
-    from featinv.training.train import OnlineFeatures, loss_curve_png, train_controlnet
+    from featinv.training.train import Consistency, OnlineFeatures, loss_curve_png, train_controlnet
 
     accelerator = get_accelerator(args.device)
     model, extractor = _model_and_extractor(args, accelerator.device)
@@ -68,6 +70,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     features = (
         OnlineFeatures(extractor) if args.features_cache is None else load_cache(args.features_cache, extractor, stream)
     )
+    consistency = (
+        None
+        if args.consistency_weight is None
+        else Consistency(extractor, weight=args.consistency_weight, max_timestep=args.consistency_max_t)
+    )
     out = Path(args.out)
     result = train_controlnet(
         model,
@@ -75,6 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         stream,
         config,
         seed=args.seed,
+        consistency=consistency,
         checkpoint_dir=out / "checkpoints",
         log_path=out / "train_log.jsonl",
         resume=args.resume,
@@ -129,6 +137,15 @@ def add_training_commands(commands) -> None:
     train.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
     train.add_argument("--features-cache", help="a cache from 'featinv features cache' instead of online features")
     train.add_argument("--time-budget", type=float, help="seconds; stops early past it (checkpointed)")
+    train.add_argument(
+        "--consistency-weight",
+        type=float,
+        help="with --model: add W * (1 - cosine) between the features of the one-step clean estimate and the "
+        "condition (ControlNet++-style feature consistency; default: off)",
+    )
+    train.add_argument(
+        "--consistency-max-t", type=int, default=400, help="with --consistency-weight: only timesteps below this"
+    )
     train.set_defaults(func=cmd_train)
 
     features = commands.add_parser("features", help="feature-map utilities")

@@ -342,6 +342,6 @@ def check_images(images: torch.Tensor, name: str = "images") -> None:
         raise FeatInvError(f"{name} must be a float tensor with values in [0, 1], got dtype {images.dtype}")
     if not torch.isfinite(images).all():
         raise FeatInvError(f"{name} contains NaN or Inf values")
-    low, high = float(images.min()), float(images.max())
+    low, high = float(images.detach().min()), float(images.detach().max())
     if low < -1e-3 or high > 1 + 1e-3:
         raise FeatInvError(f"{name} must have values in [0, 1], got range [{low:.3g}, {high:.3g}]")

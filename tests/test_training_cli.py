@@ -60,3 +60,22 @@ def test_cache_then_train_then_resume_from_the_cli(capsys, tmp_path, model_dir):
     assert_one_line_error(code, err, "made for the pool")
     code, _, err = run_cli(capsys, "train", "--preset", "shapes-demo", "--model", model_dir, "--out", tmp_path / "y")
     assert_one_line_error(code, err, "exactly one of --preset")
+
+
+def test_train_with_the_consistency_loss_from_the_cli(capsys, tmp_path, model_dir):  # noqa: F811
+    common = ["train", "--model", model_dir, "--pool", 16, "--batch-size", 4, "--steps", 2, "--checkpoint-every", 0]
+    code, out, _ = run_cli(
+        capsys, *common, "--consistency-weight", 0.5, "--consistency-max-t", 1000, "--out", tmp_path / "a"
+    )
+    assert code == 0 and "finished" in out
+    rows = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    code, out, _ = run_cli(capsys, *common, "--out", tmp_path / "b")
+    plain = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] > plain[0]["loss"]  # same first batch; the consistency term adds to it
+
+    code, _, err = run_cli(capsys, *common, "--consistency-weight", 0, "--out", tmp_path / "c")
+    assert_one_line_error(code, err, "--consistency-weight) must be > 0")
+    code, _, err = run_cli(
+        capsys, "train", "--preset", "shapes-demo", "--consistency-weight", 1, "--out", tmp_path / "d"
+    )
+    assert_one_line_error(code, err, "applies to --model training")
