@@ -12,7 +12,7 @@ from test_cli import assert_one_line_error, model_dir, run_cli  # noqa: F401  (f
 
 from featinv.analysis.compose import lerp, mix_by_mask, select_channels, slerp
 from featinv.analysis.fid import frechet_distance, sqrtm_psd
-from featinv.analysis.metrics import psnr, ssim
+from featinv.analysis.metrics import psnr, ssim, topk_agreement
 from featinv.analysis.robustness import CORRUPTIONS, corrupt, ood_inputs
 from featinv.analysis.steering import Concept, concept_activation_vector, steer
 from featinv.errors import FeatInvError
@@ -167,3 +167,11 @@ def test_reconstruct_with_the_optimisation_method(capsys, tmp_path):
     )
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["grid.png", "in.png"]
+
+
+def test_topk_agreement_with_fewer_classes_than_k():
+    a = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 1.0]])
+    b = torch.tensor([[0.0, 0.0, 9.0], [0.0, 4.0, 1.0]])
+    assert topk_agreement(a, b).tolist() == [False, True]
+    assert topk_agreement(a, b, k=2).tolist() == [True, True]
+    assert topk_agreement(a, b, k=5).tolist() == [True, True]  # 3 classes: all are in the top 5

@@ -18,8 +18,9 @@ def feature_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def topk_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor, k: int = 1) -> torch.Tensor:
-    """Whether b's top-1 class is among a's top-k classes: (B, N) x (B, N) -> (B,) bool."""
-    return (logits_a.topk(k, dim=1).indices == logits_b.argmax(1, keepdim=True)).any(1)
+    """Whether b's top-1 class is among a's top-k classes: (B, N) x (B, N) -> (B,) bool. With N <= k
+    classes every class is in the top k (always true)."""
+    return (logits_a.topk(min(k, logits_a.shape[1]), dim=1).indices == logits_b.argmax(1, keepdim=True)).any(1)
 
 
 def colour_masks(images: torch.Tensor, originals: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
