@@ -36,19 +36,24 @@ def native_available() -> bool:
     return _load_native() is not None
 
 
-def _native_module(impl: str | None, load, name: str, compiler: str) -> ModuleType | None:
+def _native_module(impl: str | None, load, why_missing) -> ModuleType | None:
     """The policy shared by every native module: None under ``python``; the module under ``auto``
-    if it was built (else None); the module under ``cpp``, or one clear error when it was not built."""
+    if it loads (else None); the module under ``cpp``, or one clear error ending in
+    ``why_missing()`` when it does not load."""
     impl = _chosen(impl)
     if impl == "python":
         return None
     module = load()
     if module is None and impl == "cpp":
-        raise FeatInvError(
-            f"FEATINV_IMPL=cpp but the C++ extension featinv.{name} is not built; "
-            f"reinstall with {compiler} and CMake available, or set FEATINV_IMPL=python"
-        )
+        raise FeatInvError(f"FEATINV_IMPL=cpp but {why_missing()}")
     return module
+
+
+def _not_built(name: str, compiler: str) -> str:
+    return (
+        f"the C++ extension featinv.{name} is not built; "
+        f"reinstall with {compiler} and CMake available, or set FEATINV_IMPL=python"
+    )
 
 
 def schedule_tables(impl: str | None = None) -> ModuleType:
@@ -57,7 +62,7 @@ def schedule_tables(impl: str | None = None) -> ModuleType:
     Args:
         impl: ``cpp``, ``python`` or ``auto``; ``None`` reads ``FEATINV_IMPL`` (default ``auto``).
     """
-    native = _native_module(impl, _load_native, "_C", "a C++ compiler")
+    native = _native_module(impl, _load_native, lambda: _not_built("_C", "a C++ compiler"))
     if native is not None:
         return native
     from featinv.sampling import schedule_tables as python_tables
@@ -82,5 +87,5 @@ def native_sampler_available() -> bool:
 
 def sampler_loop(impl: str | None = None):
     """The native ``sample_loop`` for the chosen implementation, or None for the Python loops."""
-    native = _native_module(impl, _load_sampler, "_sampler", "a C++20 compiler")
+    native = _native_module(impl, _load_sampler, lambda: _not_built("_sampler", "a C++20 compiler"))
     return None if native is None else native.sample_loop

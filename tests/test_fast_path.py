@@ -77,6 +77,19 @@ def test_fast_step_equals_the_eager_loop_on_cpu(sampler, tiny_model):
     assert torch.equal(again, got)
 
 
+def test_the_step_cache_keeps_the_most_recently_used(tiny_model):
+    path = FastPath(tiny_model, compile_mode=None, max_graphs=2)
+    schedule = tiny_model.noise_schedule.ddim(4)
+    one, two = path.step_graph(1, schedule, 1.75), path.step_graph(2, schedule, 1.75)
+    assert path.step_graph(1, schedule, 1.75) is one  # a hit, and now the most recent
+    path.step_graph(3, schedule, 1.75)  # evicts batch 2, the least recently used
+    assert path.step_graph(1, schedule, 1.75) is one
+    assert path.step_graph(2, schedule, 1.75) is not two
+    assert len(path._graphs) == 2
+    with pytest.raises(FeatInvError, match="max_graphs must be a positive integer"):
+        FastPath(tiny_model, compile_mode=None, max_graphs=0)
+
+
 def test_the_null_hint_is_computed_once_and_equals_the_batched_one(tiny_model):
     features, _ = _inputs(tiny_model, 3)
     path = FastPath(tiny_model, compile_mode=None)
@@ -134,6 +147,20 @@ def test_cpp_and_python_graph_loops_agree(tiny_model, monkeypatch):
         results[impl] = path.sample(features.cuda(), latents.cuda(), schedule, 1.75)
     assert graph_loop.native_graph_loop("cpp") is not None
     assert torch.equal(results["cpp"], results["python"])
+
+
+@pytest.mark.skipif(CUDA, reason="checks the no-GPU answers")
+def test_the_graph_loop_switch_without_a_gpu(monkeypatch):
+    from featinv.engine import graph_loop
+
+    for name, value in (("_module", None), ("_failure", None), ("_warned", False)):
+        monkeypatch.setattr(graph_loop, name, value)
+    assert graph_loop.native_graph_loop("python") is None
+    with pytest.raises(FeatInvError, match=r"FEATINV_IMPL=cpp but the C\+\+ graph loop is unavailable: no CUDA GPU"):
+        graph_loop.native_graph_loop("cpp")
+    with pytest.warns(RuntimeWarning, match="replaying from Python"):
+        assert graph_loop.native_graph_loop("auto") is None
+    assert graph_loop.native_graph_loop("auto") is None  # warned once
 
 
 @pytest.mark.gpu

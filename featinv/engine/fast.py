@@ -19,6 +19,7 @@ eager reference up to fp16 rounding and kernel choice.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import torch
 
@@ -41,13 +42,23 @@ class FastPath:
         compile_mode: ``torch.compile`` mode of the pieces (``None``: eager pieces).
         streams: run the ControlNet concurrently with the UNet encoder (CUDA only).
         graphs: capture each step in a CUDA graph (CUDA only).
+        max_graphs: steps kept (least recently used dropped first): each holds a graph's memory pool
+            and static buffers, and a server sees many batch sizes.
     """
 
     def __init__(
-        self, model: FeatInvModel, *, compile_mode: str | None = "default", streams: bool = True, graphs: bool = True
+        self,
+        model: FeatInvModel,
+        *,
+        compile_mode: str | None = "default",
+        streams: bool = True,
+        graphs: bool = True,
+        max_graphs: int = 8,
     ) -> None:
         if compile_mode not in COMPILE_MODES:
             raise FeatInvError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
+        if not (isinstance(max_graphs, int) and max_graphs >= 1):
+            raise FeatInvError(f"max_graphs must be a positive integer, got {max_graphs!r}")
         check_splittable(model.unet)
         self.model = model
         self.device = model.context.device
@@ -58,7 +69,8 @@ class FastPath:
             pieces = [torch.compile(piece, mode=compile_mode, dynamic=False) for piece in pieces]
         self.controlnet, self.encode, self.decode = pieces
         self._null_hint: torch.Tensor | None = None
-        self._graphs: dict[tuple, StepGraph] = {}
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, StepGraph] = OrderedDict()
 
     def with_options(self, *, streams: bool | None = None, graphs: bool | None = None) -> FastPath:
         """A twin sharing the compiled pieces and the null hint, with other stream/graph options
@@ -67,7 +79,7 @@ class FastPath:
         cuda = self.device.type == "cuda"
         twin.streams = self.streams if streams is None else streams and cuda
         twin.graphs = self.graphs if graphs is None else graphs and cuda
-        twin._graphs = {}
+        twin._graphs = OrderedDict()
         return twin
 
     @torch.no_grad()
@@ -85,9 +97,14 @@ class FastPath:
         return torch.cat([self.null_hint().expand(len(features), -1, -1, -1), hints])
 
     def step_graph(self, batch: int, schedule: SamplerSchedule, guidance_scale: float) -> StepGraph:
-        """The (cached) step for this shape; captured on first use."""
+        """The (cached) step for this shape; captured on first use, the least recently used one
+        dropped beyond ``max_graphs``."""
         key = (batch, schedule.name, schedule.timesteps, schedule.coefficients, float(guidance_scale))
-        if key not in self._graphs:
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+        else:
+            while len(self._graphs) >= self.max_graphs:
+                self._graphs.popitem(last=False)
             self._graphs[key] = StepGraph(self, batch, schedule, guidance_scale)
         return self._graphs[key]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from featinv._native import _chosen
+from featinv._native import _chosen, _native_module
 from featinv.errors import FeatInvError
 
 SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "graph_loop.cpp"
@@ -50,13 +50,8 @@ def _build():
 
 def native_graph_loop(impl: str | None = None):
     """The C++ ``replay_steps`` or None (Python loop), by ``FEATINV_IMPL``."""
-    impl = _chosen(impl)
-    if impl == "python":
-        return None
-    module = _build()
-    if module is None and impl == "cpp":
-        raise FeatInvError(f"FEATINV_IMPL=cpp but the C++ graph loop is unavailable: {_failure}")
-    if module is None and not _warned:
+    module = _native_module(impl, _build, lambda: f"the C++ graph loop is unavailable: {_failure}")
+    if module is None and _chosen(impl) != "python" and not _warned:
         _warn(f"C++ graph loop unavailable ({_failure}); replaying from Python")
     return None if module is None else module.replay_steps
 
