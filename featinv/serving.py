@@ -66,14 +66,19 @@ class RealtimeReconstructor:
         sampler: str = "dpmpp",
         guidance_scale: float = DEFAULT_GUIDANCE,
         warmup: bool = True,
+        warmup_batch: int = 1,
     ) -> None:
+        if not (isinstance(warmup_batch, int) and warmup_batch >= 1):
+            raise FeatInvError(f"warmup_batch must be a positive integer, got {warmup_batch!r}")
         device = resolve_device(device)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.reconstructor = Reconstructor(model, device=device, backend=backend, dtype=dtype)
         self.steps, self.sampler, self.guidance_scale = steps, sampler, guidance_scale
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featinv-serve")
-        if warmup:  # compile / allocate once, so the first user request is not the slow one
-            zeros = torch.zeros(1, *model.feature_spec.shape)
+        # Compile / allocate (and on the fast backend capture) once, at the batch the caller will send,
+        # so the first user request is not the slow one.
+        if warmup:
+            zeros = torch.zeros(warmup_batch, *model.feature_spec.shape)
             self.submit(features=zeros).result()
 
     @property

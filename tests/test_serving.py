@@ -68,3 +68,19 @@ def test_bad_input_reaches_the_caller_not_the_server(server, tiny_images):
     with pytest.raises(ValueError, match="features"):
         server.submit(features=torch.zeros(1, 3, 2, 2)).result(30)
     assert server.submit(tiny_images[:1]).result(60).shape == (1, 3, 16, 16)
+
+
+def test_warm_up_runs_at_the_batch_the_caller_will_send(tiny_model, monkeypatch):
+    seen = []
+    run = RealtimeReconstructor._run
+
+    def spy(self, request, images, features, *rest):
+        seen.append(tuple(features.shape))
+        return run(self, request, images, features, *rest)
+
+    monkeypatch.setattr(RealtimeReconstructor, "_run", spy)
+    server = RealtimeReconstructor(tiny_model, device="cpu", steps=2, warmup_batch=3)
+    server.close()
+    assert seen == [(3, *tiny_model.feature_spec.shape)]
+    with pytest.raises(ValueError, match="warmup_batch must be a positive integer"):
+        RealtimeReconstructor(tiny_model, device="cpu", warmup_batch=0)

@@ -83,7 +83,7 @@ def decode_upload(data: bytes, size: tuple[int, int]) -> torch.Tensor:
 
 def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, seeds: int = 3, backend: str = "eager"):
     """The FastAPI app serving ``model`` (``backend`` as ``Reconstructor``'s: ``fast`` on a GPU)."""
-    server = RealtimeReconstructor(model, device=device, steps=steps, backend=backend)
+    server = RealtimeReconstructor(model, device=device, steps=steps, backend=backend, warmup_batch=seeds)
     session = Session()
     size = model.image_size
     classes = server.reconstructor.extractor.classifier.get_classifier().out_features
