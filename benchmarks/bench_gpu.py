@@ -17,6 +17,8 @@ guided step) and the max abs difference of the final latents against featinv eag
 seed. Every backend is compiled and captured first, then timed (``--wait-pid``: timing starts only
 after that process ends, so a job sharing the GPU during compilation does not disturb the timings).
 A last table times the Triton kernels against eager PyTorch and torch.compile of the same math.
+``--profile`` adds where the fast path's step spends its GPU time (kernels per step, busy time
+against wall time, the top kernels).
 Prints tables, writes JSON (``--out``) after every section.
 
     python benchmarks/bench_gpu.py --out results.json                                   # on a GPU
@@ -111,6 +113,38 @@ def fast_step_fn(reconstructor: Reconstructor, features: torch.Tensor, latents: 
     return step
 
 
+def profile_step(one_step: Callable[[], object], replays: int = 10, top: int = 15) -> dict:
+    """Where one step's GPU time goes (torch.profiler over ``replays`` calls of ``one_step``, a
+    CUDA-graph replay included): kernels per step, their summed time per step against the wall time
+    per step (the rest is gaps between kernels), and the ``top`` kernels by total time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    one_step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            one_step()
+        torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - start) * 1e6 / replays
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == DeviceType.CUDA:
+            kernels.setdefault(event.name, []).append(event.time_range.elapsed_us())
+    busy_us = sum(sum(times) for times in kernels.values()) / replays
+    ranked = sorted(kernels.items(), key=lambda item: -sum(item[1]))[:top]
+    return {
+        "kernels_per_step": sum(len(times) for times in kernels.values()) / replays,
+        "kernel_us_per_step": busy_us,
+        "wall_us_per_step_under_profiler": wall_us,
+        "top": [
+            {"kernel": name[:120], "calls_per_step": len(times) / replays, "us_per_step": sum(times) / replays}
+            for name, times in ranked
+        ],
+    }
+
+
 def kernel_rows(device: torch.device) -> list[dict]:
     """The Triton kernels against eager PyTorch and torch.compile of the same math (CUDA events)."""
     from featinv.kernels.guided_update import guided_update_, guided_update_reference
@@ -186,6 +220,9 @@ def main() -> None:
     )
     parser.add_argument("--wait-max", type=float, default=300.0, help="seconds to wait for --wait-pid at most")
     parser.add_argument("--peak-tflops", type=float, default=774.0, help="measured bf16 matmul peak (H200: 774)")
+    parser.add_argument(
+        "--profile", action="store_true", help="profile the fast path's step: kernels per step, busy time, top kernels"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -311,6 +348,13 @@ def main() -> None:
             rows.append(row)
             results["rows"].append(row)
             print_row(row)
+            if args.profile and name == "featinv fast":
+                try:
+                    found = profile_step(one_step)
+                except Exception as error:  # report, keep the rest
+                    found = {"error": repr(error)}
+                results.setdefault("profile", {})[str(batch)] = found
+                print(f"profile, {batch} images: {json.dumps(found)[:1500]}", flush=True)
             save()
         compiled_row = next((r for r in rows if r["backend"].startswith("torch.compile")), None)
         for row in rows:
