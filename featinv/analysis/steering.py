@@ -74,7 +74,7 @@ def concept_activation_vector(
         loss.backward()
         optimizer.step()
     raw = (weight / std).detach()  # the probe in unstandardised pooled-feature space
-    return Concept(raw / raw.norm(), name, probe_weight=raw, probe_bias=float(bias - (mean / std) @ weight))
+    return Concept(raw / raw.norm(), name, probe_weight=raw, probe_bias=float((bias - (mean / std) @ weight).detach()))
 
 
 def steer(
