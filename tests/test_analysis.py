@@ -175,3 +175,29 @@ def test_topk_agreement_with_fewer_classes_than_k():
     assert topk_agreement(a, b).tolist() == [False, True]
     assert topk_agreement(a, b, k=2).tolist() == [True, True]
     assert topk_agreement(a, b, k=5).tolist() == [True, True]  # 3 classes: all are in the top 5
+
+
+def test_inception_fid_features_from_a_local_file(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    from featinv.analysis.fid import fid, inception_features
+
+    torch.manual_seed(0)
+    reference = timm.create_model("inception_v3", pretrained=False).eval()
+    weights = tmp_path / "inception.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
+    features = inception_features(weights)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    got = features(images)
+    with torch.no_grad():
+        x = torch.nn.functional.interpolate(images, size=(299, 299), mode="bilinear", antialias=True)
+        want = reference.forward_head(reference.forward_features(x * 2 - 1), pre_logits=True)
+    assert got.shape == (3, 2048)
+    torch.testing.assert_close(got, want)
+    assert fid(images, images, features) < 1e-3 < fid(images, images.flip(-2) * 0.5, features)
+
+    wrong = tmp_path / "resnet.safetensors"
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(wrong))
+    with pytest.raises(FeatInvError, match="do not fit inception_v3"):
+        inception_features(wrong)

@@ -59,7 +59,11 @@ def inception_features(weights: str | Path) -> FeatureFn:
     from featinv.weights import load_state_dict
 
     model = timm.create_model("inception_v3", pretrained=False).eval()
-    missing = model.load_state_dict(load_state_dict(weights, what="Inception weights"), strict=False)
+    try:
+        missing = model.load_state_dict(load_state_dict(weights, what="Inception weights"), strict=False)
+    except RuntimeError as error:  # a tensor of another shape under one of inception_v3's names
+        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
+        raise FeatInvError(f"Inception weights {weights} do not fit inception_v3 ({first[:200]})") from error
     if missing.missing_keys:
         raise FeatInvError(f"Inception weights {weights} do not fit inception_v3 ({missing.missing_keys[:3]} missing)")
 
