@@ -298,7 +298,12 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Feature maps (B, C, h, w) of (B, 3, H, W) images in [0, 1]."""
-        features = self._features(self.preprocess(images))
+        return self.forward_normalized(self.preprocess(images))
+
+    def forward_normalized(self, normalized: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` of inputs already through :meth:`normalize`: no input checks (they read
+        the tensor on the host), for differentiable loops such as training losses."""
+        features = self._features(normalized)
         if self.spec.mode == "pooled":
             features = pool_and_tile(features)
         return features

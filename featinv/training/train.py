@@ -226,7 +226,7 @@ class Consistency:
             return x_t.new_zeros(())
         a = alphas[t[keep]].view(-1, 1, 1, 1)
         x0 = (x_t[keep] - (1 - a).sqrt() * eps[keep]) / a.sqrt()
-        rebuilt = self.extractor(model.decode(x0))
+        rebuilt = self.extractor.forward_normalized(self.extractor.normalize(model.decode(x0)))
         return self.weight * (1 - feature_cosine(rebuilt.float(), maps[keep].float())).mean()
 
 
