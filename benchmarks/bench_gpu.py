@@ -8,8 +8,9 @@ Side by side in one run, for each batch size:
 * featinv eager: hint once per sample, both guidance branches in one batch;
 * torch.compile mode=reduce-overhead: featinv's ``compiled`` backend;
 * featinv fast: ``featinv.engine.fast`` (compiled pieces, ControlNet concurrent with the UNet
-  encoder on two streams, fused guidance + update, one CUDA graph per step replayed from C++),
-  and two ablations of it (one stream; eager pieces in the graph).
+  encoder on two streams, channels-last weight copies, merged/cached attention projections, fused
+  guidance + update, one CUDA graph per step replayed from C++), and three ablations of it (one
+  stream; eager pieces in the graph; the model's own weights and attention, ``--ablation-batches``).
 
 Per-step time, whole-reconstruction time (``Reconstructor.reconstruct``: hint, 50 steps, VAE
 decode), ratios, the fraction of a given bf16 peak (FLOPs counted by torch's FlopCounterMode on one
@@ -40,6 +41,7 @@ from featinv import FeatInvModel, FeatureExtractor, Reconstructor
 from featinv.sampling.schedule import NoiseSchedule
 
 GUIDANCE = 1.75
+AS_STORED = "featinv fast, model's weights+attention"
 
 
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
@@ -216,6 +218,13 @@ def main() -> None:
         "--compiled-batches", type=int, nargs="*", help="batch sizes for torch.compile rows (default: all)"
     )
     parser.add_argument(
+        "--ablation-batches",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="batch sizes for the fast path with the model's own weights and attention (one more compile each)",
+    )
+    parser.add_argument(
         "--wait-pid", type=int, nargs="+", default=[], help="after compiling, wait for these processes to end"
     )
     parser.add_argument("--wait-max", type=float, default=300.0, help="seconds to wait for --wait-pid at most")
@@ -250,6 +259,9 @@ def main() -> None:
         eager_pieces = Reconstructor(model, device=device, dtype=dtype)
         eager_pieces.fast = FastPath(eager_pieces.model, compile_mode=None)
         backends["featinv fast, eager pieces"] = eager_pieces
+        as_stored = Reconstructor(model, device=device, dtype=dtype)
+        as_stored.fast = FastPath(as_stored.model, channels_last=False, cached_attention=False)
+        backends[AS_STORED] = as_stored
     eager = backends["featinv eager"]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     results = {
@@ -292,7 +304,7 @@ def main() -> None:
 
     def print_row(row: dict) -> None:
         print(
-            f"{row['backend']:<28} images={row['images']:<3} step {row['step_ms']:8.2f} ms  {args.steps} steps "
+            f"{row['backend']:<40} images={row['images']:<3} step {row['step_ms']:8.2f} ms  {args.steps} steps "
             f"{row['reconstruction_ms']:9.1f} ms  x{row.get('speedup_vs_diffusers_eager', float('nan')):.2f} vs "
             f"diffusers  x{row.get('step_speedup_vs_reduce_overhead', float('nan')):.2f} step vs reduce-overhead  "
             f"peak {100 * row['fraction_of_peak']:.1f}%  diff {row['max_abs_diff_vs_featinv_eager']:.2e}",
@@ -311,6 +323,8 @@ def main() -> None:
         with torch.no_grad():
             reference = whole(eager, batch).float().cpu()
         order = ["diffusers eager", *(n for n in backends if not n.startswith("torch.compile"))]
+        if batch not in args.ablation_batches:
+            order = [n for n in order if n != AS_STORED]
         order += [n for n in backends if n.startswith("torch.compile") and batch in args.compiled_batches]
         rows = []
         for name in order:

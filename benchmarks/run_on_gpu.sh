@@ -37,7 +37,7 @@ stamp "GPU tests (in the background, while the benchmark compiles)"
   > /tmp/pytest.log 2>&1; stamp "GPU tests ended"; tail -25 /tmp/pytest.log) &
 TEST_PID=$!
 stamp "benchmark"
-timeout "${BENCH_TIMEOUT:-460}" python3 benchmarks/bench_gpu.py --profile --out "$OUT/bench_gpu.json" --wait-pid $TEST_PID $FT_PID
+timeout "${BENCH_TIMEOUT:-460}" python3 benchmarks/bench_gpu.py --profile --compiled-batches ${COMPILED_BATCHES:-16} --out "$OUT/bench_gpu.json" --wait-pid $TEST_PID $FT_PID
 stamp "benchmark done"
 wait "$TEST_PID"
 [ -n "$FT_PID" ] && wait "$WATCH_PID"

@@ -11,9 +11,12 @@ sampler, guidance) and replayed, from C++ when ``featinv._graph_loop`` builds):
 3. guidance and the DDIM / DPM-Solver++(2M) update fused in one Triton kernel, in place on the fp32
    latents, coefficients read from the device table (``kernels.guided_update``); step index + 1.
 
-The pieces (ControlNet, UNet encoder, UNet decoder) go through ``torch.compile`` (Inductor, no
-CUDA graphs of its own: the whole step is captured here). Nothing approximates: outputs equal the
-eager reference up to fp16 rounding and kernel choice.
+The pieces (ControlNet, UNet encoder, UNet decoder; ``featinv.engine.pieces``) run with
+channels-last copies of the convolution weights (Inductor would convert the model's weights on
+every call) and attention that projects self-attention's q/k/v in one matmul and the two fixed
+contexts' keys and values once (``featinv.engine.fast_attention``). They go through
+``torch.compile`` (Inductor, no CUDA graphs of its own: the whole step is captured here). Nothing
+approximates: outputs equal the eager reference up to fp16 rounding and kernel choice.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from collections import OrderedDict
 
 import torch
 
+from featinv.engine.fast_attention import fast_processors
 from featinv.engine.graph_loop import replay_loop
+from featinv.engine.pieces import Piece, channels_last_weights
 from featinv.engine.split_unet import check_splittable, unet_decode, unet_encode
 from featinv.errors import FeatInvError
 from featinv.kernels.guided_update import guided_update_
@@ -44,6 +49,11 @@ class FastPath:
         graphs: capture each step in a CUDA graph (CUDA only).
         max_graphs: steps kept (least recently used dropped first): each holds a graph's memory pool
             and static buffers, and a server sees many batch sizes.
+        channels_last: run the pieces with channels-last copies of the convolution weights (memory:
+            one more copy of them, 1.6 GB in fp16 at miniSD scale).
+        cached_attention: merged q/k/v projections and the contexts' keys and values projected once.
+
+    The weights and contexts are a snapshot taken here: build a new FastPath after changing them.
     """
 
     def __init__(
@@ -54,6 +64,8 @@ class FastPath:
         streams: bool = True,
         graphs: bool = True,
         max_graphs: int = 8,
+        channels_last: bool = True,
+        cached_attention: bool = True,
     ) -> None:
         if compile_mode not in COMPILE_MODES:
             raise FeatInvError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
@@ -64,7 +76,18 @@ class FastPath:
         self.device = model.context.device
         cuda = self.device.type == "cuda"
         self.streams, self.graphs = streams and cuda, graphs and cuda
-        pieces = [model.controlnet, _Piece(unet_encode, model.unet), _Piece(unet_decode, model.unet)]
+        unet_weights = channels_last_weights(model.unet) if channels_last else {}
+        # The ControlNet's hint encoder runs once per sample, outside the step: its weights stay as they are.
+        controlnet_weights = channels_last_weights(model.controlnet.controlnet, "controlnet.") if channels_last else {}
+        processors = {}
+        if cached_attention:
+            contexts = torch.cat([model.null_context, model.context]).to(self.device, model.unet.dtype)
+            processors = fast_processors(model.unet, contexts) | fast_processors(model.controlnet, contexts)
+        pieces = [
+            Piece(_controlnet, model.controlnet, weights=controlnet_weights, processors=processors),
+            Piece(unet_encode, model.unet, weights=unet_weights, processors=processors),
+            Piece(unet_decode, model.unet, weights=unet_weights, processors=processors),
+        ]
         if compile_mode is not None:
             pieces = [torch.compile(piece, mode=compile_mode, dynamic=False) for piece in pieces]
         self.controlnet, self.encode, self.decode = pieces
@@ -123,15 +146,9 @@ class FastPath:
         return step.run(self.hint_pair(features), x, callback)
 
 
-class _Piece(torch.nn.Module):
-    """``fn(module, *args)`` as a module, so that ``torch.compile`` sees a plain module call."""
-
-    def __init__(self, fn, module: torch.nn.Module) -> None:
-        super().__init__()
-        self.fn, self.module = fn, module
-
-    def forward(self, *args):
-        return self.fn(self.module, *args)
+def _controlnet(controlnet, *args):
+    """The ControlNet's residuals (``FeatInvControlNet.forward``) as a piece's function."""
+    return controlnet(*args)
 
 
 class StepGraph:
