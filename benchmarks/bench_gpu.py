@@ -10,7 +10,8 @@ Side by side in one run, for each batch size:
 * featinv fast: ``featinv.engine.fast`` (compiled pieces, ControlNet concurrent with the UNet
   encoder on two streams, channels-last weight copies, merged/cached attention projections, fused
   guidance + update, one CUDA graph per step replayed from C++), and three ablations of it (one
-  stream; eager pieces in the graph; the model's own weights and attention, ``--ablation-batches``).
+  stream; eager pieces in the graph; the model's own weights and attention, ``--ablation-batches``)
+  and, with ``--autotune-batches``, the fast path with max-autotune-no-cudagraphs pieces.
 
 Per-step time, whole-reconstruction time (``Reconstructor.reconstruct``: hint, 50 steps, VAE
 decode), ratios, the fraction of a given bf16 peak (FLOPs counted by torch's FlopCounterMode on one
@@ -42,6 +43,7 @@ from featinv.sampling.schedule import NoiseSchedule
 
 GUIDANCE = 1.75
 AS_STORED = "featinv fast, model's weights+attention"
+AUTOTUNED = "featinv fast, max-autotune pieces"
 
 
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
@@ -225,6 +227,13 @@ def main() -> None:
         help="batch sizes for the fast path with the model's own weights and attention (one more compile each)",
     )
     parser.add_argument(
+        "--autotune-batches",
+        type=int,
+        nargs="*",
+        default=[],
+        help="batch sizes for the fast path compiled with max-autotune-no-cudagraphs (minutes of autotuning each)",
+    )
+    parser.add_argument(
         "--wait-pid", type=int, nargs="+", default=[], help="after compiling, wait for these processes to end"
     )
     parser.add_argument("--wait-max", type=float, default=300.0, help="seconds to wait for --wait-pid at most")
@@ -262,6 +271,10 @@ def main() -> None:
         as_stored = Reconstructor(model, device=device, dtype=dtype)
         as_stored.fast = FastPath(as_stored.model, channels_last=False, cached_attention=False)
         backends[AS_STORED] = as_stored
+        if args.autotune_batches:
+            autotuned = Reconstructor(model, device=device, dtype=dtype)
+            autotuned.fast = FastPath(autotuned.model, compile_mode="max-autotune-no-cudagraphs")
+            backends[AUTOTUNED] = autotuned
     eager = backends["featinv eager"]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     results = {
@@ -323,8 +336,8 @@ def main() -> None:
         with torch.no_grad():
             reference = whole(eager, batch).float().cpu()
         order = ["diffusers eager", *(n for n in backends if not n.startswith("torch.compile"))]
-        if batch not in args.ablation_batches:
-            order = [n for n in order if n != AS_STORED]
+        order = [n for n in order if n != AS_STORED or batch in args.ablation_batches]
+        order = [n for n in order if n != AUTOTUNED or batch in args.autotune_batches]
         order += [n for n in backends if n.startswith("torch.compile") and batch in args.compiled_batches]
         rows = []
         for name in order:

@@ -4,6 +4,8 @@
 # tests (fast path, Triton kernels, sampler loops), then the GPU benchmark. With FINETUNE=1 the
 # shipped demo's spatial ControlNet is fine-tuned on the GPU at the same time (it needs the GPU
 # little while the benchmark compiles; the benchmark waits for it before timing anything).
+# COMPILED_BATCHES (default 16): batch sizes for the torch.compile reduce-overhead rows; AUTOTUNE_BATCHES
+# (default none): batch sizes for a max-autotune fast path (minutes of autotuning each).
 # Results go to $OUT (or ./gpu-out): run.log, bench_gpu.json, and the fine-tune's outputs.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -37,7 +39,7 @@ stamp "GPU tests (in the background, while the benchmark compiles)"
   > /tmp/pytest.log 2>&1; stamp "GPU tests ended"; tail -25 /tmp/pytest.log) &
 TEST_PID=$!
 stamp "benchmark"
-timeout "${BENCH_TIMEOUT:-460}" python3 benchmarks/bench_gpu.py --profile --compiled-batches ${COMPILED_BATCHES:-16} --out "$OUT/bench_gpu.json" --wait-pid $TEST_PID $FT_PID
+timeout "${BENCH_TIMEOUT:-460}" python3 benchmarks/bench_gpu.py --profile --compiled-batches ${COMPILED_BATCHES:-16} --autotune-batches ${AUTOTUNE_BATCHES:-} --out "$OUT/bench_gpu.json" --wait-pid $TEST_PID $FT_PID
 stamp "benchmark done"
 wait "$TEST_PID"
 [ -n "$FT_PID" ] && wait "$WATCH_PID"
