@@ -269,7 +269,7 @@ def main() -> None:
         eager_pieces.fast = FastPath(eager_pieces.model, compile_mode=None)
         backends["featinv fast, eager pieces"] = eager_pieces
         as_stored = Reconstructor(model, device=device, dtype=dtype)
-        as_stored.fast = FastPath(as_stored.model, channels_last=False, cached_attention=False)
+        as_stored.fast = FastPath(as_stored.model, channels_last=False, precomputed=False)
         backends[AS_STORED] = as_stored
         if args.autotune_batches:
             autotuned = Reconstructor(model, device=device, dtype=dtype)

@@ -7,35 +7,30 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
 
-from featinv.engine.fast import _controlnet
+from featinv.engine.fast import FastPath
 from featinv.engine.fast_attention import CachedContextAttention, MergedSelfAttention, fast_processors, supports
 from featinv.engine.pieces import Piece, channels_last_weights
 from featinv.engine.split_unet import unet_decode, unet_encode
+from featinv.engine.time_tables import Clock, time_projection_tables
 from featinv.errors import FeatInvError
 
 
 def _step_inputs(model, batch: int, seed: int = 0):
+    """(x, t, contexts, hint) for a guided step of ``batch`` images; t (1,) for one image, one
+    timestep per row otherwise (the pieces take both)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2 * batch, *model.latent_shape, generator=g)
     hint = model.controlnet.embed(torch.rand(2 * batch, *model.feature_spec.shape, generator=g))
-    return x, torch.tensor([500]), model.guidance_contexts(batch), hint
+    t = torch.tensor([500]) if batch == 1 else torch.randint(0, 1000, (2 * batch,), generator=g)
+    return x, t, model.guidance_contexts(batch), hint
 
 
-def _pieces(model, **kwargs):
-    contexts = torch.cat([model.null_context, model.context])
-    processors = fast_processors(model.unet, contexts) | fast_processors(model.controlnet, contexts)
-    unet_weights = channels_last_weights(model.unet)
-    return (
-        Piece(
-            _controlnet,
-            model.controlnet,
-            weights=channels_last_weights(model.controlnet.controlnet, "controlnet."),
-            processors=processors,
-        ),
-        Piece(unet_encode, model.unet, weights=unet_weights, processors=processors),
-        Piece(unet_decode, model.unet, weights=unet_weights, processors=processors),
-    )
+def _pieces(model):
+    """The fast path's three pieces, eager: ControlNet, UNet encoder, UNet decoder (timestep second)."""
+    path = FastPath(model, compile_mode=None)
+    return path.controlnet, path.encode, path.decode
 
 
 def _flat(outputs):
@@ -62,13 +57,17 @@ def test_pieces_compute_what_the_model_computes_and_leave_it_as_it_was(batch, ti
         want = unet_decode(tiny_model.unet, *want_encoded, context, *want_residuals)
         residuals = controlnet(x, t, context, hint)
         encoded = encode(x, t, context)
-        got = decode(*encoded, context, *residuals)
+        emb, skips, mid = encoded
+        got = decode(emb, t, skips, mid, context, *residuals)
     assert float(want.abs().max()) > 0.01
     _close(residuals, want_residuals)
     _close(encoded, want_encoded)
     _close(got, want)
-    attentions = [m for m in [*tiny_model.unet.modules(), *tiny_model.controlnet.modules()] if isinstance(m, Attention)]
+    modules = [*tiny_model.unet.modules(), *tiny_model.controlnet.modules()]
+    attentions = [m for m in modules if isinstance(m, Attention)]
     assert attentions and all(type(a.processor) is AttnProcessor2_0 for a in attentions)
+    resnets = [m for m in modules if isinstance(m, ResnetBlock2D)]
+    assert resnets and all(type(r.time_emb_proj) is torch.nn.Linear for r in resnets)
     state = tiny_model.state_dict()
     assert all(torch.equal(state[k], v) and state[k].is_contiguous() for k, v in weights_before.items())
 
@@ -85,12 +84,42 @@ def test_the_pieces_really_use_their_own_weights_and_processors(tiny_model):
             return super().__call__(*args, **kwargs)
 
     processors = {m: Counting() for m in tiny_model.unet.modules() if isinstance(m, Attention)}
+    clock = Clock()
+    tables = time_projection_tables(tiny_model.unet, 1000, clock)
     with torch.no_grad():
         want = unet_encode(tiny_model.unet, x, t, context)[2]
         got = Piece(unet_encode, tiny_model.unet, weights=weights, processors=processors)(x, t, context)[2]
-    assert not torch.allclose(got, want)
-    encoder = [*tiny_model.unet.down_blocks, tiny_model.unet.mid_block]
-    assert len(calls) == sum(isinstance(m, Attention) for block in encoder for m in block.modules()) > 0
+        assert not torch.allclose(got, want)
+        encoder = [*tiny_model.unet.down_blocks, tiny_model.unet.mid_block]
+        assert len(calls) == sum(isinstance(m, Attention) for block in encoder for m in block.modules()) > 0
+        timed = Piece(unet_encode, tiny_model.unet, time_tables=tables, clock=clock)
+        _close(timed(x, t, context)[2], want)
+        for table in tables.values():
+            table.table = table.table + 1.0
+        assert not torch.allclose(timed(x, t, context)[2], want)
+        assert torch.equal(clock.timestep, t)
+
+
+def test_time_tables_hold_each_resnets_projection_at_every_timestep(tiny_model):
+    unet = tiny_model.unet
+    tables = time_projection_tables(unet, 1000, Clock())
+    resnets = [m for m in unet.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
+    assert set(tables) == set(resnets) and len(resnets) > 2
+    sample = torch.zeros(1, *tiny_model.latent_shape)
+    with torch.no_grad():
+        for t in (0, 417, 999):
+            emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=torch.tensor([t])), None)
+            for resnet in resnets:
+                want = resnet.time_emb_proj(resnet.nonlinearity(emb))
+                _close(tables[resnet].table[t : t + 1], want)
+    with pytest.raises(FeatInvError, match="clock"):
+        Piece(unet_encode, unet, time_tables=tables)
+
+
+def test_no_time_tables_where_the_embedding_is_more_than_the_timestep(tiny_model):
+    unet = tiny_model.unet
+    unet.class_embedding = torch.nn.Linear(2, 2)  # as a UNet with class labels has
+    assert time_projection_tables(unet, 1000, Clock()) == {}
 
 
 def test_cached_context_attention_projects_the_contexts_once(tiny_model):

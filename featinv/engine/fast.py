@@ -13,8 +13,9 @@ sampler, guidance) and replayed, from C++ when ``featinv._graph_loop`` builds):
 
 The pieces (ControlNet, UNet encoder, UNet decoder; ``featinv.engine.pieces``) run with
 channels-last copies of the convolution weights (Inductor would convert the model's weights on
-every call) and attention that projects self-attention's q/k/v in one matmul and the two fixed
-contexts' keys and values once (``featinv.engine.fast_attention``). They go through
+every call), attention that projects self-attention's q/k/v in one matmul and the two fixed
+contexts' keys and values once (``featinv.engine.fast_attention``), and the resnets' timestep
+projections read from tables over all timesteps (``featinv.engine.time_tables``). They go through
 ``torch.compile`` (Inductor, no CUDA graphs of its own: the whole step is captured here). Nothing
 approximates: outputs equal the eager reference up to fp16 rounding and kernel choice.
 """
@@ -30,6 +31,7 @@ from featinv.engine.fast_attention import fast_processors
 from featinv.engine.graph_loop import replay_loop
 from featinv.engine.pieces import Piece, channels_last_weights
 from featinv.engine.split_unet import check_splittable, unet_decode, unet_encode
+from featinv.engine.time_tables import Clock, time_projection_tables
 from featinv.errors import FeatInvError
 from featinv.kernels.guided_update import guided_update_
 from featinv.models.featinv_model import FeatInvModel
@@ -51,7 +53,8 @@ class FastPath:
             and static buffers, and a server sees many batch sizes.
         channels_last: run the pieces with channels-last copies of the convolution weights (memory:
             one more copy of them, 1.6 GB in fp16 at miniSD scale).
-        cached_attention: merged q/k/v projections and the contexts' keys and values projected once.
+        precomputed: use what is a constant of the model, computed here once: merged q/k/v
+            projections, the contexts' keys and values, the timestep projections of every resnet.
 
     The weights and contexts are a snapshot taken here: build a new FastPath after changing them.
     """
@@ -65,7 +68,7 @@ class FastPath:
         graphs: bool = True,
         max_graphs: int = 8,
         channels_last: bool = True,
-        cached_attention: bool = True,
+        precomputed: bool = True,
     ) -> None:
         if compile_mode not in COMPILE_MODES:
             raise FeatInvError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
@@ -79,14 +82,20 @@ class FastPath:
         unet_weights = channels_last_weights(model.unet) if channels_last else {}
         # The ControlNet's hint encoder runs once per sample, outside the step: its weights stay as they are.
         controlnet_weights = channels_last_weights(model.controlnet.controlnet, "controlnet.") if channels_last else {}
-        processors = {}
-        if cached_attention:
+        constants = {}
+        if precomputed:
             contexts = torch.cat([model.null_context, model.context]).to(self.device, model.unet.dtype)
-            processors = fast_processors(model.unet, contexts) | fast_processors(model.controlnet, contexts)
+            clock, steps = Clock(), model.noise_schedule.num_train_timesteps
+            constants = {
+                "processors": fast_processors(model.unet, contexts) | fast_processors(model.controlnet, contexts),
+                "time_tables": time_projection_tables(model.unet, steps, clock)
+                | time_projection_tables(model.controlnet.controlnet, steps, clock),
+                "clock": clock,
+            }
         pieces = [
-            Piece(_controlnet, model.controlnet, weights=controlnet_weights, processors=processors),
-            Piece(unet_encode, model.unet, weights=unet_weights, processors=processors),
-            Piece(unet_decode, model.unet, weights=unet_weights, processors=processors),
+            Piece(_controlnet, model.controlnet, weights=controlnet_weights, **constants),
+            Piece(unet_encode, model.unet, weights=unet_weights, **constants),
+            Piece(_decode, model.unet, weights=unet_weights, **constants),
         ]
         if compile_mode is not None:
             pieces = [torch.compile(piece, mode=compile_mode, dynamic=False) for piece in pieces]
@@ -151,6 +160,12 @@ def _controlnet(controlnet, *args):
     return controlnet(*args)
 
 
+def _decode(unet, emb, timestep, *args):
+    """``unet_decode`` as a piece's function: the timestep second, as in the other pieces (the
+    time tables read it; ``emb`` is what the model's own time projections read)."""
+    return unet_decode(unet, emb, *args)
+
+
 class StepGraph:
     """One denoising step with guidance and update, on static buffers, for one shape.
 
@@ -191,7 +206,7 @@ class StepGraph:
                 down, mid_residual = path.controlnet(pair, t, self.context, self.hint)
             emb, skips, mid = path.encode(pair, t, self.context)
             main.wait_stream(self.side)
-        return path.decode(emb, skips, mid, self.context, down, mid_residual)
+        return path.decode(emb, t, skips, mid, self.context, down, mid_residual)
 
     def _step(self) -> None:
         """One step on the buffers (what the graph replays)."""

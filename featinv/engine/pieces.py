@@ -6,11 +6,13 @@ as a module for ``torch.compile``, run with weights prepared for speed without t
   parameters, 3.3 GB of fp16 traffic and ~150 copy kernels per step. The copies cost that memory
   once instead (1.6 GB in fp16 at miniSD scale).
 * Attention processors from ``featinv.engine.fast_attention`` (merged q/k/v projections, the fixed
-  contexts' keys and values projected once) swapped in for the call and restored after it.
+  contexts' keys and values projected once) and the resnets' timestep projections as tables
+  (``featinv.engine.time_tables``), swapped in for the call and restored after it.
 
-Both are a snapshot of the model when the piece is built: build the fast path again after
-changing its weights or contexts. While a piece runs, the model's processors and convolution
-weights are the piece's; captured in a CUDA graph, the piece's Python runs only at capture.
+All are a snapshot of the model when the piece is built: build the fast path again after changing
+its weights or contexts. While a piece runs, the model's processors, time projections and
+convolution weights are the piece's; captured in a CUDA graph, the piece's Python runs only at
+capture.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from collections.abc import Callable
 
 import torch
 from torch.func import functional_call
+
+from featinv.errors import FeatInvError
 
 
 class _Call(torch.nn.Module):
@@ -42,33 +46,49 @@ def channels_last_weights(module: torch.nn.Module, prefix: str = "") -> dict[str
 
 
 class Piece(torch.nn.Module):
-    """``fn(module, *args)`` with other weights and attention processors for the call.
+    """``fn(module, *args)`` with other weights, attention processors and time projections.
 
     Args:
-        fn: what to run, ``fn(module, *args)``.
+        fn: what to run, ``fn(module, *args)``; ``args[1]`` is the timestep (1,) or (B,) when
+            ``clock`` is given.
         module: the model part it runs on.
         weights: parameter name (in ``module``) -> tensor to use instead (``channels_last_weights``;
             shared between pieces of one module).
         processors: attention module -> processor to use during the call (those inside ``module``).
+        time_tables: resnet -> ``TimeProjectionTable`` to use as its ``time_emb_proj``.
+        clock: the tables' clock; the piece sets its timestep.
     """
 
     def __init__(
-        self, fn: Callable, module: torch.nn.Module, *, weights: dict | None = None, processors: dict | None = None
+        self,
+        fn: Callable,
+        module: torch.nn.Module,
+        *,
+        weights: dict | None = None,
+        processors: dict | None = None,
+        time_tables: dict | None = None,
+        clock=None,
     ) -> None:
         super().__init__()
         self.call = _Call(fn, module)
         inside = set(module.modules())
-        self.swaps = [(attn, proc) for attn, proc in (processors or {}).items() if attn in inside]
+        self.swaps = [(attn, "processor", proc) for attn, proc in (processors or {}).items() if attn in inside]
+        self.swaps += [(res, "time_emb_proj", table) for res, table in (time_tables or {}).items() if res in inside]
+        if any(name == "time_emb_proj" for _, name, _ in self.swaps) and clock is None:
+            raise FeatInvError("time tables need their clock")
+        self.clock = clock
         self.weights = {f"module.{name}": weight for name, weight in (weights or {}).items()}
 
     def forward(self, *args):
-        saved = [attn.processor for attn, _ in self.swaps]
+        if self.clock is not None:
+            self.clock.timestep = args[1]
+        saved = [getattr(owner, name) for owner, name, _ in self.swaps]
         try:
-            for attn, processor in self.swaps:
-                attn.processor = processor
+            for owner, name, replacement in self.swaps:
+                setattr(owner, name, replacement)
             if not self.weights:
                 return self.call(*args)
             return functional_call(self.call, self.weights, args, strict=False)
         finally:
-            for (attn, _), processor in zip(self.swaps, saved, strict=True):
-                attn.processor = processor
+            for (owner, name, _), original in zip(self.swaps, saved, strict=True):
+                setattr(owner, name, original)
