@@ -4,10 +4,12 @@
   stacked (one GEMM launch instead of three; each output element is the same dot product).
 * Cross-attention: the contexts are constants of the model (the null context for the
   unconditional branch, the stored one for the conditional branch), so their keys and values are
-  too. They are projected once, when the fast path is built, as a (2, L, C) table, and expanded to
-  the batch's order (B null rows, then B stored rows: ``FeatInvModel.guidance_contexts``) per call;
-  at one image (batch 2) that expansion is a no-op. The ``encoder_hidden_states`` passed in are
-  only checked for shape: the caller (the fast path's step) passes ``guidance_contexts``.
+  too. They are projected once, when the fast path is built, as a (2, L, C) table. The batch is in
+  the order of ``FeatInvModel.guidance_contexts`` (B null rows, then B stored rows), and a query
+  attends to its own branch's keys only, so each branch's B images run as one sequence of B*N
+  queries against its table row: nothing is expanded per call. The ``encoder_hidden_states``
+  passed in are only checked for shape: the caller (the fast path's step) passes
+  ``guidance_contexts``.
 
 Used only inside the fast path's pieces (``featinv.engine.pieces``), never left installed on the model.
 """
@@ -86,10 +88,10 @@ class CachedContextAttention:
                 f"the fast path's cross-attention expects the guidance contexts, shape (2B, {self.context_shape}), "
                 f"and no mask; got {None if encoder_hidden_states is None else tuple(encoder_hidden_states.shape)}"
             )
-        per_branch = rows // 2
-        key = self.key.repeat_interleave(per_branch, dim=0)  # B null rows, then B stored rows
-        value = self.value.repeat_interleave(per_branch, dim=0)
-        return _attend(attn, attn.to_q(hidden_states), key, value)
+        # Each query row attends to its branch's keys alone, so a branch's B images can be one long
+        # sequence of B*N queries: batch 2 (the branches) against the (2, L, C) table, nothing expanded.
+        query = attn.to_q(hidden_states).reshape(2, -1, attn.to_q.out_features)
+        return _attend(attn, query, self.key, self.value).reshape(rows, hidden_states.shape[1], -1)
 
 
 def _attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
