@@ -16,16 +16,18 @@ import bench_gpu  # noqa: E402
 
 def test_the_smoke_run_measures_every_cpu_backend(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
-    argv = ["bench_gpu.py", "--preset", "tiny", "--device", "cpu", "--no-compile", "--batches", "2"]
-    monkeypatch.setattr(sys, "argv", [*argv, "--steps", "3", "--out", str(out)])
+    argv = ["bench_gpu.py", "--preset", "tiny", "--device", "cpu", "--no-compile", "--fast-pieces", "eager"]
+    monkeypatch.setattr(
+        sys, "argv", [*argv, "--batches", "2", "--ablation-batches", "2", "--steps", "3", "--out", str(out)]
+    )
     bench_gpu.main()
     results = json.loads(out.read_text())
     rows = {row["backend"]: row for row in results["rows"]}
-    assert set(rows) == {"diffusers eager", "featinv eager"} and results["device"] == "cpu"
-    # the same computation: the diffusers loop and featinv's agree on the final latents
-    assert rows["diffusers eager"]["max_abs_diff_vs_featinv_eager"] < 1e-4 * max(
-        1.0, rows["featinv eager"]["max_abs_latent"]
-    )
+    fast_rows = {"featinv fast", "featinv fast, one stream", "featinv fast, eager pieces", bench_gpu.AS_STORED}
+    assert set(rows) == {"diffusers eager", "featinv eager", *fast_rows} and results["device"] == "cpu"
+    # the same computation: the diffusers loop, featinv's and every fast row agree on the final latents
+    for name in ["diffusers eager", *fast_rows]:
+        assert rows[name]["max_abs_diff_vs_featinv_eager"] < 1e-4 * max(1.0, rows["featinv eager"]["max_abs_latent"])
     assert all(row["step_ms"] > 0 and row["reconstruction_ms"] > 0 for row in rows.values())
     assert results["flops_per_step"]["2"] > 0
 
