@@ -35,7 +35,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 python3 -c "import featinv._C, featinv._sampler; print('featinv._C and featinv._sampler built')"
 python3 -c "from featinv.engine.graph_loop import native_graph_loop; print('graph loop', native_graph_loop('cpp'))"
 stamp "GPU tests (in the background, while the benchmark compiles)"
-(timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_kernels.py tests/test_bench_gpu.py \
+(timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_fast_pieces.py tests/test_kernels.py tests/test_bench_gpu.py \
   > /tmp/pytest.log 2>&1; stamp "GPU tests ended"; tail -25 /tmp/pytest.log) &
 TEST_PID=$!
 stamp "benchmark"
