@@ -1,6 +1,7 @@
-"""The fast path's pieces (featinv.engine.pieces) and attention (featinv.engine.fast_attention):
-channels-last weight copies and attention with merged projections and cached context keys/values
-compute what the model computes, and leave the model as it was."""
+"""The fast path's pieces (featinv.engine.pieces), attention (featinv.engine.fast_attention) and
+timestep tables (featinv.engine.time_tables): channels-last weight copies, merged projections,
+cached context keys/values and tabled time projections compute what the model computes, and leave
+the model as it was."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def _pieces(model):
 
 
 def _flat(outputs):
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
     flat = []
     for item in outputs:
         flat.extend(_flat(item) if isinstance(item, (tuple, list)) else [item])
