@@ -180,19 +180,3 @@ def test_a_compiled_piece_equals_the_eager_one_and_follows_its_inputs(tiny_model
             x = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
             _close(compiled(x, t, context), unet_encode(tiny_model.unet, x, t, context))
     assert all(type(m.processor) is AttnProcessor2_0 for m in tiny_model.unet.modules() if isinstance(m, Attention))
-
-
-def test_each_piece_has_its_own_compile_cache(monkeypatch):
-    """torch.compile runs a code object eagerly once it has ``recompile_limit`` variants; pieces
-    (three per fast path, one variant per batch size) must not share that budget."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    pieces = [Piece(lambda module, x: module(x), torch.nn.Linear(4, 4)) for _ in range(2)]
-    compiled = [torch.compile(piece, dynamic=False) for piece in pieces]
-    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    with torch.no_grad():
-        for piece, fn in zip(pieces, compiled, strict=True):
-            x = torch.randn(3, 4)
-            assert torch.allclose(fn(x), piece.call.module(x))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 2  # both compiled, neither fell back

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from featinv.engine.compile_cache import own_compile_cache
 from featinv.engine.export import DenoiserGraph
 from featinv.errors import FeatInvError
 from featinv.models.featinv_model import FeatInvModel
@@ -26,7 +27,8 @@ class CompiledDenoiser:
         if mode not in MODES:
             raise FeatInvError(f"compile mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.model, self.mode = model, mode
-        self.graph = torch.compile(DenoiserGraph(model).eval(), mode=mode, dynamic=False, fullgraph=False)
+        graph = own_compile_cache(DenoiserGraph(model).eval())  # a variant per (batch, dtype), not shared
+        self.graph = torch.compile(graph, mode=mode, dynamic=False, fullgraph=False)
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: int, hint: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

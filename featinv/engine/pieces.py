@@ -17,12 +17,12 @@ capture.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 
 import torch
 from torch.func import functional_call
 
+from featinv.engine.compile_cache import own_compile_cache
 from featinv.errors import FeatInvError
 
 
@@ -79,14 +79,7 @@ class Piece(torch.nn.Module):
             raise FeatInvError("time tables need their clock")
         self.clock = clock
         self.weights = {f"module.{name}": weight for name, weight in (weights or {}).items()}
-        # torch.compile keeps at most ``recompile_limit`` (8) compiled variants per code object and
-        # runs eagerly beyond that: with one shared ``forward``, three pieces of a few fast paths at
-        # a few batch sizes exceed it. Each piece gets its own copy of the code (same instructions).
-        forward = type(self).forward
-        own = types.FunctionType(
-            forward.__code__.replace(), forward.__globals__, forward.__name__, None, forward.__closure__
-        )
-        self.forward = types.MethodType(own, self)
+        own_compile_cache(self)  # three pieces per fast path, a variant per batch size each
 
     def forward(self, *args):
         if self.clock is not None:
