@@ -6,3 +6,10 @@ class FeatInvError(ValueError):
 
     The CLI prints it as one line and exits with code 2.
     """
+
+
+def require_positive_int(name: str, value: object) -> int:
+    """``value`` if it is an integer >= 1 (a bool is not); otherwise a FeatInvError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FeatInvError(f"{name} must be a positive integer, got {value!r}")
+    return value

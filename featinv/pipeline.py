@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from featinv.engine import make_denoiser
-from featinv.errors import FeatInvError
+from featinv.errors import FeatInvError, require_positive_int
 from featinv.features import FeatureExtractor, check_images, pool_and_tile
 from featinv.models.featinv_model import FeatInvModel
 from featinv.sampling import SAMPLERS, classifier_free_guidance
@@ -196,8 +196,7 @@ class Reconstructor:
     def _check_options(self, steps: int, guidance_scale: float, sampler: str, eta: float, batch_size: int) -> None:
         if sampler not in SAMPLERS:
             raise FeatInvError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise FeatInvError(f"batch_size must be a positive integer, got {batch_size!r}")
+        require_positive_int("batch_size", batch_size)
         if not 0.0 <= float(guidance_scale) <= 50.0:
             raise FeatInvError(f"guidance_scale must be in [0, 50], got {guidance_scale}")
         if sampler != "ddim" and eta != 0.0:

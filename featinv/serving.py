@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from featinv.errors import FeatInvError
+from featinv.errors import FeatInvError, require_positive_int
 from featinv.models.featinv_model import FeatInvModel
 from featinv.pipeline import DEFAULT_GUIDANCE, Reconstructor, resolve_device
 
@@ -68,8 +68,7 @@ class RealtimeReconstructor:
         warmup: bool = True,
         warmup_batch: int = 1,
     ) -> None:
-        if not (isinstance(warmup_batch, int) and warmup_batch >= 1):
-            raise FeatInvError(f"warmup_batch must be a positive integer, got {warmup_batch!r}")
+        require_positive_int("warmup_batch", warmup_batch)
         device = resolve_device(device)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.reconstructor = Reconstructor(model, device=device, backend=backend, dtype=dtype)

@@ -32,7 +32,7 @@ from featinv.engine.graph_loop import replay_loop
 from featinv.engine.pieces import Piece, channels_last_weights
 from featinv.engine.split_unet import check_splittable, unet_decode, unet_encode
 from featinv.engine.time_tables import Clock, time_projection_tables
-from featinv.errors import FeatInvError
+from featinv.errors import FeatInvError, require_positive_int
 from featinv.kernels.guided_update import guided_update_
 from featinv.models.featinv_model import FeatInvModel
 from featinv.sampling.schedule import SamplerSchedule
@@ -72,8 +72,7 @@ class FastPath:
     ) -> None:
         if compile_mode not in COMPILE_MODES:
             raise FeatInvError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
-        if not (isinstance(max_graphs, int) and max_graphs >= 1):
-            raise FeatInvError(f"max_graphs must be a positive integer, got {max_graphs!r}")
+        require_positive_int("max_graphs", max_graphs)
         check_splittable(model.unet)
         self.model = model
         self.device = model.context.device

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from featinv.analysis.metrics import feature_cosine
-from featinv.errors import FeatInvError
+from featinv.errors import FeatInvError, require_positive_int
 from featinv.features import FeatureExtractor
 from featinv.models.featinv_model import FeatInvModel
 from featinv.training.loop import TrainConfig, Trainer, TrainResult
@@ -205,10 +205,7 @@ class Consistency:
     def __post_init__(self) -> None:
         if not self.weight > 0:
             raise FeatInvError(f"consistency weight (--consistency-weight) must be > 0, got {self.weight!r}")
-        if not (isinstance(self.max_timestep, int) and self.max_timestep >= 1):
-            raise FeatInvError(
-                f"consistency max_timestep (--consistency-max-t) must be a positive integer, got {self.max_timestep!r}"
-            )
+        require_positive_int("consistency max_timestep (--consistency-max-t)", self.max_timestep)
 
     def loss(
         self,
