@@ -1,0 +1,75 @@
+"""Count the kernels of one guided fast-path step (ControlNet, UNet encoder, UNet decoder), with
+the fast path as built and with the model's own weights and attention, on whatever device is given:
+Inductor-generated kernels (counted at compile time) and extern calls (convolution, mm, addmm, bmm,
+scaled dot-product attention; counted by the profiler). On a GPU with CUDA graphs each kernel costs
+a few microseconds even when small, so at one image the count predicts much of the step time; on a
+CPU the counts are a proxy (the extern calls are the same, the generated kernels fuse similarly).
+
+    python benchmarks/count_step_kernels.py --preset minisd --images 1   # ~5 min and ~10 GB on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import time
+
+import torch
+from bench_gpu import build_model
+from torch._inductor import metrics
+from torch.profiler import ProfilerActivity, profile
+
+from featinv.engine.fast import FastPath
+
+EXTERN = ("convolution", "mm", "addmm", "bmm", "_scaled_dot_product")
+
+
+def count(model, images: int, device: torch.device, **options) -> dict:
+    """Kernels of one step of ``images`` images (batch 2 x images with guidance)."""
+    path = FastPath(model, graphs=False, streams=False, **options)
+    x = torch.randn(2 * images, *model.latent_shape, device=device, dtype=model.unet.dtype)
+    t = torch.tensor([500], device=device)
+    context = model.guidance_contexts(images).to(model.unet.dtype)
+    hint = path.null_hint().expand(2 * images, -1, -1, -1).contiguous()
+
+    def step():
+        down, mid_residual = path.controlnet(x, t, context, hint)
+        emb, skips, mid = path.encode(x, t, context)
+        return path.decode(emb, t, skips, mid, context, down, mid_residual)
+
+    with torch.no_grad():
+        metrics.reset()
+        step()  # compiles
+        generated = metrics.generated_kernel_count
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+    calls = collections.Counter(event.name.removeprefix("aten::") for event in prof.events())
+    extern = {name: n for name, n in calls.items() if name.startswith(EXTERN) and not name.endswith("_backward")}
+    torch._dynamo.reset()
+    return {"generated_kernels": generated, "extern_calls": extern, "total": generated + sum(extern.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["minisd", "tiny"], default="minisd")
+    parser.add_argument("--images", type=int, default=1)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.preset).to(device, torch.float16 if device.type == "cuda" else torch.float32).eval()
+    results = {"preset": args.preset, "images": args.images, "device": str(device), "torch": torch.__version__}
+    for label, options in (
+        ("model's own weights and attention", {"channels_last": False, "precomputed": False}),
+        ("as built", {}),
+    ):
+        begin = time.perf_counter()
+        results[label] = count(model, args.images, device, **options)
+        results[label]["seconds"] = time.perf_counter() - begin
+        print(label, json.dumps(results[label]), flush=True)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
