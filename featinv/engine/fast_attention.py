@@ -24,9 +24,9 @@ from featinv.errors import FeatInvError
 
 
 def supports(attn: Attention) -> bool:
-    """Whether ``attn`` is the plain attention these processors reproduce (SD1.x's): no spatial or
-    group norm, no context norm, no q/k norms, no residual or rescale, default scale, no bias on
-    the key/value projections of cross-attention."""
+    """Whether ``attn`` is the plain attention these processors reproduce (SD1.x's): the default
+    processor, no spatial or group norm, no context norm, no q/k norms, no residual or rescale, the
+    default scale, not cross-attention-only (projection biases are kept, as the model has them)."""
     return (
         isinstance(attn.processor, AttnProcessor2_0)
         and attn.spatial_norm is None
