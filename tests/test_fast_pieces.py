@@ -126,7 +126,7 @@ def test_no_time_tables_where_the_embedding_is_more_than_the_timestep(tiny_model
 
 
 def test_cached_context_attention_projects_the_contexts_once(tiny_model):
-    contexts = torch.cat([tiny_model.null_context, tiny_model.context])
+    contexts = tiny_model.guidance_contexts(1)
     attn = next(m for m in tiny_model.unet.modules() if isinstance(m, Attention) and m.is_cross_attention)
     cached = CachedContextAttention(attn, contexts)
     assert cached.key.shape == (2, contexts.shape[1], attn.to_k.out_features)

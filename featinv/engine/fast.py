@@ -83,7 +83,7 @@ class FastPath:
         controlnet_weights = channels_last_weights(model.controlnet.controlnet, "controlnet.") if channels_last else {}
         constants = {}
         if precomputed:
-            contexts = torch.cat([model.null_context, model.context]).to(self.device, model.unet.dtype)
+            contexts = model.guidance_contexts(1).to(self.device, model.unet.dtype)  # (2, L, D): null, stored
             clock, steps = Clock(), model.noise_schedule.num_train_timesteps
             constants = {
                 "processors": fast_processors(model.unet, contexts) | fast_processors(model.controlnet, contexts),

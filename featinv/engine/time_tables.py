@@ -5,7 +5,8 @@ where ``emb(t)`` is the model's sinusoid + MLP of the timestep: a function of th
 alone. The fast path computes it once for all ``num_train_timesteps`` values, one (T, C) table per
 resnet (at miniSD scale 32 tables, 60 MB in fp16), and during a step each resnet reads row ``t``:
 the ControlNet's time MLP and 32 small matmuls per step (of 2B identical rows) become gathers that
-Inductor folds into the adds that consume them. Same numbers: each row is the same projection of the same embedding.
+Inductor folds into the adds that consume them. Same numbers: each row is the same projection of
+the same embedding.
 """
 
 from __future__ import annotations
