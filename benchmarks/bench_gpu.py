@@ -9,18 +9,20 @@ Side by side in one run, for each batch size:
 * torch.compile mode=reduce-overhead: featinv's ``compiled`` backend;
 * featinv fast: ``featinv.engine.fast`` (compiled pieces, ControlNet concurrent with the UNet
   encoder on two streams, channels-last weight copies, merged/cached attention projections, fused
-  guidance + update, one CUDA graph per step replayed from C++), and three ablations of it (one
-  stream; eager pieces in the graph; the model's own weights and attention, ``--ablation-batches``)
-  and, with ``--autotune-batches``, the fast path with max-autotune-no-cudagraphs pieces.
+  guidance + update, one CUDA graph per step replayed from C++); the same with the twin encoder
+  (ControlNet and UNet encoder as one network, ``--twin-batches``); and ablations of it (one
+  stream; eager pieces in the graph; the model's own weights and attention, ``--ablation-batches``;
+  with ``--autotune-batches``, max-autotune-no-cudagraphs pieces).
 
 Per-step time, whole-reconstruction time (``Reconstructor.reconstruct``: hint, 50 steps, VAE
 decode), ratios, the fraction of a given bf16 peak (FLOPs counted by torch's FlopCounterMode on one
 guided step) and the max abs difference of the final latents against featinv eager for the same
-seed. Every backend is compiled and captured first, then timed (``--wait-pid``: timing starts only
-after that process ends, so a job sharing the GPU during compilation does not disturb the timings).
-A last table times the Triton kernels against eager PyTorch and torch.compile of the same math.
-``--profile`` adds where the fast path's step spends its GPU time (kernels per step, busy time
-against wall time, the top kernels).
+seed. Each backend is warmed up (compiled, captured) and then timed at once, one at a time: first
+the rows the issue's targets need, batch by batch (reduce-overhead last in each), then the costly
+ablations, so that a run cut short keeps what matters. ``--wait-pid``: timing starts only after
+those processes end (a job sharing the GPU). A last table times the Triton kernels against eager
+PyTorch and torch.compile of the same math. ``--profile`` adds where the fast path's step spends
+its GPU time (kernels per step, busy time against wall time, the top kernels).
 Prints tables, writes JSON (``--out``) after every section.
 
     python benchmarks/bench_gpu.py --out results.json                                   # on a GPU
@@ -45,6 +47,21 @@ from featinv.sampling.schedule import NoiseSchedule
 GUIDANCE = 1.75
 AS_STORED = "featinv fast, model's weights+attention"
 AUTOTUNED = "featinv fast, max-autotune pieces"
+TWIN = "featinv fast, twin encoder"
+
+
+def add_ratios(rows: list[dict], batch: int) -> None:
+    """Ratios of ``batch``'s rows: whole reconstruction against diffusers eager, step and
+    reconstruction against torch.compile reduce-overhead (where those rows were measured)."""
+    mine = [row for row in rows if row["images"] == batch]
+    diffusers = next((r for r in mine if r["backend"] == "diffusers eager"), None)
+    compiled = next((r for r in mine if r["backend"].startswith("torch.compile")), None)
+    for row in mine:
+        if diffusers is not None:
+            row["speedup_vs_diffusers_eager"] = diffusers["reconstruction_ms"] / row["reconstruction_ms"]
+        if compiled is not None:
+            row["step_speedup_vs_reduce_overhead"] = compiled["step_ms"] / row["step_ms"]
+            row["reconstruction_speedup_vs_reduce_overhead"] = compiled["reconstruction_ms"] / row["reconstruction_ms"]
 
 
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, object]:
@@ -234,6 +251,13 @@ def main() -> None:
         help="batch sizes for the fast path with the model's own weights and attention (one more compile each)",
     )
     parser.add_argument(
+        "--twin-batches",
+        type=int,
+        nargs="*",
+        default=[1],
+        help="batch sizes for the fast path with the twin encoder (ControlNet and UNet encoder as one network)",
+    )
+    parser.add_argument(
         "--autotune-batches",
         type=int,
         nargs="*",
@@ -278,6 +302,8 @@ def main() -> None:
         one_stream = backends["featinv fast, one stream"] = Reconstructor(model, device=device, dtype=dtype)
         one_stream.fast = fast.fast.with_options(streams=False)
         backends["featinv fast, eager pieces"] = fast_row(compile_mode=None)
+        if args.twin_batches:
+            backends[TWIN] = fast_row(twin_encoder=True)
         backends[AS_STORED] = fast_row(channels_last=False, precomputed=False)
         if args.autotune_batches:
             backends[AUTOTUNED] = fast_row(compile_mode="max-autotune-no-cudagraphs")
@@ -330,23 +356,34 @@ def main() -> None:
             flush=True,
         )
 
-    # Batch by batch, backend by backend: warm up (compile, capture), then time at once; each row is
-    # saved as soon as it is measured. torch.compile's CUDA graph trees come last.
-    for batch in args.batches:
+    # Backend by backend: warm up (compile, capture), then time at once; each row is saved as soon
+    # as it is measured. First what the issue's targets need, batch by batch (torch.compile's CUDA
+    # graph trees last in each), then the costly ablations (one more compile each), so that a run cut
+    # short by a time limit keeps the rows that matter.
+    ablations = {AS_STORED: args.ablation_batches, AUTOTUNED: args.autotune_batches}
+    per_batch = {}  # batch -> (flops per step, featinv eager's final latents)
+
+    def plan() -> list[tuple[int, list[str]]]:
+        first = []
+        for batch in args.batches:
+            names = ["diffusers eager", *(n for n in backends if not n.startswith("torch.compile"))]
+            names = [n for n in names if n not in ablations and (n != TWIN or batch in args.twin_batches)]
+            names += [n for n in backends if n.startswith("torch.compile") and batch in args.compiled_batches]
+            first.append((batch, names))
+        later = [(b, [n for n in ablations if n in backends and b in ablations[n]]) for b in args.batches]
+        return first + [(batch, names) for batch, names in later if names]
+
+    for batch, names in plan():
         features, latents = inputs[batch]
-        denoise = eager.guided_denoiser(features, GUIDANCE)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            denoise(latents, 500)
-        step_flops = counter.get_total_flops()
-        results.setdefault("flops_per_step", {})[str(batch)] = step_flops
-        with torch.no_grad():
-            reference = whole(eager, batch).float().cpu()
-        order = ["diffusers eager", *(n for n in backends if not n.startswith("torch.compile"))]
-        order = [n for n in order if n != AS_STORED or batch in args.ablation_batches]
-        order = [n for n in order if n != AUTOTUNED or batch in args.autotune_batches]
-        order += [n for n in backends if n.startswith("torch.compile") and batch in args.compiled_batches]
-        rows = []
-        for name in order:
+        if batch not in per_batch:
+            denoise = eager.guided_denoiser(features, GUIDANCE)
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                denoise(latents, 500)
+            results.setdefault("flops_per_step", {})[str(batch)] = counter.get_total_flops()
+            with torch.no_grad():
+                per_batch[batch] = (counter.get_total_flops(), whole(eager, batch).float().cpu())
+        step_flops, reference = per_batch[batch]
+        for name in names:
             if name == "diffusers eager":
                 one_step = lambda f=features, x=latents: diffusers_eager(eager.model, f, x, 1)  # noqa: E731
                 whole_run = lambda f=features, x=latents: diffusers_eager(eager.model, f, x, args.steps)  # noqa: E731
@@ -377,26 +414,17 @@ def main() -> None:
                 "max_abs_diff_vs_featinv_eager": float((final - reference).abs().max()),
                 "max_abs_latent": float(reference.abs().max()),
             }
-            row["speedup_vs_diffusers_eager"] = (rows[0] if rows else row)["reconstruction_ms"] / whole_ms
-            rows.append(row)
             results["rows"].append(row)
+            add_ratios(results["rows"], batch)
             print_row(row)
-            if args.profile and name == "featinv fast":
+            if args.profile and name in ("featinv fast", TWIN):
                 try:
                     found = profile_step(one_step)
                 except Exception as error:  # report, keep the rest
                     found = {"error": repr(error)}
-                results.setdefault("profile", {})[str(batch)] = found
-                print(f"profile, {batch} images: {json.dumps(found)[:1500]}", flush=True)
+                results.setdefault("profile", {})[f"{name}, {batch}"] = found
+                print(f"profile, {name}, {batch} images: {json.dumps(found)[:1500]}", flush=True)
             save()
-        compiled_row = next((r for r in rows if r["backend"].startswith("torch.compile")), None)
-        for row in rows:
-            if compiled_row is not None:
-                row["step_speedup_vs_reduce_overhead"] = compiled_row["step_ms"] / row["step_ms"]
-                row["reconstruction_speedup_vs_reduce_overhead"] = (
-                    compiled_row["reconstruction_ms"] / row["reconstruction_ms"]
-                )
-        save()
     print("summary:")
     for row in results["rows"]:
         print_row(row)

@@ -1,5 +1,6 @@
 """Count the kernels of one guided fast-path step (ControlNet, UNet encoder, UNet decoder), with
-the fast path as built and with the model's own weights and attention, on whatever device is given:
+the fast path as built, with the model's own weights and attention, and with the twin encoder
+(ControlNet and UNet encoder as one network), on whatever device is given:
 Inductor-generated kernels (counted at compile time) and extern calls (convolution, mm, addmm, bmm,
 scaled dot-product attention; counted by the profiler). On a GPU with CUDA graphs each kernel costs
 a few microseconds even when small, so at one image the count predicts much of the step time; on a
@@ -34,8 +35,11 @@ def count(model, images: int, device: torch.device, **options) -> dict:
     hint = path.null_hint().expand(2 * images, -1, -1, -1).contiguous()
 
     def step():
-        down, mid_residual = path.controlnet(x, t, context, hint)
-        emb, skips, mid = path.encode(x, t, context)
+        if path.encode_both is not None:
+            emb, skips, mid, down, mid_residual = path.encode_both(x, t, context, hint)
+        else:
+            down, mid_residual = path.controlnet(x, t, context, hint)
+            emb, skips, mid = path.encode(x, t, context)
         return path.decode(emb, t, skips, mid, context, down, mid_residual)
 
     with torch.no_grad():
@@ -63,6 +67,7 @@ def main() -> None:
     for label, options in (
         ("model's own weights and attention", {"channels_last": False, "precomputed": False}),
         ("as built", {}),
+        ("twin encoder", {"twin_encoder": True}),
     ):
         begin = time.perf_counter()
         results[label] = count(model, args.images, device, **options)

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (Python 3.12, torch 2.11, no diffusers): install the carried
 # wheels (.whl/: diffusers, importlib_metadata), build featinv with its C++ extensions, run the GPU
-# tests (fast path, Triton kernels, sampler loops), then the GPU benchmark. With FINETUNE=1 the
-# shipped demo's spatial ControlNet is fine-tuned on the GPU at the same time (it needs the GPU
-# little while the benchmark compiles; the benchmark waits for it before timing anything).
-# COMPILED_BATCHES (default 16): batch sizes for the torch.compile reduce-overhead rows; AUTOTUNE_BATCHES
-# (default none): batch sizes for a max-autotune fast path (minutes of autotuning each).
+# benchmark, then the GPU tests (fast path, Triton kernels, sampler loops): the benchmark first, so
+# that a call cut short keeps its timings, and alone on the GPU. With FINETUNE=1 the
+# shipped demo's spatial ControlNet is fine-tuned on the GPU first (the benchmark waits for it to end).
+# COMPILED_BATCHES (default 16): batch sizes for the torch.compile reduce-overhead rows; TWIN_BATCHES
+# (default 1; empty: none): for the fast path with the twin encoder; AUTOTUNE_BATCHES (default none): for a
+# max-autotune fast path (minutes of autotuning each). Timeouts: BENCH_TIMEOUT 400 s, TEST_TIMEOUT 150 s.
 # Results go to $OUT (or ./gpu-out): run.log, bench_gpu.json, and the fine-tune's outputs.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -34,13 +35,12 @@ stamp "build"
 python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 python3 -c "import featinv._C, featinv._sampler; print('featinv._C and featinv._sampler built')"
 python3 -c "from featinv.engine.graph_loop import native_graph_loop; print('graph loop', native_graph_loop('cpp'))"
-stamp "GPU tests (in the background, while the benchmark compiles)"
-(timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_fast_pieces.py tests/test_kernels.py tests/test_bench_gpu.py \
-  > /tmp/pytest.log 2>&1; stamp "GPU tests ended"; tail -25 /tmp/pytest.log) &
-TEST_PID=$!
 stamp "benchmark"
-timeout "${BENCH_TIMEOUT:-460}" python3 benchmarks/bench_gpu.py --profile --compiled-batches ${COMPILED_BATCHES:-16} --autotune-batches ${AUTOTUNE_BATCHES:-} --out "$OUT/bench_gpu.json" --wait-pid $TEST_PID $FT_PID
-stamp "benchmark done"
-wait "$TEST_PID"
+timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_gpu.py --profile --compiled-batches ${COMPILED_BATCHES:-16} \
+  --twin-batches ${TWIN_BATCHES-1} --autotune-batches ${AUTOTUNE_BATCHES:-} --out "$OUT/bench_gpu.json" ${FT_PID:+--wait-pid $FT_PID}
+stamp "benchmark done; GPU tests"
+timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_fast_pieces.py \
+  tests/test_kernels.py tests/test_bench_gpu.py > "$OUT/pytest.log" 2>&1
+stamp "GPU tests ended"; tail -25 "$OUT/pytest.log"
 [ -n "$FT_PID" ] && wait "$WATCH_PID"
 stamp "done"

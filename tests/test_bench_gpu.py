@@ -18,13 +18,17 @@ def test_the_smoke_run_measures_every_cpu_backend(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     argv = ["bench_gpu.py", "--preset", "tiny", "--device", "cpu", "--no-compile", "--fast-pieces", "eager"]
     monkeypatch.setattr(
-        sys, "argv", [*argv, "--batches", "2", "--ablation-batches", "2", "--steps", "3", "--out", str(out)]
+        sys, "argv", [*argv, "--batches", "2", "--ablation-batches", "2", "--twin-batches", "2", "--steps", "3"]
     )
+    sys.argv += ["--out", str(out)]
     bench_gpu.main()
     results = json.loads(out.read_text())
     rows = {row["backend"]: row for row in results["rows"]}
     fast_rows = {"featinv fast", "featinv fast, one stream", "featinv fast, eager pieces", bench_gpu.AS_STORED}
+    fast_rows.add(bench_gpu.TWIN)
     assert set(rows) == {"diffusers eager", "featinv eager", *fast_rows} and results["device"] == "cpu"
+    assert results["rows"][-1]["backend"] == bench_gpu.AS_STORED  # the costly ablation after the target rows
+    assert rows[bench_gpu.AS_STORED]["speedup_vs_diffusers_eager"] > 0  # ratios reach rows of a later pass
     # the same computation: the diffusers loop, featinv's and every fast row agree on the final latents
     for name in ["diffusers eager", *fast_rows]:
         assert rows[name]["max_abs_diff_vs_featinv_eager"] < 1e-4 * max(1.0, rows["featinv eager"]["max_abs_latent"])

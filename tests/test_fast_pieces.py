@@ -129,7 +129,7 @@ def test_cached_context_attention_projects_the_contexts_once(tiny_model):
     contexts = tiny_model.guidance_contexts(1)
     attn = next(m for m in tiny_model.unet.modules() if isinstance(m, Attention) and m.is_cross_attention)
     cached = CachedContextAttention(attn, contexts)
-    assert cached.key.shape == (2, contexts.shape[1], attn.to_k.out_features)
+    assert cached.tensors.key.shape == (2, contexts.shape[1], attn.to_k.out_features)
     tokens = torch.randn(4, 6, attn.query_dim)
     guidance = tiny_model.guidance_contexts(2)
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_cached_context_attention_projects_the_contexts_once(tiny_model):
 def test_merged_self_attention_equals_three_projections(tiny_model):
     attn = next(m for m in tiny_model.unet.modules() if isinstance(m, Attention) and not m.is_cross_attention)
     merged = MergedSelfAttention(attn)
-    assert merged.weight.shape == (3 * attn.to_q.out_features, attn.query_dim)
+    assert merged.tensors.weight.shape == (3 * attn.to_q.out_features, attn.query_dim)
     tokens = torch.randn(3, 5, attn.query_dim)
     with torch.no_grad():
         _close(merged(attn, tokens), AttnProcessor2_0()(attn, tokens))

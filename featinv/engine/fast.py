@@ -32,6 +32,7 @@ from featinv.engine.graph_loop import replay_loop
 from featinv.engine.pieces import Piece, channels_last_weights
 from featinv.engine.split_unet import check_splittable, unet_decode, unet_encode
 from featinv.engine.time_tables import Clock, time_projection_tables
+from featinv.engine.twin_encoder import ENCODER, TwinEncoder
 from featinv.errors import FeatInvError, require_positive_int
 from featinv.kernels.guided_update import guided_update_
 from featinv.models.featinv_model import FeatInvModel
@@ -55,6 +56,8 @@ class FastPath:
             one more copy of them, 1.6 GB in fp16 at miniSD scale).
         precomputed: use what is a constant of the model, computed here once: merged q/k/v
             projections, the contexts' keys and values, the timestep projections of every resnet.
+        twin_encoder: run the ControlNet and the UNet's encoder as one network of two weight sets
+            (``featinv.engine.twin_encoder``: half their kernels; for small batches; no second stream).
 
     The weights and contexts are a snapshot taken here: build a new FastPath after changing them.
     """
@@ -69,6 +72,7 @@ class FastPath:
         max_graphs: int = 8,
         channels_last: bool = True,
         precomputed: bool = True,
+        twin_encoder: bool = False,
     ) -> None:
         if compile_mode not in COMPILE_MODES:
             raise FeatInvError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r}")
@@ -77,10 +81,13 @@ class FastPath:
         self.model = model
         self.device = model.context.device
         cuda = self.device.type == "cuda"
-        self.streams, self.graphs = streams and cuda, graphs and cuda
+        self.streams, self.graphs = streams and cuda and not twin_encoder, graphs and cuda
         unet_weights = channels_last_weights(model.unet) if channels_last else {}
+        if twin_encoder:  # the twin holds its own copies of the encoders' weights
+            unet_weights = {name: w for name, w in unet_weights.items() if not name.startswith(ENCODER)}
         # The ControlNet's hint encoder runs once per sample, outside the step: its weights stay as they are.
-        controlnet_weights = channels_last_weights(model.controlnet.controlnet, "controlnet.") if channels_last else {}
+        cn = model.controlnet.controlnet
+        controlnet_weights = channels_last_weights(cn, "controlnet.") if channels_last and not twin_encoder else {}
         constants = {}
         if precomputed:
             contexts = model.guidance_contexts(1).to(self.device, model.unet.dtype)  # (2, L, D): null, stored
@@ -91,14 +98,21 @@ class FastPath:
                 | time_projection_tables(model.controlnet.controlnet, steps, clock),
                 "clock": clock,
             }
-        pieces = [
-            Piece(_controlnet, model.controlnet, weights=controlnet_weights, **constants),
-            Piece(unet_encode, model.unet, weights=unet_weights, **constants),
-            Piece(_decode, model.unet, weights=unet_weights, **constants),
-        ]
+        if twin_encoder:
+            encoders = [TwinEncoder(model.unet, cn, channels_last=channels_last, **constants)]
+        else:
+            encoders = [
+                Piece(_controlnet, model.controlnet, weights=controlnet_weights, **constants),
+                Piece(unet_encode, model.unet, weights=unet_weights, **constants),
+            ]
+        pieces = [*encoders, Piece(_decode, model.unet, weights=unet_weights, **constants)]
         if compile_mode is not None:
             pieces = [torch.compile(piece, mode=compile_mode, dynamic=False) for piece in pieces]
-        self.controlnet, self.encode, self.decode = pieces
+        # twin: encode_both(x, t, context, hint) -> (emb, skips, mid, down, mid_residual); else the
+        # ControlNet and the UNet encoder as two pieces (concurrent on two streams).
+        self.encode_both = pieces[0] if twin_encoder else None
+        self.controlnet, self.encode = (None, None) if twin_encoder else pieces[:2]
+        self.decode = pieces[-1]
         self._null_hint: torch.Tensor | None = None
         self.max_graphs = max_graphs
         self._graphs: OrderedDict[tuple, StepGraph] = OrderedDict()
@@ -108,7 +122,7 @@ class FastPath:
         (benchmarks compare them without compiling twice)."""
         twin = copy.copy(self)
         cuda = self.device.type == "cuda"
-        twin.streams = self.streams if streams is None else streams and cuda
+        twin.streams = self.streams if streams is None else streams and cuda and self.encode_both is None
         twin.graphs = self.graphs if graphs is None else graphs and cuda
         twin._graphs = OrderedDict()
         return twin
@@ -195,7 +209,9 @@ class StepGraph:
         path = self.path
         pair = torch.cat([self.x, self.x]).to(self.hint.dtype)
         t = self.timesteps.index_select(0, self.step)
-        if self.side is None:
+        if path.encode_both is not None:
+            emb, skips, mid, down, mid_residual = path.encode_both(pair, t, self.context, self.hint)
+        elif self.side is None:
             down, mid_residual = path.controlnet(pair, t, self.context, self.hint)
             emb, skips, mid = path.encode(pair, t, self.context)
         else:

@@ -12,6 +12,8 @@
   ``guidance_contexts``.
 
 Used only inside the fast path's pieces (``featinv.engine.pieces``), never left installed on the model.
+A processor's tensors are buffers of its ``tensors`` module, so that a piece can substitute them by
+name (the twin encoder runs one processor with the UNet's and the ControlNet's tensors stacked).
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from featinv.errors import FeatInvError
+
+
+class ProcessorTensors(torch.nn.Module):
+    """A processor's precomputed tensors, as (non-persistent) buffers: reachable by name."""
+
+    def __init__(self, **tensors: torch.Tensor | None) -> None:
+        super().__init__()
+        for name, tensor in tensors.items():
+            self.register_buffer(name, tensor, persistent=False)
 
 
 def supports(attn: Attention) -> bool:
@@ -46,16 +57,17 @@ class MergedSelfAttention:
 
     def __init__(self, attn: Attention) -> None:
         projections = (attn.to_q, attn.to_k, attn.to_v)
-        self.weight = torch.cat([p.weight.detach() for p in projections])
+        weight = torch.cat([p.weight.detach() for p in projections])
         biases = [p.weight.new_zeros(p.out_features) if p.bias is None else p.bias.detach() for p in projections]
-        self.bias = None if all(p.bias is None for p in projections) else torch.cat(biases)
+        bias = None if all(p.bias is None for p in projections) else torch.cat(biases)
+        self.tensors = ProcessorTensors(weight=weight, bias=bias)
 
     def __call__(
         self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, **_
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 3:
             raise FeatInvError("the fast path's self-attention takes (B, N, C) tokens, no context and no mask")
-        query, key, value = F.linear(hidden_states, self.weight, self.bias).chunk(3, dim=-1)
+        query, key, value = F.linear(hidden_states, self.tensors.weight, self.tensors.bias).chunk(3, dim=-1)
         return _attend(attn, query, key, value)
 
 
@@ -69,8 +81,7 @@ class CachedContextAttention:
 
     def __init__(self, attn: Attention, contexts: torch.Tensor) -> None:
         with torch.no_grad():
-            self.key = attn.to_k(contexts)  # (2, L, C)
-            self.value = attn.to_v(contexts)
+            self.tensors = ProcessorTensors(key=attn.to_k(contexts), value=attn.to_v(contexts))  # (2, L, C) each
         self.context_shape = tuple(contexts.shape[1:])
 
     def __call__(
@@ -91,7 +102,7 @@ class CachedContextAttention:
         # Each query row attends to its branch's keys alone, so a branch's B images can be one long
         # sequence of B*N queries: batch 2 (the branches) against the (2, L, C) table, nothing expanded.
         query = attn.to_q(hidden_states).reshape(2, -1, attn.to_q.out_features)
-        return _attend(attn, query, self.key, self.value).reshape(rows, hidden_states.shape[1], -1)
+        return _attend(attn, query, self.tensors.key, self.tensors.value).reshape(rows, hidden_states.shape[1], -1)
 
 
 def _attend(attn: Attention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from featinv.engine.compile_cache import own_compile_cache
 from featinv.errors import FeatInvError
 
 
-class _Call(torch.nn.Module):
+class ModuleCall(torch.nn.Module):
     """``fn(module, *args)`` as the forward of a module (what ``functional_call`` calls)."""
 
     def __init__(self, fn: Callable, module: torch.nn.Module) -> None:
@@ -71,7 +71,7 @@ class Piece(torch.nn.Module):
         clock=None,
     ) -> None:
         super().__init__()
-        self.call = _Call(fn, module)
+        self.call = ModuleCall(fn, module)
         inside = set(module.modules())
         self.swaps = [(attn, "processor", proc) for attn, proc in (processors or {}).items() if attn in inside]
         self.swaps += [(res, "time_emb_proj", table) for res, table in (time_tables or {}).items() if res in inside]
@@ -88,9 +88,13 @@ class Piece(torch.nn.Module):
         try:
             for owner, name, replacement in self.swaps:
                 setattr(owner, name, replacement)
-            if not self.weights:
-                return self.call(*args)
-            return functional_call(self.call, self.weights, args, strict=False)
+            return self.run(*args)
         finally:
             for (owner, name, _), original in zip(self.swaps, saved, strict=True):
                 setattr(owner, name, original)
+
+    def run(self, *args):
+        """``fn(module, *args)`` with the piece's weights (its swaps in place)."""
+        if not self.weights:
+            return self.call(*args)
+        return functional_call(self.call, self.weights, args, strict=False)

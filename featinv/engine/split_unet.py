@@ -33,14 +33,22 @@ def check_splittable(unet: UNet2DConditionModel) -> None:
 
 
 def unet_encode(
-    unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+    unet: UNet2DConditionModel,
+    sample: torch.Tensor,
+    timestep: torch.Tensor,
+    context: torch.Tensor,
+    hint: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
     """The UNet up to and including its mid block: (emb (B, E), skips, mid (B, C, h, w)).
 
-    Shapes: ``sample`` (B, C, H, W); ``timestep`` a scalar, (1,) or (B,) tensor; ``context`` (B, L, D).
+    Shapes: ``sample`` (B, C, H, W); ``timestep`` a scalar, (1,) or (B,) tensor; ``context`` (B, L, D);
+    ``hint`` (B, C0, H, W), added after ``conv_in``: with it, and the ControlNet's weights, this is
+    the ControlNet before its zero convolutions (what ``featinv.engine.twin_encoder`` relies on).
     """
     emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
     hidden = unet.conv_in(sample)
+    if hint is not None:
+        hidden = hidden + hint
     skips: tuple[torch.Tensor, ...] = (hidden,)
     for block in unet.down_blocks:
         if getattr(block, "has_cross_attention", False):

@@ -25,13 +25,14 @@ class TimeProjectionTable(torch.nn.Module):
     """Stands in for a resnet's ``time_emb_proj`` during a fast-path call: rows of its table.
 
     Args:
-        table: (T, C) the projection at every timestep.
+        table: (T, C) the projection at every timestep (a buffer: reachable by name).
         clock: where the running piece put its timestep.
     """
 
     def __init__(self, table: torch.Tensor, clock: Clock) -> None:
         super().__init__()
-        self.table, self.clock = table, clock
+        self.register_buffer("table", table, persistent=False)
+        self.clock = clock
 
     def forward(self, temb: torch.Tensor) -> torch.Tensor:
         """(1 or B, C): the rows at the clock's timesteps (``temb``, the embedding, is not needed)."""
