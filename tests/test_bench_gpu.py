@@ -42,3 +42,16 @@ def test_the_profile_counts_the_kernels_of_a_step():
     found = bench_gpu.profile_step(lambda: (a @ a).relu_(), replays=4)
     assert found["kernels_per_step"] >= 2 and found["kernel_us_per_step"] > 0
     assert found["top"] and found["top"][0]["calls_per_step"] >= 1
+
+
+def test_the_kernel_counter_counts_generated_kernel_calls():
+    import count_step_kernels
+
+    def fn(a):  # sin, then a matmul (extern), then cos: two generated kernels around one extern call
+        return (a.sin() @ a).cos()
+
+    torch._dynamo.reset()
+    with count_step_kernels.GeneratedCalls() as found:
+        torch.compile(fn)(torch.randn(8, 8))
+    assert found.calls == 2
+    torch._dynamo.reset()

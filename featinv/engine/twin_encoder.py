@@ -6,10 +6,11 @@ hint after ``conv_in`` and passes its outputs through zero convolutions. A guide
 runs one function (``unet_encode``) twice with two weight sets. ``torch.func.vmap`` over the
 stacked weight sets runs it once: each convolution becomes one grouped convolution (two groups),
 each linear layer one batched matmul, each norm and pointwise chain one kernel, each attention one
-call with both networks in its batch. At one image a step is bound by its kernel count (a few
-microseconds each, however small), and half of the step's kernels are in these two networks, so
-this halves them there; the arithmetic is the same, element by element (up to reduction order).
-At large batches the GPU is full either way and the two streams of the default path do as well.
+call with both networks in its batch: half as many kernels there, each twice as wide, the same
+arithmetic element by element (up to reduction order). Meant for one image, where each of the
+step's ~575 kernels (miniSD) sees a batch of 2 and the GPU is far from full; at large batches the
+GPU is full either way. It replaces the default path's second stream (ControlNet concurrent with the
+UNet's encoder); which wins at which batch is measured by ``benchmarks/bench_gpu.py``.
 
 Cost: the stacked weights are copies (channels-last for convolutions), ~1.4 GB in fp16 at miniSD
 scale, taken when the fast path is built (a snapshot, like its other constants).
