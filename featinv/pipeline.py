@@ -49,6 +49,17 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def _pad_rows(features: torch.Tensor, x: torch.Tensor, pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """With ``pad``: (features, x) grown to the next power of two rows, by copies of the last feature
+    map and zero latents (dropped after sampling; each row is sampled independently)."""
+    rows = len(x)
+    size = 1 << (rows - 1).bit_length() if pad else rows
+    if size == rows:
+        return features, x
+    features = torch.cat([features, features[-1:].expand(size - rows, *features.shape[1:])])
+    return features, torch.cat([x, x.new_zeros(size - rows, *x.shape[1:])])
+
+
 class Reconstructor:
     """Reconstructs images from a classifier's feature maps with a FeatInv model.
 
@@ -62,6 +73,10 @@ class Reconstructor:
             whole guided loop in captured graphs, ``featinv.engine.fast``), ``onnx`` or ``tensorrt``.
         engine_dir: the ONNX export / TensorRT engine cache of the ``onnx`` and ``tensorrt``
             backends (exported there on first use; default under ``~/.cache/featinv``).
+        pad_batches: run each deterministic denoiser batch (eta = 0) at the next power of two,
+            the padding rows dropped: a server's varied batch sizes then need at most 7 compiled
+            shapes up to 64 images (torch.compile keeps 8 variants per piece, then runs it eagerly;
+            the fast path keeps 8 captured steps), at up to twice the compute of an odd size.
     """
 
     def __init__(
@@ -73,6 +88,7 @@ class Reconstructor:
         dtype: torch.dtype = torch.float32,
         backend: str = "eager",
         engine_dir: str | Path | None = None,
+        pad_batches: bool = False,
     ) -> None:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise FeatInvError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
@@ -86,6 +102,7 @@ class Reconstructor:
         self.model = model.to(self.device, dtype).eval()
         self.extractor = extractor.to(self.device, torch.float32).eval() if extractor is not None else None
         self.denoiser = make_denoiser(self.model, backend, engine_dir=engine_dir)
+        self.pad_batches = pad_batches
         self.fast = None
         if backend == "fast":
             from featinv.engine.fast import FastPath
@@ -164,20 +181,24 @@ class Reconstructor:
                     x = latents[start:stop].to(self.device, torch.float32)
                 else:
                     x = randn((stop - start, *self.model.latent_shape), batch_generators, device=self.device)
+                rows = stop - start
+                # eta > 0 draws per-image noise every step: padding rows would need generators of their own
+                chunk, x = _pad_rows(features[start:stop], x, self.pad_batches and eta == 0.0)
 
-                def on_step(info: dict[str, Any], start: int = start, stop: int = stop) -> None:
-                    bar.update(stop - start)
+                def on_step(info: dict[str, Any], start: int = start, rows: int = rows) -> None:
+                    bar.update(rows)
                     if callback is not None:
-                        callback({**info, "batch": start // batch_size})
+                        shown = {key: info[key][:rows] for key in ("x", "denoised") if key in info}
+                        callback({**info, **shown, "batch": start // batch_size})
 
                 if self.fast is not None and guidance_scale > 1.0 and eta == 0.0:
                     hook = on_step if callback is not None else None
-                    x = self.fast.sample(features[start:stop], x, schedule, guidance_scale, callback=hook)
-                    bar.update(0 if hook else (stop - start) * steps)
+                    x = self.fast.sample(chunk, x, schedule, guidance_scale, callback=hook)
+                    bar.update(0 if hook else rows * steps)
                 else:
-                    denoise = self.guided_denoiser(features[start:stop], guidance_scale)
+                    denoise = self.guided_denoiser(chunk, guidance_scale)
                     x = sample_fn(denoise, x, schedule, generator=batch_generators, callback=on_step)
-                outputs.append(x)
+                outputs.append(x[:rows])
         finally:
             bar.close()
         samples = torch.cat(outputs)

@@ -71,7 +71,10 @@ class RealtimeReconstructor:
         require_positive_int("warmup_batch", warmup_batch)
         device = resolve_device(device)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
-        self.reconstructor = Reconstructor(model, device=device, backend=backend, dtype=dtype)
+        # Requests bring any number of images: on the backends that compile (and capture) per batch
+        # shape, batches run at powers of two, so that a few shapes serve them all.
+        shaped = backend in ("compiled", "fast")
+        self.reconstructor = Reconstructor(model, device=device, backend=backend, dtype=dtype, pad_batches=shaped)
         self.steps, self.sampler, self.guidance_scale = steps, sampler, guidance_scale
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featinv-serve")
         # Compile / allocate (and on the fast backend capture) once, at the batch the caller will send,

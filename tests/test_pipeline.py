@@ -124,3 +124,26 @@ def test_compiled_backend_matches_eager(tiny_model, tiny_images):
     eager = Reconstructor(tiny_model).reconstruct(tiny_images, **kwargs)
     compiled = Reconstructor(tiny_model, backend="compiled").reconstruct(tiny_images, **kwargs)
     assert float((compiled.samples - eager.samples).abs().max()) <= 1e-4
+
+
+def test_padded_batches_give_the_same_images_and_callbacks_see_only_real_rows(tiny_model, features):
+    from featinv.engine.fast import FastPath
+
+    want = Reconstructor(tiny_model).reconstruct(features=features[:3], steps=3, progress=False)
+    padded = Reconstructor(tiny_model, pad_batches=True)
+    seen, rows = [], []
+    guided = padded.guided_denoiser
+    padded.guided_denoiser = lambda f, scale: seen.append(len(f)) or guided(f, scale)
+    got = padded.reconstruct(
+        features=features[:3], steps=3, progress=False, callback=lambda i: rows.append(len(i["x"]))
+    )
+    assert seen == [4] and rows == [3, 3, 3]  # the denoiser ran 4 rows, the caller saw its 3
+    assert got.images.shape == want.images.shape and got.samples.shape == want.samples.shape
+    assert float((got.samples - want.samples).abs().max()) <= 1e-5 * float(want.samples.abs().max())
+    seen.clear()
+    padded.reconstruct(features=features[:3], steps=2, sampler="ddim", eta=0.5, progress=False)
+    assert seen == [3]  # per-image noise every step: not padded
+    padded.fast = FastPath(padded.model, compile_mode=None)  # what backend="fast" builds, eager pieces on the CPU
+    fast = padded.reconstruct(features=features[:3], steps=3, progress=False)
+    assert [key[0] for key in padded.fast._graphs] == [4]
+    assert float((fast.samples - want.samples).abs().max()) <= 1e-5 * float(want.samples.abs().max())

@@ -84,3 +84,13 @@ def test_warm_up_runs_at_the_batch_the_caller_will_send(tiny_model, monkeypatch)
     assert seen == [(3, *tiny_model.feature_spec.shape)]
     with pytest.raises(ValueError, match="warmup_batch must be a positive integer"):
         RealtimeReconstructor(tiny_model, device="cpu", warmup_batch=0)
+
+
+def test_backends_that_compile_per_shape_serve_padded_batches(tiny_model):
+    compiled = RealtimeReconstructor(tiny_model, device="cpu", backend="compiled", warmup=False)
+    eager = RealtimeReconstructor(tiny_model, device="cpu", warmup=False)
+    try:
+        assert compiled.reconstructor.pad_batches and not eager.reconstructor.pad_batches
+    finally:
+        compiled.close()
+        eager.close()
