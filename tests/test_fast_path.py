@@ -134,6 +134,34 @@ def test_captured_graph_equals_eager_on_the_gpu(sampler, streams, tiny_model):
     assert diff <= 1e-4 * max(1.0, scale), (diff, scale)
 
 
+def test_cudnn_benchmark_is_on_inside_and_restored_after():
+    from featinv.engine.fast import cudnn_benchmark
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        with pytest.raises(RuntimeError), cudnn_benchmark():
+            assert torch.backends.cudnn.benchmark
+            raise RuntimeError("a failed capture")
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.gpu
+def test_capture_leaves_the_cudnn_setting_as_it_was(tiny_model):
+    features, latents = _inputs(tiny_model, 1)
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        path = FastPath(tiny_model.cuda(), compile_mode=None)
+        path.sample(features.cuda(), latents.cuda(), tiny_model.noise_schedule.ddim(3), 1.75)
+        assert path.step_graph(1, tiny_model.noise_schedule.ddim(3), 1.75).graph is not None
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 @pytest.mark.gpu
 def test_cpp_and_python_graph_loops_agree(tiny_model, monkeypatch):
     from featinv.engine import graph_loop

@@ -22,6 +22,7 @@ approximates: outputs equal the eager reference up to fp16 rounding and kernel c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import OrderedDict
 
@@ -235,7 +236,11 @@ class StepGraph:
         self.step.add_(1)
 
     def _capture(self) -> None:
-        """Warm up (compilation, autotuning, cuDNN algorithm choice) on a side stream, then capture."""
+        """Warm up (compilation, autotuning, cuDNN's algorithm search) on a side stream, then capture."""
+        with cudnn_benchmark():  # the captured convolutions keep the algorithms found here
+            self._warm_up_and_capture()
+
+    def _warm_up_and_capture(self) -> None:
         warm = torch.cuda.Stream(self.x.device)
         warm.wait_stream(torch.cuda.current_stream(self.x.device))
         with torch.cuda.stream(warm):
@@ -266,6 +271,19 @@ class StepGraph:
             if callback is not None:
                 callback({"i": i, "t": self.timestep_list[i], "x": self.x, "denoised": self.x0})
         return self.x.clone()
+
+
+@contextlib.contextmanager
+def cudnn_benchmark():
+    """cuDNN's algorithm search on (``torch.backends.cudnn.benchmark``), the caller's setting restored
+    after. Each convolution shape is timed once, at warm-up; the graph replays the fastest algorithm
+    (the heuristic choice can be slower; the benchmark measures with the search on for every row)."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def require_cuda(device: torch.device) -> None:
