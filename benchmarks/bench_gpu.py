@@ -18,8 +18,9 @@ Per-step time, whole-reconstruction time (``Reconstructor.reconstruct``: hint, 5
 decode), ratios, the fraction of a given bf16 peak (FLOPs counted by torch's FlopCounterMode on one
 guided step) and the max abs difference of the final latents against featinv eager for the same
 seed. Each backend is warmed up (compiled, captured) and then timed at once, one at a time: first
-the rows the issue's targets need, batch by batch (reduce-overhead last in each), then the costly
-ablations, so that a run cut short keeps what matters. ``--wait-pid``: timing starts only after
+the rows the issue's targets need, batch by batch (reduce-overhead last in each), then the twin
+encoder and the costly ablations, so that a run cut short keeps what matters; a row that fails is
+recorded with its error. ``--wait-pid``: timing starts only after
 those processes end (a job sharing the GPU). A last table times the Triton kernels against eager
 PyTorch and torch.compile of the same math. ``--profile`` adds where the fast path's step spends
 its GPU time (kernels per step, busy time against wall time, the top kernels).
@@ -53,7 +54,7 @@ TWIN = "featinv fast, twin encoder"
 def add_ratios(rows: list[dict], batch: int) -> None:
     """Ratios of ``batch``'s rows: whole reconstruction against diffusers eager, step and
     reconstruction against torch.compile reduce-overhead (where those rows were measured)."""
-    mine = [row for row in rows if row["images"] == batch]
+    mine = [row for row in rows if row["images"] == batch and "error" not in row]
     diffusers = next((r for r in mine if r["backend"] == "diffusers eager"), None)
     compiled = next((r for r in mine if r["backend"].startswith("torch.compile")), None)
     for row in mine:
@@ -283,6 +284,7 @@ def main() -> None:
     t0 = time.perf_counter()
     model = build_model(args.preset)
     backends = {"featinv eager": Reconstructor(model, device=device, dtype=dtype)}
+    build_errors = {}
     if not args.no_compile:
         compiled = Reconstructor(model, device=device, dtype=dtype, backend="compiled")
         backends[f"torch.compile {compiled.denoiser.mode}"] = compiled  # reduce-overhead on CUDA
@@ -303,7 +305,11 @@ def main() -> None:
         one_stream.fast = fast.fast.with_options(streams=False)
         backends["featinv fast, eager pieces"] = fast_row(compile_mode=None)
         if args.twin_batches:
-            backends[TWIN] = fast_row(twin_encoder=True)
+            try:  # an option that may not build everywhere: its failure is a result, not the end of the run
+                backends[TWIN] = fast_row(twin_encoder=True)
+            except Exception as error:
+                build_errors[TWIN] = repr(error)[:2000]
+                print(f"{TWIN}: not built: {build_errors[TWIN][:400]}", flush=True)
         backends[AS_STORED] = fast_row(channels_last=False, precomputed=False)
         if args.autotune_batches:
             backends[AUTOTUNED] = fast_row(compile_mode="max-autotune-no-cudagraphs")
@@ -318,6 +324,7 @@ def main() -> None:
         "guidance": GUIDANCE,
         "model_build_s": time.perf_counter() - t0,
         "compile_s": {},
+        "build_errors": build_errors,
         "rows": [],
     }
 
@@ -348,6 +355,9 @@ def main() -> None:
         results["waited_for_pid_s"] = time.perf_counter() - waited
 
     def print_row(row: dict) -> None:
+        if "error" in row:
+            print(f"{row['backend']:<40} images={row['images']:<3} FAILED: {row['error'][:400]}", flush=True)
+            return
         print(
             f"{row['backend']:<40} images={row['images']:<3} step {row['step_ms']:8.2f} ms  {args.steps} steps "
             f"{row['reconstruction_ms']:9.1f} ms  x{row.get('speedup_vs_diffusers_eager', float('nan')):.2f} vs "
@@ -358,20 +368,63 @@ def main() -> None:
 
     # Backend by backend: warm up (compile, capture), then time at once; each row is saved as soon
     # as it is measured. First what the issue's targets need, batch by batch (torch.compile's CUDA
-    # graph trees last in each), then the costly ablations (one more compile each), so that a run cut
-    # short by a time limit keeps the rows that matter.
-    ablations = {AS_STORED: args.ablation_batches, AUTOTUNED: args.autotune_batches}
+    # graph trees last in each), then the optional variants (the twin encoder) and the costly
+    # ablations (one more compile each), so that a run cut short keeps the rows that matter. A row
+    # that fails is recorded with its error and the run goes on.
+    later_rows = {TWIN: args.twin_batches, AS_STORED: args.ablation_batches, AUTOTUNED: args.autotune_batches}
     per_batch = {}  # batch -> (flops per step, featinv eager's final latents)
 
     def plan() -> list[tuple[int, list[str]]]:
         first = []
         for batch in args.batches:
             names = ["diffusers eager", *(n for n in backends if not n.startswith("torch.compile"))]
-            names = [n for n in names if n not in ablations and (n != TWIN or batch in args.twin_batches)]
+            names = [n for n in names if n not in later_rows]
             names += [n for n in backends if n.startswith("torch.compile") and batch in args.compiled_batches]
             first.append((batch, names))
-        later = [(b, [n for n in ablations if n in backends and b in ablations[n]]) for b in args.batches]
+        later = [(b, [n for n in later_rows if n in backends and b in later_rows[n]]) for b in args.batches]
         return first + [(batch, names) for batch, names in later if names]
+
+    def measure(name: str, batch: int) -> dict:
+        """Warm up, then time ``name`` at ``batch`` images: one row."""
+        features, latents = inputs[batch]
+        step_flops, reference = per_batch[batch]
+        if name == "diffusers eager":
+            one_step = lambda f=features, x=latents: diffusers_eager(eager.model, f, x, 1)  # noqa: E731
+            whole_run = lambda f=features, x=latents: diffusers_eager(eager.model, f, x, args.steps)  # noqa: E731
+        else:
+            reconstructor = backends[name]
+            begin = time.perf_counter()
+            with torch.no_grad():
+                whole(reconstructor, batch)  # compile and capture
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            results["compile_s"][f"{name}, {batch}"] = time.perf_counter() - begin
+            if reconstructor.fast is not None:
+                one_step = fast_step_fn(reconstructor, features, latents, args.steps)
+            else:
+                guided = reconstructor.guided_denoiser(features, GUIDANCE)
+                one_step = lambda s=guided, x=latents: s(x, 500)  # noqa: E731
+            whole_run = lambda r=reconstructor, b=batch: whole(r, b)  # noqa: E731
+        with torch.no_grad():
+            step_ms, _ = timed(one_step, 20, device)
+            whole_ms, final = timed(whole_run, 3, device)
+            final = final.float().cpu()
+        if args.profile and name in ("featinv fast", TWIN):
+            try:
+                found = profile_step(one_step)
+            except Exception as error:  # report, keep the rest
+                found = {"error": repr(error)}
+            results.setdefault("profile", {})[f"{name}, {batch}"] = found
+            print(f"profile, {name}, {batch} images: {json.dumps(found)[:1500]}", flush=True)
+        return {
+            "backend": name,
+            "images": batch,
+            "step_ms": step_ms,
+            "reconstruction_ms": whole_ms,
+            "fraction_of_peak": step_flops / (step_ms * 1e-3) / (args.peak_tflops * 1e12),
+            "max_abs_diff_vs_featinv_eager": float((final - reference).abs().max()),
+            "max_abs_latent": float(reference.abs().max()),
+        }
 
     for batch, names in plan():
         features, latents = inputs[batch]
@@ -382,48 +435,16 @@ def main() -> None:
             results.setdefault("flops_per_step", {})[str(batch)] = counter.get_total_flops()
             with torch.no_grad():
                 per_batch[batch] = (counter.get_total_flops(), whole(eager, batch).float().cpu())
-        step_flops, reference = per_batch[batch]
         for name in names:
-            if name == "diffusers eager":
-                one_step = lambda f=features, x=latents: diffusers_eager(eager.model, f, x, 1)  # noqa: E731
-                whole_run = lambda f=features, x=latents: diffusers_eager(eager.model, f, x, args.steps)  # noqa: E731
-            else:
-                reconstructor = backends[name]
-                begin = time.perf_counter()
-                with torch.no_grad():
-                    whole(reconstructor, batch)  # compile and capture
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                results["compile_s"][f"{name}, {batch}"] = time.perf_counter() - begin
-                if reconstructor.fast is not None:
-                    one_step = fast_step_fn(reconstructor, features, latents, args.steps)
-                else:
-                    guided = reconstructor.guided_denoiser(features, GUIDANCE)
-                    one_step = lambda s=guided, x=latents: s(x, 500)  # noqa: E731
-                whole_run = lambda r=reconstructor, b=batch: whole(r, b)  # noqa: E731
-            with torch.no_grad():
-                step_ms, _ = timed(one_step, 20, device)
-                whole_ms, final = timed(whole_run, 3, device)
-                final = final.float().cpu()
-            row = {
-                "backend": name,
-                "images": batch,
-                "step_ms": step_ms,
-                "reconstruction_ms": whole_ms,
-                "fraction_of_peak": step_flops / (step_ms * 1e-3) / (args.peak_tflops * 1e12),
-                "max_abs_diff_vs_featinv_eager": float((final - reference).abs().max()),
-                "max_abs_latent": float(reference.abs().max()),
-            }
+            try:
+                row = measure(name, batch)
+            except Exception as error:  # a compile or capture failure: report it, keep the other rows
+                if device.type == "cuda" and "CUDA error" in repr(error):
+                    raise  # the context is lost: nothing after this would run
+                row = {"backend": name, "images": batch, "error": repr(error)[:2000]}
             results["rows"].append(row)
             add_ratios(results["rows"], batch)
             print_row(row)
-            if args.profile and name in ("featinv fast", TWIN):
-                try:
-                    found = profile_step(one_step)
-                except Exception as error:  # report, keep the rest
-                    found = {"error": repr(error)}
-                results.setdefault("profile", {})[f"{name}, {batch}"] = found
-                print(f"profile, {name}, {batch} images: {json.dumps(found)[:1500]}", flush=True)
             save()
     print("summary:")
     for row in results["rows"]:

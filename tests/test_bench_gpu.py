@@ -36,6 +36,21 @@ def test_the_smoke_run_measures_every_cpu_backend(tmp_path, monkeypatch):
     assert results["flops_per_step"]["2"] > 0
 
 
+def test_a_failing_row_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    argv = ["bench_gpu.py", "--preset", "tiny", "--device", "cpu", "--no-compile", "--no-fast", "--batches", "1"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--steps", "2", "--out", str(out)])
+
+    def broken(*_):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setattr(bench_gpu, "diffusers_eager", broken)
+    bench_gpu.main()
+    rows = {row["backend"]: row for row in json.loads(out.read_text())["rows"]}
+    assert "no such kernel" in rows["diffusers eager"]["error"]
+    assert rows["featinv eager"]["step_ms"] > 0 and "speedup_vs_diffusers_eager" not in rows["featinv eager"]
+
+
 @pytest.mark.gpu
 def test_the_profile_counts_the_kernels_of_a_step():
     a = torch.randn(256, 256, device="cuda")
