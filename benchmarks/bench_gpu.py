@@ -27,7 +27,7 @@ its GPU time (kernels per step, busy time against wall time, the top kernels).
 Prints tables, writes JSON (``--out``) after every section.
 
     python benchmarks/bench_gpu.py --out results.json                                   # on a GPU
-    python benchmarks/bench_gpu.py --preset tiny --device cpu --no-compile --fast-pieces eager   # a smoke run
+    python benchmarks/bench_gpu.py --preset micro --device cpu --no-compile --fast-pieces eager   # a smoke run
                                     # (on a CPU the fast path runs without CUDA graphs or streams)
 """
 
@@ -102,22 +102,13 @@ def diffusers_eager(model: FeatInvModel, features: torch.Tensor, latents: torch.
 
 
 def build_model(preset: str) -> FeatInvModel:
+    """The benchmark's model: ``minisd`` (the issue's scale) or ``micro`` (smoke runs), random weights."""
     if preset == "minisd":
         # resnet50 at 256 px gives a 2048x8x8 map; the hint shape only affects the once-per-sample encoder.
         extractor = FeatureExtractor("resnet50", input_size=(3, 256, 256))
         return FeatInvModel.from_preset("minisd", extractor, store_classifier=False)
     extractor = FeatureExtractor("resnet18", "layer3", model_kwargs={"num_classes": 10}, input_size=(3, 32, 32))
-    return FeatInvModel.from_preset(
-        "tiny",
-        extractor,
-        store_classifier=False,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        image_size=16,
-        hint_channels=16,
-    )
+    return FeatInvModel.from_preset("micro", extractor, store_classifier=False)
 
 
 def fast_step_fn(reconstructor: Reconstructor, features: torch.Tensor, latents: torch.Tensor, steps: int):
@@ -229,7 +220,7 @@ def kernel_rows(device: torch.device) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench_gpu.json")
-    parser.add_argument("--preset", choices=["minisd", "tiny"], default="minisd")
+    parser.add_argument("--preset", choices=["minisd", "micro"], default="minisd")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--steps", type=int, default=50)
@@ -276,7 +267,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_gpu.py: no CUDA GPU here; use --device cpu --preset tiny for a smoke run")
+        raise SystemExit("bench_gpu.py: no CUDA GPU here; use --device cpu --preset micro for a smoke run")
     if args.compiled_batches is None:
         args.compiled_batches = args.batches
     torch.backends.cudnn.benchmark = True  # for every row alike

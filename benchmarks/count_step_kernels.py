@@ -8,7 +8,7 @@ predicts much of the step time; on a CPU the counts are a proxy (the extern call
 generated kernels fuse similarly, not identically).
 
 (Inductor's ``metrics.generated_kernel_count`` is not this: on the CPU it counts every kernel object
-the C++ code generator creates, several per fused loop nest, 366 against 77 calls on the tiny model.)
+the C++ code generator creates, several per fused loop nest, 366 against 77 calls on the micro model.)
 
     python benchmarks/count_step_kernels.py --preset minisd --images 1   # ~6 min and ~10 GB on a CPU
 """
@@ -88,7 +88,7 @@ def count(model, images: int, device: torch.device, **options) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=["minisd", "tiny"], default="minisd")
+    parser.add_argument("--preset", choices=["minisd", "micro"], default="minisd")
     parser.add_argument("--images", type=int, default=1)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

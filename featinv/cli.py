@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.set_defaults(func=cmd_reconstruct)
 
     create = commands.add_parser("create", help="create an untrained FeatInv model for a classifier and layer")
-    create.add_argument("--preset", help="tiny, minisd or sd15 (random base weights)")
+    create.add_argument("--preset", help="micro, tiny, minisd or sd15 (random base weights)")
     create.add_argument("--base", help="a diffusers base: local folder, or a hub id (downloads)")
     create.add_argument("--classifier", required=True, help="timm model name, e.g. resnet50")
     create.add_argument("--layer", help="forward_features (default), a feature_info index, or a module path")

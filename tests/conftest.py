@@ -27,17 +27,6 @@ TINY_CLASSIFIERS = {
     ),
 }
 
-# A UNet small enough for a 50-step reconstruction in about a second on one core.
-TINY_UNET = {
-    "block_out_channels": (8, 16),
-    "norm_num_groups": 4,
-    "cross_attention_dim": 16,
-    "attention_head_dim": 4,
-    "image_size": 16,
-    "hint_channels": 16,
-}
-
-
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 
@@ -65,7 +54,7 @@ def make_model(extractor=None, seed: int = 0, **overrides):
     from featinv.models import FeatInvModel
 
     extractor = extractor if extractor is not None else make_extractor("resnet", "layer3")
-    model = FeatInvModel.from_preset("tiny", extractor, seed=seed, **{**TINY_UNET, **overrides})
+    model = FeatInvModel.from_preset("micro", extractor, seed=seed, **overrides)
     # A trained hint encoder is not zero at its output; give it weights so the condition matters.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)

@@ -16,7 +16,7 @@ import bench_gpu  # noqa: E402
 
 def test_the_smoke_run_measures_every_cpu_backend(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
-    argv = ["bench_gpu.py", "--preset", "tiny", "--device", "cpu", "--no-compile", "--fast-pieces", "eager"]
+    argv = ["bench_gpu.py", "--preset", "micro", "--device", "cpu", "--no-compile", "--fast-pieces", "eager"]
     monkeypatch.setattr(
         sys, "argv", [*argv, "--batches", "2", "--ablation-batches", "2", "--twin-batches", "2", "--steps", "3"]
     )
@@ -38,7 +38,7 @@ def test_the_smoke_run_measures_every_cpu_backend(tmp_path, monkeypatch):
 
 def test_a_failing_row_is_recorded_and_the_run_goes_on(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
-    argv = ["bench_gpu.py", "--preset", "tiny", "--device", "cpu", "--no-compile", "--no-fast", "--batches", "1"]
+    argv = ["bench_gpu.py", "--preset", "micro", "--device", "cpu", "--no-compile", "--no-fast", "--batches", "1"]
     monkeypatch.setattr(sys, "argv", [*argv, "--steps", "2", "--out", str(out)])
 
     def broken(*_):
