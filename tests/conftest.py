@@ -27,6 +27,7 @@ TINY_CLASSIFIERS = {
     ),
 }
 
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 
