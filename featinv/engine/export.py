@@ -82,7 +82,12 @@ def _example_inputs(model: FeatInvModel, batch: int, dtype: torch.dtype) -> tupl
     return sample, timestep, model.context.expand(batch, -1, -1).contiguous(), hint, features
 
 
-def _export(module: torch.nn.Module, args: tuple, path: Path, names: list[str], output: str, opset: int) -> None:
+EXPORTERS = {"torchscript": 17, "dynamo": 18}  # exporter -> its default (and for dynamo lowest) opset
+
+
+def _export(
+    module: torch.nn.Module, args: tuple, path: Path, names: list[str], output: str, opset: int, exporter: str
+) -> None:
     with warnings.catch_warnings():
         # diffusers' shape-dependent fast paths (e.g. batch >= 64) are traced as constants: same numbers.
         warnings.simplefilter("ignore")
@@ -94,7 +99,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, names: list[str], 
             output_names=[output],
             dynamic_axes={name: {0: "batch"} for name in [*names, output]},
             opset_version=opset,
-            dynamo=False,
+            dynamo=exporter == "dynamo",
         )
 
 
@@ -103,16 +108,21 @@ def export_onnx(
     out: str | Path,
     *,
     dtype: torch.dtype = torch.float32,
-    opset: int = 17,
+    opset: int | None = None,
     check: bool = True,
     fingerprint: str | None = None,
+    exporter: str = "torchscript",
 ) -> dict[str, Any]:
     """Export ``denoiser.onnx`` and ``hint_encoder.onnx`` into ``out`` (written atomically, with
     ``manifest.json``); run ``onnx.checker`` with ``full_check`` on both. Returns the manifest.
     ``fingerprint``: :func:`model_fingerprint` of ``model`` when the caller has it already.
+    ``exporter``: ``torchscript`` (torch.onnx's TorchScript exporter, deprecated by torch, fast) or
+    ``dynamo`` (``torch.onnx.export(dynamo=True)``, its successor: needs onnxscript, opset >= 18,
+    about ten times slower to export). ``opset``: default 17 for torchscript, 18 for dynamo.
 
     Raises:
-        FeatInvError: onnx is not installed, or a graph fails the checker.
+        FeatInvError: onnx (or for dynamo onnxscript) is not installed, a bad exporter or opset, or a
+            graph fails the checker.
     """
     try:
         import onnx
@@ -120,6 +130,16 @@ def export_onnx(
         raise FeatInvError("ONNX export needs onnx: pip install 'featinv[onnx]' (onnx, onnxruntime)") from error
     if dtype not in (torch.float32, torch.float16):
         raise FeatInvError(f"dtype must be float32 or float16, got {dtype}")
+    if exporter not in EXPORTERS:
+        raise FeatInvError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
+    opset = EXPORTERS[exporter] if opset is None else opset
+    if exporter == "dynamo":
+        if opset < EXPORTERS["dynamo"]:
+            raise FeatInvError(f"the dynamo exporter writes opset 18 or later, got opset {opset}")
+        try:
+            import onnxscript  # noqa: F401
+        except ImportError as error:
+            raise FeatInvError("the dynamo exporter needs onnxscript: pip install 'featinv[onnx]'") from error
     out = Path(out)
     source = model
     first = next(model.unet.parameters())
@@ -138,8 +158,9 @@ def export_onnx(
                 list(DENOISER_INPUTS),
                 "eps",
                 opset,
+                exporter,
             )
-            _export(HintEncoderGraph(model), (features,), staging / HINT_FILE, ["features"], "hint", opset)
+            _export(HintEncoderGraph(model), (features,), staging / HINT_FILE, ["features"], "hint", opset, exporter)
         if check:
             for name in (DENOISER_FILE, HINT_FILE):
                 try:
@@ -150,6 +171,7 @@ def export_onnx(
             "format": "featinv-onnx",
             "version": 1,
             "opset": opset,
+            "exporter": exporter,
             "dtype": str(dtype).removeprefix("torch."),
             "model_fingerprint": fingerprint or model_fingerprint(source),
             "feature_spec": model.feature_spec.to_dict(),
