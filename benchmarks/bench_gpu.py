@@ -400,7 +400,7 @@ def main() -> None:
             step_ms, _ = timed(one_step, 20, device)
             whole_ms, final = timed(whole_run, 3, device)
             final = final.float().cpu()
-        if args.profile and name in ("featinv fast", TWIN):
+        if args.profile and device.type == "cuda" and name in ("featinv fast", TWIN):
             try:
                 found = profile_step(one_step)
             except Exception as error:  # report, keep the rest
