@@ -97,3 +97,20 @@ def test_the_compiled_twin_fast_path_equals_the_eager_loop(tiny_model):
     path = FastPath(tiny_model, twin_encoder=True)
     got = path.sample(features, latents, tiny_model.noise_schedule.ddim(4), 1.75)
     assert float((got - want.samples).abs().max()) <= 1e-5 * max(1.0, float(want.samples.abs().max()))
+
+
+@pytest.mark.gpu
+def test_the_captured_twin_step_equals_the_eager_loop_on_the_gpu(tiny_model):
+    """On CUDA, where vmap batches the two networks' attention in one call, inside a captured graph."""
+    _distinct(tiny_model)
+    g = torch.Generator().manual_seed(3)
+    features = torch.rand(2, *tiny_model.feature_spec.shape, generator=g)
+    latents = torch.randn(2, *tiny_model.latent_shape, generator=g)
+    want = Reconstructor(tiny_model, device="cuda").reconstruct(
+        features=features, latents=latents, steps=6, progress=False
+    )
+    path = FastPath(tiny_model.cuda(), compile_mode=None, twin_encoder=True)
+    got = path.sample(features.cuda(), latents.cuda(), tiny_model.noise_schedule.ddim(6), 1.75)
+    assert path.step_graph(2, tiny_model.noise_schedule.ddim(6), 1.75).graph is not None
+    diff, scale = float((got.cpu() - want.samples).abs().max()), float(want.samples.abs().max())
+    assert diff <= 1e-4 * max(1.0, scale), (diff, scale)
