@@ -160,7 +160,8 @@ def profile_step(one_step: Callable[[], object], replays: int = 10, top: int = 1
 
 
 def kernel_rows(device: torch.device) -> list[dict]:
-    """The Triton kernels against eager PyTorch and torch.compile of the same math (CUDA events)."""
+    """The Triton kernels against eager PyTorch and torch.compile of the same math (CUDA events;
+    "triton" for the hint encoder's first layer: the mixing at 8x8 and the fused upsample-sum pass)."""
     from featinv.kernels.guided_update import guided_update_, guided_update_reference
     from featinv.kernels.inject import inject_concat
 
@@ -212,6 +213,25 @@ def kernel_rows(device: torch.device) -> list[dict]:
                 "triton_us": per_call_us(lambda h=h, skip=skip, res=res: inject_concat(h, skip, res)),
                 "eager_us": per_call_us(reference),
                 "compiled_us": per_call_us(compiled),
+            }
+        )
+    from featinv.kernels.upsample_conv import upsample_conv3x3, upsample_conv3x3_reference
+
+    for batch in (1, 16):  # resnet50's 2048x8x8 map into the miniSD hint encoder's 512-wide first layer
+        f = torch.randn(batch, 2048, 8, 8, device=device, dtype=torch.float16)
+        weight = torch.randn(512, 2048, 3, 3, device=device, dtype=torch.float16) * 0.01
+        bias = torch.zeros(512, device=device, dtype=torch.float16)
+
+        def reference(f=f, weight=weight, bias=bias):
+            return upsample_conv3x3_reference(f, weight, bias, (32, 32))
+
+        compiled = torch.compile(reference)
+        rows.append(
+            {
+                "kernel": f"hint encoder's upsample + first conv at 8x8, {batch} images, 2048->512, 32x32",
+                "triton_us": per_call_us(lambda f=f, w=weight, b=bias: upsample_conv3x3(f, w, b, (32, 32)), 50),
+                "eager_us": per_call_us(reference, 50),
+                "compiled_us": per_call_us(compiled, 50),
             }
         )
     return rows

@@ -77,6 +77,20 @@ def test_fast_step_equals_the_eager_loop_on_cpu(sampler, tiny_model):
     assert torch.equal(again, got)
 
 
+def test_the_fast_hint_encoder_equals_the_models(tiny_model):
+    """The upsample and first convolution fused at the feature map's resolution (the Triton kernel,
+    through the interpreter on the CPU) give the model's hints."""
+    features, _ = _inputs(tiny_model, 3)
+    path = FastPath(tiny_model, compile_mode=None)
+    h, w = tiny_model.feature_spec.shape[1:]
+    assert h * w < tiny_model.controlnet.hint_encoder.latent_size[0] * tiny_model.controlnet.hint_encoder.latent_size[1]
+    with torch.no_grad():
+        want = tiny_model.controlnet.embed(features)
+        got = path.embed(features)
+    assert float(want.abs().max()) > 1e-3  # the test model's hint encoder is not zero at its output
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
 def test_the_step_cache_keeps_the_most_recently_used(tiny_model):
     path = FastPath(tiny_model, compile_mode=None, max_graphs=2)
     schedule = tiny_model.noise_schedule.ddim(4)

@@ -95,3 +95,39 @@ def test_inject_concat_rejects_mismatched_shapes():
 
     with pytest.raises(ValueError, match="same shape"):
         inject_concat(None, torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("shape", "size", "bias"),
+    [((2, 5, 3, 4), (9, 13), True), ((1, 8, 8, 8), (32, 32), False), ((3, 3, 2, 2), (5, 3), True)],
+)
+def test_upsample_conv3x3_matches_the_reference(dtype, shape, size, bias):
+    """Odd sizes (not block multiples, scale factors that are not integers), with and without bias,
+    a non-contiguous input."""
+    from featinv.kernels.upsample_conv import upsample_conv3x3, upsample_conv3x3_reference
+
+    g = torch.Generator().manual_seed(4)
+    batch, channels, h, w = shape
+    features = torch.randn(batch, channels, w, h, generator=g).transpose(2, 3).to(DEVICE, dtype)
+    weight = torch.randn(7, channels, 3, 3, generator=g).to(DEVICE, dtype)
+    b = torch.randn(7, generator=g).to(DEVICE, dtype) if bias else None
+    got = upsample_conv3x3(features, weight, b, size, block=64)
+    want = upsample_conv3x3_reference(features.float(), weight.float(), None if b is None else b.float(), size)
+    assert got.shape == (batch, 7, *size) and got.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    assert float((got.float() - want).abs().max()) <= tolerance * float(want.abs().max())
+
+
+def test_upsample_conv3x3_checks_its_inputs_and_leaves_larger_maps_to_the_reference():
+    from featinv.kernels.upsample_conv import upsample_conv3x3, upsample_conv3x3_reference
+
+    with pytest.raises(ValueError, match="3x3 weight"):
+        upsample_conv3x3(torch.zeros(1, 2, 4, 4), torch.zeros(3, 2, 1, 1), None, (8, 8))
+    with pytest.raises(ValueError, match="takes 3 channels"):
+        upsample_conv3x3(torch.zeros(1, 2, 4, 4), torch.zeros(3, 3, 3, 3), None, (8, 8))
+    features, weight = torch.randn(1, 2, 8, 8).to(DEVICE), torch.randn(3, 2, 3, 3).to(DEVICE)
+    # a map at least as large as the output: nothing to save, the reference runs (same numbers exactly)
+    assert torch.equal(
+        upsample_conv3x3(features, weight, None, (6, 6)), upsample_conv3x3_reference(features, weight, None, (6, 6))
+    )

@@ -1,7 +1,8 @@
 """The fast path: the same sampler, steps and guidance as the eager reference, done faster on a GPU.
 
 Per reconstruction, outside the loop: the hint encoder runs once (the null-condition hint once per
-model), the contexts are stacked once. Per step, one CUDA graph (captured once per (batch, steps,
+model; its upsample and first convolution fused, ``kernels.upsample_conv``), the contexts are
+stacked once. Per step, one CUDA graph (captured once per (batch, steps,
 sampler, guidance) and replayed, from C++ when ``featinv._graph_loop`` builds):
 
 1. both guidance branches as one batch of 2B (fp16/bf16), the timestep read from a device table at a
@@ -36,6 +37,7 @@ from featinv.engine.time_tables import Clock, time_projection_tables
 from featinv.engine.twin_encoder import ENCODER, TwinEncoder
 from featinv.errors import FeatInvError, require_positive_int
 from featinv.kernels.guided_update import guided_update_
+from featinv.kernels.upsample_conv import upsample_conv3x3
 from featinv.models.featinv_model import FeatInvModel
 from featinv.sampling.schedule import SamplerSchedule
 
@@ -129,18 +131,26 @@ class FastPath:
         return twin
 
     @torch.no_grad()
+    def embed(self, features: torch.Tensor) -> torch.Tensor:
+        """The hint encoder (``FeatInvControlNet.embed``) with its upsample and first convolution
+        fused and run at the feature map's resolution (``featinv.kernels.upsample_conv``):
+        (B, C, h, w) -> (B, C0, H, W) in the model's dtype."""
+        encoder = self.model.controlnet.hint_encoder
+        features = features.to(self.device, self.model.unet.dtype)
+        first = upsample_conv3x3(features, encoder.conv_in.weight, encoder.conv_in.bias, encoder.latent_size)
+        return encoder.head(first)
+
+    @torch.no_grad()
     def null_hint(self) -> torch.Tensor:
         """(1, C0, H, W): the hint of the zero feature map, a constant of the model (computed once)."""
         if self._null_hint is None:
-            zeros = torch.zeros(1, *self.model.feature_spec.shape, device=self.device, dtype=self.model.unet.dtype)
-            self._null_hint = self.model.controlnet.embed(zeros)
+            self._null_hint = self.embed(torch.zeros(1, *self.model.feature_spec.shape))
         return self._null_hint
 
     @torch.no_grad()
     def hint_pair(self, features: torch.Tensor) -> torch.Tensor:
         """(2B, C0, H, W): the null hint B times, then the hints of ``features`` (B, C, h, w)."""
-        hints = self.model.controlnet.embed(features.to(self.device, self.model.unet.dtype))
-        return torch.cat([self.null_hint().expand(len(features), -1, -1, -1), hints])
+        return torch.cat([self.null_hint().expand(len(features), -1, -1, -1), self.embed(features)])
 
     def step_graph(self, batch: int, schedule: SamplerSchedule, guidance_scale: float) -> StepGraph:
         """The (cached) step for this shape; captured on first use, the least recently used one

@@ -33,6 +33,10 @@ class HintEncoder(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) feature maps -> (B, out_channels, H, W) conditioning embeddings."""
         x = F.interpolate(features, size=self.latent_size, mode="bilinear", align_corners=False)
-        x = F.silu(self.conv_in(x))
-        x = F.silu(self.conv_mid(x))
+        return self.head(self.conv_in(x))
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """What follows ``conv_in``: SiLU, conv 3x3, SiLU, conv 3x3 (the fast path computes the upsample
+        and ``conv_in`` fused, ``featinv.kernels.upsample_conv``)."""
+        x = F.silu(self.conv_mid(F.silu(x)))
         return self.conv_out(x)
