@@ -114,3 +114,12 @@ def test_the_captured_twin_step_equals_the_eager_loop_on_the_gpu(tiny_model):
     assert path.step_graph(2, tiny_model.noise_schedule.ddim(6), 1.75).graph is not None
     diff, scale = float((got.cpu() - want.samples).abs().max()), float(want.samples.abs().max())
     assert diff <= 1e-4 * max(1.0, scale), (diff, scale)
+
+
+def test_constants_of_one_network_only_are_refused(tiny_model):
+    from featinv.engine.fast_attention import fast_processors
+
+    contexts = tiny_model.guidance_contexts(1)
+    only_unet = fast_processors(tiny_model.unet, contexts)  # none for the ControlNet
+    with pytest.raises(FeatInvError, match="same attention processors"):
+        TwinEncoder(tiny_model.unet, tiny_model.controlnet.controlnet, processors=only_unet)

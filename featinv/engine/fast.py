@@ -2,8 +2,8 @@
 
 Per reconstruction, outside the loop: the hint encoder runs once (the null-condition hint once per
 model; its upsample and first convolution fused, ``kernels.upsample_conv``), the contexts are
-stacked once. Per step, one CUDA graph (captured once per (batch, steps,
-sampler, guidance) and replayed, from C++ when ``featinv._graph_loop`` builds):
+stacked once. Per step, one CUDA graph (captured once per (batch, steps, sampler, guidance) and
+replayed, from C++ when ``featinv._graph_loop`` builds):
 
 1. both guidance branches as one batch of 2B (fp16/bf16), the timestep read from a device table at a
    device step index;

@@ -102,10 +102,13 @@ class TwinEncoder(Piece):
         # The constants are reached by name too: tables as the resnets' time_emb_proj during the call,
         # processors' tensors through a module list of the piece's own.
         tables, their_tables = _by_path(unet, time_tables or {}), _by_path(controlnet, time_tables or {})
+        procs, their_procs = _by_path(unet, processors or {}), _by_path(controlnet, processors or {})
+        for what, mine, other in (("time tables", tables, their_tables), ("attention processors", procs, their_procs)):
+            if {p for p in mine if p.startswith(ENCODER)} != {p for p in other if p.startswith(ENCODER)}:
+                raise FeatInvError(f"the twin encoder needs the same {what} in both networks' encoders")
         for path, table in tables.items():
             if path.startswith(ENCODER):
                 stacked[f"module.{path}.time_emb_proj.table"] = _stack(table.table, their_tables[path].table)
-        procs, their_procs = _by_path(unet, processors or {}), _by_path(controlnet, processors or {})
         paths = [path for path in procs if path.startswith(ENCODER)]
         self.call.processor_tensors = torch.nn.ModuleList(procs[path].tensors for path in paths)
         for i, path in enumerate(paths):
