@@ -6,7 +6,8 @@
 # shipped demo's spatial ControlNet is fine-tuned on the GPU first (the benchmark waits for it to end).
 # COMPILED_BATCHES (default 16): batch sizes for the torch.compile reduce-overhead rows; TWIN_BATCHES
 # (default 1; empty: none): for the fast path with the twin encoder; AUTOTUNE_BATCHES (default none): for a
-# max-autotune fast path (minutes of autotuning each). Timeouts: BENCH_TIMEOUT 400 s, TEST_TIMEOUT 150 s.
+# max-autotune fast path (minutes of autotuning each); BATCHES (default "1 16"): the batch sizes.
+# Timeouts: BENCH_TIMEOUT 380 s, TEST_TIMEOUT 120 s (with the build, a call of timeout_s 600 holds both).
 # Results go to $OUT (or ./gpu-out): run.log, bench_gpu.json, and the fine-tune's outputs.
 set -uo pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
@@ -36,10 +37,10 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 python3 -c "import featinv._C, featinv._sampler; print('featinv._C and featinv._sampler built')"
 python3 -c "from featinv.engine.graph_loop import native_graph_loop; print('graph loop', native_graph_loop('cpp'))"
 stamp "benchmark"
-timeout "${BENCH_TIMEOUT:-400}" python3 benchmarks/bench_gpu.py --profile --compiled-batches ${COMPILED_BATCHES:-16} \
+timeout "${BENCH_TIMEOUT:-380}" python3 benchmarks/bench_gpu.py --profile --batches ${BATCHES:-1 16} --compiled-batches ${COMPILED_BATCHES:-16} \
   --twin-batches ${TWIN_BATCHES-1} --autotune-batches ${AUTOTUNE_BATCHES:-} --out "$OUT/bench_gpu.json" ${FT_PID:+--wait-pid $FT_PID}
 stamp "benchmark done; GPU tests"
-timeout "${TEST_TIMEOUT:-150}" python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_fast_pieces.py \
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_fast_path.py tests/test_fast_pieces.py \
   tests/test_kernels.py tests/test_bench_gpu.py tests/test_twin_encoder.py::test_the_captured_twin_step_equals_the_eager_loop_on_the_gpu \
   > "$OUT/pytest.log" 2>&1
 stamp "GPU tests ended"; tail -25 "$OUT/pytest.log"
