@@ -201,3 +201,24 @@ def test_minisd_scale_denoiser_exports_and_passes_the_checker(tmp_path):
     model = FeatInvModel.from_preset("minisd", make_extractor("resnet", "layer3"), store_classifier=False).half()
     manifest = export_onnx(model, tmp_path / "minisd", dtype=torch.float16)  # checker runs inside
     assert manifest["latent_shape"] == [4, 32, 32]
+
+
+def test_tensorrt_batches_outside_the_engine_profile_are_chunked_or_padded():
+    """The engine's profile takes 2..32 denoiser rows; a server sends up to 128 (64 images, guided),
+    unguided single images send 1. Rows are independent, so chunks and padding change nothing."""
+    from featinv.engine.tensorrt import within_rows
+
+    calls = []
+
+    def run(sample, hint):
+        calls.append(len(sample))
+        assert 2 <= len(sample) <= 32  # what the engine accepts
+        return sample * 2 + hint.sum((1, 2, 3), keepdim=True)
+
+    g = torch.Generator().manual_seed(0)
+    for rows, expected_calls in ((1, [2]), (2, [2]), (70, [32, 32, 6]), (65, [32, 32, 2])):
+        sample, hint = torch.randn(rows, 3, 4, 4, generator=g), torch.randn(rows, 2, 4, 4, generator=g)
+        calls.clear()
+        got = within_rows(run, 2, 32, sample, hint)
+        assert calls == expected_calls
+        torch.testing.assert_close(got, sample * 2 + hint.sum((1, 2, 3), keepdim=True))

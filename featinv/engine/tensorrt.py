@@ -165,14 +165,33 @@ def build_engine(onnx_folder: str | Path, key: EngineKey, shapes: dict[str, tupl
     return bytes(serialized)
 
 
-class TensorRTDenoiser:
-    """A :class:`featinv.engine.base.Denoiser` running a TensorRT engine on the current CUDA stream."""
+def within_rows(run, low: int, high: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """``run(*tensors)`` for any number of rows, each call within an engine profile's [low, high]
+    rows: more than ``high`` are run in chunks, fewer than ``low`` padded with copies of the last
+    row (dropped from the result). Rows are independent, so the result is the same."""
+    rows = len(tensors[0])
+    if rows > high:
+        return torch.cat(
+            [within_rows(run, low, high, *(t[i : i + high] for t in tensors)) for i in range(0, rows, high)]
+        )
+    if rows < low:
+        padded = [torch.cat([t, t[-1:].expand(low - rows, *t.shape[1:])]) for t in tensors]
+        return run(*padded)[:rows]
+    return run(*tensors)
 
-    def __init__(self, engine: Any) -> None:
+
+class TensorRTDenoiser:
+    """A :class:`featinv.engine.base.Denoiser` running a TensorRT engine on the current CUDA stream.
+
+    ``rows``: the (min, max) denoiser batch of the engine's profile; other batches are chunked or
+    padded into it (:func:`within_rows`)."""
+
+    def __init__(self, engine: Any, rows: tuple[int, int] = (1, 2**31)) -> None:
         trt = require_tensorrt()
         self.engine = engine
         self.context = engine.create_execution_context()
         self.trt = trt
+        self.rows = rows
 
     @classmethod
     def from_export(
@@ -195,10 +214,19 @@ class TensorRTDenoiser:
             return engine
 
         engine = EngineCache(cache_dir).load_or_build(key, lambda: build_engine(onnx_folder, key, shapes), load)
-        return cls(engine)
+        # the engine uses its first profile (execution contexts start there)
+        return cls(engine, rows=(profiles[0][0], profiles[0][2]))
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: int, hint: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """eps (B, C, H, W) for any B: run in chunks or padded into the engine's profile."""
+
+        def run(sample, hint, context):
+            return self._run(sample, timestep, hint, context)
+
+        return within_rows(run, *self.rows, sample, hint, context)
+
+    def _run(self, sample: torch.Tensor, timestep: int, hint: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         batch = sample.shape[0]
         dtype = torch.float32
         inputs = {
