@@ -64,13 +64,17 @@ def test_pieces_compute_what_the_model_computes_and_leave_it_as_it_was(batch, ti
         got = decode(emb, t, skips, mid, context, *residuals)
     assert float(want.abs().max()) > 0.01
     _close(residuals, want_residuals)
-    _close(encoded, want_encoded)
+    _close(encoded[1:], want_encoded[1:])
+    # every resnet reads a timestep table, so the time MLP is not run: emb is a placeholder of its shape
+    assert emb.shape == want_encoded[0].shape and not emb.any()
     _close(got, want)
     modules = [*tiny_model.unet.modules(), *tiny_model.controlnet.modules()]
     attentions = [m for m in modules if isinstance(m, Attention)]
     assert attentions and all(type(a.processor) is AttnProcessor2_0 for a in attentions)
     resnets = [m for m in modules if isinstance(m, ResnetBlock2D)]
     assert resnets and all(type(r.time_emb_proj) is torch.nn.Linear for r in resnets)
+    assert type(tiny_model.unet.time_embedding) is type(tiny_model.controlnet.controlnet.time_embedding)
+    assert hasattr(tiny_model.unet.time_embedding, "linear_1")  # the model's own, back in place
     state = tiny_model.state_dict()
     assert all(torch.equal(state[k], v) and state[k].is_contiguous() for k, v in weights_before.items())
 
@@ -178,7 +182,7 @@ def test_a_compiled_piece_equals_the_eager_one_and_follows_its_inputs(tiny_model
     with torch.no_grad():
         for seed in (1, 2):  # a second input: nothing of the first call is baked in
             x = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-            _close(compiled(x, t, context), unet_encode(tiny_model.unet, x, t, context))
+            _close(compiled(x, t, context)[1:], unet_encode(tiny_model.unet, x, t, context)[1:])
     assert all(type(m.processor) is AttnProcessor2_0 for m in tiny_model.unet.modules() if isinstance(m, Attention))
 
 
@@ -201,3 +205,14 @@ def test_the_compiled_fast_path_equals_the_eager_loop_at_two_step_counts(tiny_mo
         got = path.sample(features, latents, tiny_model.noise_schedule.dpmpp_2m(steps), 1.75)
         assert float((got - want.samples).abs().max()) <= 1e-5 * max(1.0, float(want.samples.abs().max()))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before == 3  # one per piece, not per step count
+
+
+def test_the_time_embedding_is_skipped_only_where_every_resnet_reads_a_table(tiny_model):
+    from featinv.engine.time_tables import UnusedTimeEmbedding, unused_time_embeddings
+
+    unet = tiny_model.unet
+    tables = time_projection_tables(unet, 1000, Clock())
+    stub = unused_time_embeddings(unet, tables)[unet]
+    assert isinstance(stub, UnusedTimeEmbedding) and stub.out_features == unet.time_embedding.linear_2.out_features
+    one_missing = dict(list(tables.items())[1:])
+    assert unused_time_embeddings(unet, one_missing) == {}  # a resnet would still read the embedding

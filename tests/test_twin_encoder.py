@@ -52,6 +52,9 @@ def test_twin_encoder_gives_the_controlnet_and_the_unet_encoder(batch, precomput
     want = (emb, skips, mid, down, mid_residual)
     assert float(mid_residual.abs().max()) > 1e-3  # the residuals are not zero
     assert not torch.allclose(down[-1], skips[-1], atol=1e-3)  # the networks differ
+    if precomputed:  # the timestep tables leave the embedding no reader: a placeholder of its shape
+        assert got[0].shape == emb.shape and not got[0].any()
+        got, want = got[1:], want[1:]
     for g, w in zip(_flat(got), _flat(want), strict=True):
         assert g.shape == w.shape
         assert float((g - w).abs().max()) <= 1e-5 * max(1.0, float(w.abs().max()))

@@ -33,7 +33,7 @@ from featinv.engine.fast_attention import fast_processors
 from featinv.engine.graph_loop import replay_loop
 from featinv.engine.pieces import Piece, channels_last_weights
 from featinv.engine.split_unet import check_splittable, unet_decode, unet_encode
-from featinv.engine.time_tables import Clock, time_projection_tables
+from featinv.engine.time_tables import Clock, time_projection_tables, unused_time_embeddings
 from featinv.engine.twin_encoder import ENCODER, TwinEncoder
 from featinv.errors import FeatInvError, require_positive_int
 from featinv.kernels.guided_update import guided_update_
@@ -95,11 +95,12 @@ class FastPath:
         if precomputed:
             contexts = model.guidance_contexts(1).to(self.device, model.unet.dtype)  # (2, L, D): null, stored
             clock, steps = Clock(), model.noise_schedule.num_train_timesteps
+            tables = time_projection_tables(model.unet, steps, clock) | time_projection_tables(cn, steps, clock)
             constants = {
                 "processors": fast_processors(model.unet, contexts) | fast_processors(model.controlnet, contexts),
-                "time_tables": time_projection_tables(model.unet, steps, clock)
-                | time_projection_tables(model.controlnet.controlnet, steps, clock),
+                "time_tables": tables,
                 "clock": clock,
+                "time_embeddings": unused_time_embeddings(model.unet, tables) | unused_time_embeddings(cn, tables),
             }
         if twin_encoder:
             encoders = [TwinEncoder(model.unet, cn, channels_last=channels_last, **constants)]

@@ -58,6 +58,8 @@ class Piece(torch.nn.Module):
         processors: attention module -> processor to use during the call (those inside ``module``).
         time_tables: resnet -> ``TimeProjectionTable`` to use as its ``time_emb_proj``.
         clock: the tables' clock; the piece sets its timestep.
+        time_embeddings: model -> ``UnusedTimeEmbedding`` to use as its ``time_embedding`` (where
+            the tables left the embedding no reader).
     """
 
     def __init__(
@@ -69,12 +71,14 @@ class Piece(torch.nn.Module):
         processors: dict | None = None,
         time_tables: dict | None = None,
         clock=None,
+        time_embeddings: dict | None = None,
     ) -> None:
         super().__init__()
         self.call = ModuleCall(fn, module)
         inside = set(module.modules())
         self.swaps = [(attn, "processor", proc) for attn, proc in (processors or {}).items() if attn in inside]
         self.swaps += [(res, "time_emb_proj", table) for res, table in (time_tables or {}).items() if res in inside]
+        self.swaps += [(m, "time_embedding", stub) for m, stub in (time_embeddings or {}).items() if m in inside]
         if any(name == "time_emb_proj" for _, name, _ in self.swaps) and clock is None:
             raise FeatInvError("time tables need their clock")
         self.clock = clock

@@ -4,9 +4,10 @@ Every resnet of the UNet and the ControlNet adds ``time_emb_proj(act(emb(t)))`` 
 where ``emb(t)`` is the model's sinusoid + MLP of the timestep: a function of the integer timestep
 alone. The fast path computes it once for all ``num_train_timesteps`` values, one (T, C) table per
 resnet (at miniSD scale 32 tables, 60 MB in fp16), and during a step each resnet reads row ``t``:
-the ControlNet's time MLP and 32 small matmuls per step (of 2B identical rows) become gathers that
-Inductor folds into the adds that consume them. Same numbers: each row is the same projection of
-the same embedding.
+32 small matmuls per step (of 2B identical rows) become gathers that Inductor folds into the adds
+that consume them, and the two time MLPs, left without a reader, are not run
+(``UnusedTimeEmbedding``: the pieces pass a zero placeholder for the embedding instead). Same
+numbers: each row is the same projection of the same embedding.
 """
 
 from __future__ import annotations
@@ -56,3 +57,26 @@ def time_projection_tables(module: torch.nn.Module, num_timesteps: int, clock: C
                 temb = emb if resnet.skip_time_act else resnet.nonlinearity(emb)
                 tables[resnet] = TimeProjectionTable(resnet.time_emb_proj(temb), clock)
     return tables
+
+
+class UnusedTimeEmbedding(torch.nn.Module):
+    """Stands in for a model's ``time_embedding`` when every resnet reads a table: the embedding has
+    no reader left, so the time MLP (and the sinusoid before it) need not run. Gives zeros of its
+    shape, (B, E), for the signatures that pass it on (the decoder's resnets ignore it)."""
+
+    def __init__(self, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, sample: torch.Tensor, condition=None) -> torch.Tensor:
+        return sample.new_zeros(sample.shape[0], self.out_features)
+
+
+def unused_time_embeddings(module: torch.nn.Module, tables: dict) -> dict:
+    """{module: UnusedTimeEmbedding} when ``tables`` covers every resnet of ``module`` that has a
+    time projection (the embedding's only readers, where ``time_projection_tables`` makes tables at
+    all); empty otherwise."""
+    resnets = [m for m in module.modules() if isinstance(m, ResnetBlock2D) and m.time_emb_proj is not None]
+    if not resnets or any(resnet not in tables for resnet in resnets):
+        return {}
+    return {module: UnusedTimeEmbedding(module.time_embedding.linear_2.out_features)}

@@ -8,7 +8,7 @@ stacked weight sets runs it once: each convolution becomes one grouped convoluti
 each linear layer one batched matmul, each norm and pointwise chain one kernel, each attention one
 call with both networks in its batch: half as many kernels there, each twice as wide, the same
 arithmetic element by element (up to reduction order). Meant for one image, where each of the
-step's ~575 kernels (miniSD) sees a batch of 2 and the GPU is far from full; at large batches the
+step's ~571 kernels (miniSD) sees a batch of 2 and the GPU is far from full; at large batches the
 GPU is full either way. It replaces the default path's second stream (ControlNet concurrent with the
 UNet's encoder); which wins at which batch is measured by ``benchmarks/bench_gpu.py``.
 
@@ -81,8 +81,9 @@ class TwinEncoder(Piece):
         unet, controlnet: the base UNet and the (diffusers) ControlNet, same encoder architecture.
         channels_last: channels-last copies of the zero convolutions' weights (the stacked
             convolution weights are channels-last always).
-        processors, time_tables, clock: the fast path's constants for both networks (as
-            :class:`Piece` takes them); each UNet constant is stacked with the ControlNet's.
+        processors, time_tables, clock, time_embeddings: the fast path's constants for both
+            networks (as :class:`Piece` takes them); each UNet table and processor tensor is
+            stacked with the ControlNet's.
     """
 
     def __init__(
@@ -94,11 +95,24 @@ class TwinEncoder(Piece):
         processors: dict | None = None,
         time_tables: dict | None = None,
         clock=None,
+        time_embeddings: dict | None = None,
     ) -> None:
         check_twins(unet, controlnet)
-        super().__init__(unet_encode, unet, processors=processors, time_tables=time_tables, clock=clock)
+        super().__init__(
+            unet_encode,
+            unet,
+            processors=processors,
+            time_tables=time_tables,
+            clock=clock,
+            time_embeddings=time_embeddings,
+        )
         ours, theirs = dict(unet.named_parameters()), dict(controlnet.named_parameters())
-        stacked = {f"module.{n}": _stack(p, theirs[n]) for n, p in ours.items() if n.startswith(ENCODER)}
+        stubbed = ("time_embedding.",) if unet in (time_embeddings or {}) else ()  # no weights read there
+        stacked = {
+            f"module.{n}": _stack(p, theirs[n])
+            for n, p in ours.items()
+            if n.startswith(ENCODER) and not (stubbed and n.startswith(stubbed))
+        }
         # The constants are reached by name too: tables as the resnets' time_emb_proj during the call,
         # processors' tensors through a module list of the piece's own.
         tables, their_tables = _by_path(unet, time_tables or {}), _by_path(controlnet, time_tables or {})
