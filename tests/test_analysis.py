@@ -201,3 +201,27 @@ def test_inception_fid_features_from_a_local_file(tmp_path):
     save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(wrong))
     with pytest.raises(FeatInvError, match="do not fit inception_v3"):
         inception_features(wrong)
+
+
+def test_evaluate_embeds_the_references_once(tmp_path, tiny_model, tiny_extractor):
+    """The real images and the originals are embedded once for all methods (was once per method)."""
+    from featinv.analysis.optimize import OptimizeConfig
+    from featinv.analysis.studies import evaluate_study
+    from featinv.pipeline import Reconstructor
+
+    g = torch.Generator().manual_seed(0)
+    images, real = torch.rand(3, 3, 16, 16, generator=g), torch.rand(5, 3, 16, 16, generator=g)  # the model's size
+    seen = []
+
+    def features(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(len(batch))
+        return batch.mean((2, 3))
+
+    spatial = Reconstructor(tiny_model, extractor=tiny_extractor)
+    data = evaluate_study(
+        spatial, None, images, real, tmp_path, steps=2, optimize=OptimizeConfig(steps=2), fid_features=features
+    )
+    assert sorted(seen) == [3, 3, 3, 5]  # two methods and the originals (3 images each), the real set once
+    assert (
+        set(data["methods"]) == {"featinv spatial", "optimisation"} and data["reference"]["fid_real_vs_originals"] >= 0
+    )

@@ -75,10 +75,12 @@ def inception_features(weights: str | Path) -> FeatureFn:
     return features
 
 
+def embed_images(images: torch.Tensor, features: FeatureFn, batch_size: int = 64) -> torch.Tensor:
+    """(N, D): ``features`` of images (N, 3, H, W), ``batch_size`` at a time (embed a reference set
+    once, then compare many sets with :func:`frechet_distance`)."""
+    return torch.cat([features(chunk) for chunk in images.split(batch_size)])
+
+
 def fid(real: torch.Tensor, generated: torch.Tensor, features: FeatureFn, batch_size: int = 64) -> float:
     """FID between image sets (N, 3, H, W) and (M, 3, H, W) in the space of ``features``."""
-
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([features(chunk) for chunk in images.split(batch_size)])
-
-    return frechet_distance(embed(real), embed(generated))
+    return frechet_distance(embed_images(real, features, batch_size), embed_images(generated, features, batch_size))

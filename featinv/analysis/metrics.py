@@ -80,22 +80,32 @@ def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7, sigma: float = 1.5) 
 
 
 @torch.no_grad()
+def classifier_outputs(extractor: FeatureExtractor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(spatial feature maps, logits) of images (B, 3, H, W) on the classifier's device: what
+    :func:`reconstruction_metrics` compares (compute the originals' once for several methods)."""
+    device = next(extractor.classifier.parameters()).device
+    images = images.cpu().to(device)
+    # Features are always compared in the spatial map of the classifier, whatever the model's mode.
+    return extractor._features(extractor.preprocess(images)), extractor.logits(images)
+
+
+@torch.no_grad()
 def reconstruction_metrics(
     extractor: FeatureExtractor,
     originals: torch.Tensor,
     reconstructions: torch.Tensor,
     masks: torch.Tensor | None = None,
+    *,
+    original_outputs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image metrics, each (B,) float on the CPU, of reconstructions (B, 3, H, W) against their
     originals: feature cosine in the classifier's spatial map and after pooling, top-1 and top-5
     agreement, PSNR, SSIM, and with object masks (B, 1, H, W) the colour-mask IoU and centroid
-    distance. Callers average them (after merging shares, in a multi-process run)."""
-    device = next(extractor.classifier.parameters()).device
+    distance. Callers average them (after merging shares, in a multi-process run).
+    ``original_outputs``: :func:`classifier_outputs` of ``originals``, when the caller has them."""
     originals, reconstructions = originals.cpu(), reconstructions.cpu()
-    # Features are always compared in the spatial map of the classifier, whatever the model's mode.
-    f_orig = extractor._features(extractor.preprocess(originals.to(device)))
-    f_rec = extractor._features(extractor.preprocess(reconstructions.to(device)))
-    logits_orig, logits_rec = extractor.logits(originals.to(device)), extractor.logits(reconstructions.to(device))
+    f_orig, logits_orig = original_outputs or classifier_outputs(extractor, originals)
+    f_rec, logits_rec = classifier_outputs(extractor, reconstructions)
     values = {
         "feature_cosine": feature_cosine(f_orig, f_rec),
         "pooled_feature_cosine": feature_cosine(f_orig.mean((2, 3), keepdim=True), f_rec.mean((2, 3), keepdim=True)),

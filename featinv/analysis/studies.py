@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from featinv.analysis.compose import lerp, mix_by_mask, select_channels, slerp
-from featinv.analysis.fid import classifier_features, fid
-from featinv.analysis.metrics import reconstruction_metrics
+from featinv.analysis.fid import classifier_features, embed_images, frechet_distance
+from featinv.analysis.metrics import classifier_outputs, reconstruction_metrics
 from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
 from featinv.analysis.report import bar_plot, line_plot, write_report
 from featinv.analysis.robustness import corrupt, ood_inputs, pgd_attack
@@ -229,18 +229,21 @@ def evaluate_study(
         )
     methods["optimisation"] = make_inverter(spatial, "optimize", optimize=optimize, seed=seed)(spatial.features(images))
     embed = fid_features or classifier_features(extractor)
+    # What every method is compared with is computed once: the originals' classifier outputs, the
+    # real images' embedding.
+    originals = classifier_outputs(extractor, images)
+    real_embedding = embed_images(real, embed)
     table = {}
     for name, recon in methods.items():
-        means = {
-            key: float(value.mean()) for key, value in reconstruction_metrics(extractor, images, recon, masks).items()
-        }
+        metrics = reconstruction_metrics(extractor, images, recon, masks, original_outputs=originals)
+        means = {key: float(value.mean()) for key, value in metrics.items()}
         agreement = {
             key: means.pop(key)
             for key in ("feature_cosine", "pooled_feature_cosine", "top1_agreement", "top5_agreement")
         }
-        row = {**agreement, "fid_vs_real": fid(real, recon, embed), **means}  # the report's column order
-        table[name] = row
-    reference = {"fid_real_vs_originals": fid(real, images, embed)}
+        fid_vs_real = frechet_distance(real_embedding, embed_images(recon, embed))
+        table[name] = {**agreement, "fid_vs_real": fid_vs_real, **means}  # the report's column order
+    reference = {"fid_real_vs_originals": frechet_distance(real_embedding, embed_images(images, embed))}
     out.mkdir(parents=True, exist_ok=True)
     shown = slice(0, min(12, len(images)))
     save_image(
