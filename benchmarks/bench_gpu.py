@@ -255,29 +255,14 @@ def main() -> None:
     parser.add_argument(
         "--compiled-batches", type=int, nargs="*", help="batch sizes for torch.compile rows (default: all)"
     )
+    for flag, default, variant in (  # the fast path's variants, each one more compile per batch size
+        ("--ablation-batches", [1], "with the model's own weights and attention"),
+        ("--twin-batches", [1], "with the twin encoder (ControlNet and UNet encoder as one network)"),
+        ("--autotune-batches", [], "compiled with max-autotune-no-cudagraphs (minutes of autotuning each)"),
+    ):
+        parser.add_argument(flag, type=int, nargs="*", default=default, help=f"batch sizes for the fast path {variant}")
     parser.add_argument(
-        "--ablation-batches",
-        type=int,
-        nargs="*",
-        default=[1],
-        help="batch sizes for the fast path with the model's own weights and attention (one more compile each)",
-    )
-    parser.add_argument(
-        "--twin-batches",
-        type=int,
-        nargs="*",
-        default=[1],
-        help="batch sizes for the fast path with the twin encoder (ControlNet and UNet encoder as one network)",
-    )
-    parser.add_argument(
-        "--autotune-batches",
-        type=int,
-        nargs="*",
-        default=[],
-        help="batch sizes for the fast path compiled with max-autotune-no-cudagraphs (minutes of autotuning each)",
-    )
-    parser.add_argument(
-        "--wait-pid", type=int, nargs="+", default=[], help="after compiling, wait for these processes to end"
+        "--wait-pid", type=int, nargs="+", default=[], help="before the first row, wait for these processes to end"
     )
     parser.add_argument("--wait-max", type=float, default=300.0, help="seconds to wait for --wait-pid at most")
     parser.add_argument("--peak-tflops", type=float, default=774.0, help="measured bf16 matmul peak (H200: 774)")

@@ -67,12 +67,7 @@ def count(model, images: int, device: torch.device, **options) -> dict:
     hint = path.null_hint().expand(2 * images, -1, -1, -1).contiguous()
 
     def step():
-        if path.encode_both is not None:
-            emb, skips, mid, down, mid_residual = path.encode_both(x, t, context, hint)
-        else:
-            down, mid_residual = path.controlnet(x, t, context, hint)
-            emb, skips, mid = path.encode(x, t, context)
-        return path.decode(emb, t, skips, mid, context, down, mid_residual)
+        return path.eps_pair(x, t, context, hint)
 
     with torch.no_grad():
         with GeneratedCalls() as found:

@@ -153,6 +153,31 @@ class FastPath:
         """(2B, C0, H, W): the null hint B times, then the hints of ``features`` (B, C, h, w)."""
         return torch.cat([self.null_hint().expand(len(features), -1, -1, -1), self.embed(features)])
 
+    def eps_pair(
+        self,
+        pair: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        hint: torch.Tensor,
+        side: torch.cuda.Stream | None = None,
+    ) -> torch.Tensor:
+        """The pieces on one guided batch: ``pair`` (2B, C, H, W), ``t`` (1,) or (2B,), ``context``
+        (2B, L, D), ``hint`` (2B, C0, H, W) -> eps (2B, C, H, W). With ``side``, the ControlNet runs
+        on that stream, concurrent with the UNet's encoder (not with the twin encoder: one piece)."""
+        if self.encode_both is not None:
+            emb, skips, mid, down, mid_residual = self.encode_both(pair, t, context, hint)
+        elif side is None:
+            down, mid_residual = self.controlnet(pair, t, context, hint)
+            emb, skips, mid = self.encode(pair, t, context)
+        else:
+            main = torch.cuda.current_stream(pair.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                down, mid_residual = self.controlnet(pair, t, context, hint)
+            emb, skips, mid = self.encode(pair, t, context)
+            main.wait_stream(side)
+        return self.decode(emb, t, skips, mid, context, down, mid_residual)
+
     def step_graph(self, batch: int, schedule: SamplerSchedule, guidance_scale: float) -> StepGraph:
         """The (cached) step for this shape; captured on first use, the least recently used one
         dropped beyond ``max_graphs``."""
@@ -218,22 +243,9 @@ class StepGraph:
 
     def _eps_pair(self) -> torch.Tensor:
         """(2B, C, H, W) noise predictions of both branches at the current step."""
-        path = self.path
         pair = torch.cat([self.x, self.x]).to(self.hint.dtype)
         t = self.timesteps.index_select(0, self.step)
-        if path.encode_both is not None:
-            emb, skips, mid, down, mid_residual = path.encode_both(pair, t, self.context, self.hint)
-        elif self.side is None:
-            down, mid_residual = path.controlnet(pair, t, self.context, self.hint)
-            emb, skips, mid = path.encode(pair, t, self.context)
-        else:
-            main = torch.cuda.current_stream(self.x.device)
-            self.side.wait_stream(main)
-            with torch.cuda.stream(self.side):
-                down, mid_residual = path.controlnet(pair, t, self.context, self.hint)
-            emb, skips, mid = path.encode(pair, t, self.context)
-            main.wait_stream(self.side)
-        return path.decode(emb, t, skips, mid, self.context, down, mid_residual)
+        return self.path.eps_pair(pair, t, self.context, self.hint, side=self.side)
 
     def _step(self) -> None:
         """One step on the buffers (what the graph replays)."""

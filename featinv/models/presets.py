@@ -53,8 +53,13 @@ _TINY_UNET = {
     "norm_num_groups": 8,
 }
 
-_MICRO_UNET = {**_TINY_UNET, "block_out_channels": [8, 16], "norm_num_groups": 4, "cross_attention_dim": 16}
-_MICRO_UNET["attention_head_dim"] = 4
+_MICRO_UNET = {
+    **_TINY_UNET,
+    "block_out_channels": [8, 16],
+    "norm_num_groups": 4,
+    "cross_attention_dim": 16,
+    "attention_head_dim": 4,
+}
 
 
 @dataclass(frozen=True)
