@@ -1,7 +1,7 @@
 """The embeddable low-latency API: a reconstructor that warms up once, then serves requests from any
 thread, one at a time on the device, with previews every k steps and cancellation in flight.
 
-    server = RealtimeReconstructor(FeatInvModel.from_pretrained(DIR), steps=10)
+    server = RealtimeReconstructor(DIR, steps=10)   # or a FeatInvModel
     request = server.submit(images, seed=0, preview_every=2, on_preview=show)
     request.cancel()            # e.g. the user moved the slider again
     images = request.result()   # raises RequestCancelled if it was cancelled
@@ -12,7 +12,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -22,6 +23,7 @@ from featinv.pipeline import DEFAULT_GUIDANCE, Reconstructor, resolve_device
 
 Preview = Callable[[int, torch.Tensor], None]
 """(step index, predicted images (B, 3, H, W) in [0, 1]) -> None."""
+T = TypeVar("T")
 
 
 class RequestCancelled(Exception):
@@ -54,11 +56,19 @@ class Request:
 
 class RealtimeReconstructor:
     """Serve reconstructions with bounded latency: fixed steps and sampler, warmed up at creation,
-    requests run one at a time in submission order on a worker thread."""
+    requests run one at a time in submission order on a worker thread.
+
+    All of the server's tensor work (loading ``model`` when it is a folder, warm-up, requests, and
+    whatever callers pass to :meth:`call`) runs on that one thread. On a CPU this is a speed matter:
+    PyTorch's OpenMP pool belongs to the thread that starts parallel work, and once a second thread
+    holds a pool of its own, more threads exist than cores on a small machine and OpenMP's idle
+    threads sleep between operations instead of spinning (the demo model's request: 0.8 s with one
+    pool, 1.2 s with two, on 2 cores).
+    """
 
     def __init__(
         self,
-        model: FeatInvModel,
+        model: FeatInvModel | str | Path,
         *,
         device: str | torch.device = "auto",
         backend: str = "eager",
@@ -70,26 +80,37 @@ class RealtimeReconstructor:
     ) -> None:
         require_positive_int("warmup_batch", warmup_batch)
         device = resolve_device(device)
+        self.steps, self.sampler, self.guidance_scale = steps, sampler, guidance_scale
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featinv-serve")
+        self.reconstructor = self.call(self._build, model, device, backend)
+        # Compile / allocate (and on the fast backend capture) once, at the batch the caller will send,
+        # so the first user request is not the slow one.
+        if warmup:
+            zeros = self.call(torch.zeros, warmup_batch, *self.reconstructor.model.feature_spec.shape)
+            self.submit(features=zeros).result()
+
+    @staticmethod
+    def _build(model: FeatInvModel | str | Path, device: torch.device, backend: str) -> Reconstructor:
+        if not isinstance(model, FeatInvModel):
+            model = FeatInvModel.from_pretrained(model)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         # Requests bring any number of images: on the backends that compile (and capture) per batch
         # shape, batches run at powers of two, so that a few shapes serve them all.
         shaped = backend in ("compiled", "fast")
-        self.reconstructor = Reconstructor(model, device=device, backend=backend, dtype=dtype, pad_batches=shaped)
-        self.steps, self.sampler, self.guidance_scale = steps, sampler, guidance_scale
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featinv-serve")
-        # Compile / allocate (and on the fast backend capture) once, at the batch the caller will send,
-        # so the first user request is not the slow one.
-        if warmup:
-            zeros = torch.zeros(warmup_batch, *model.feature_spec.shape)
-            self.submit(features=zeros).result()
+        return Reconstructor(model, device=device, backend=backend, dtype=dtype, pad_batches=shaped)
 
     @property
     def spec(self):
         return self.reconstructor.spec
 
+    def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``function(*args, **kwargs)`` run on the serving thread, after the work queued before it;
+        returns its result or raises its exception. For a caller's own tensor work (see the class)."""
+        return self._worker.submit(function, *args, **kwargs).result()
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Feature maps (B, C, h, w) of images (B, 3, H, W), computed on the serving thread."""
-        return self._worker.submit(self.reconstructor.features, images).result()
+        return self.call(self.reconstructor.features, images)
 
     def submit(
         self,

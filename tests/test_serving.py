@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 
+from featinv.models.featinv_model import FeatInvModel
 from featinv.pipeline import Reconstructor
 from featinv.serving import RealtimeReconstructor, RequestCancelled
 
@@ -94,3 +95,24 @@ def test_backends_that_compile_per_shape_serve_padded_batches(tiny_model):
     finally:
         compiled.close()
         eager.close()
+
+
+def test_a_folder_is_loaded_and_all_tensor_work_runs_on_the_serving_thread(tiny_model, tmp_path, monkeypatch):
+    tiny_model.save_pretrained(tmp_path / "model")
+    threads = []
+    load = FeatInvModel.from_pretrained
+
+    def spy(path, **kwargs):
+        threads.append(threading.current_thread().name)
+        return load(path, **kwargs)
+
+    monkeypatch.setattr(FeatInvModel, "from_pretrained", spy)
+    server = RealtimeReconstructor(tmp_path / "model", device="cpu", steps=2)
+    try:
+        threads.append(server.call(lambda: threading.current_thread().name))
+        assert len(threads) == 2 and all(name.startswith("featinv-serve") for name in threads)
+        assert server.submit(features=torch.zeros(1, *tiny_model.feature_spec.shape)).result(60).shape == (1, 3, 16, 16)
+        with pytest.raises(ZeroDivisionError):  # the caller gets the function's exception
+            server.call(lambda: 1 / 0)
+    finally:
+        server.close()

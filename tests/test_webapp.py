@@ -1,14 +1,16 @@
 """The web app in a real browser: headless Chromium (Debian's chromium + chromium-driver) drives the
-page served on 127.0.0.1: upload an image, wait for its reconstructions, move the steering slider
-and see them change within 2 seconds on the CPU, and get a message, not a crash, for bad uploads.
-A screenshot is kept in test-artifacts/."""
+page that ``featinv serve`` (its own process, as a user runs it) serves on 127.0.0.1: upload an
+image, wait for its reconstructions, move the steering slider and see them change within 2 seconds
+on the CPU, and get a message, not a crash, for bad uploads. A screenshot is kept in test-artifacts/."""
 
 from __future__ import annotations
 
 import shutil
 import socket
-import threading
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,26 +23,29 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
-def app_url():
-    import uvicorn
-
-    from featinv.models.featinv_model import FeatInvModel
-    from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
-    from featinv.web.app import create_app
-
+def app_url(tmp_path_factory):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    app = create_app(FeatInvModel.from_pretrained(PRETRAINED / SPATIAL_DIR), device="cpu")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(10)
+    url = f"http://127.0.0.1:{port}/"
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    command = [sys.executable, "-m", "featinv.cli", "serve", "--port", str(port), "--device", "cpu"]
+    with log.open("w") as output:
+        server = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(url + "api/info", timeout=5)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"featinv serve did not start:\n{log.read_text()}") from None
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 @pytest.fixture(scope="module")

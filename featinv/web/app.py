@@ -33,8 +33,7 @@ MAX_PIXELS = 4096 * 4096
 PAGE = Path(__file__).with_name("index.html")
 
 
-def _png_data_url(image: torch.Tensor, scale: int = 4) -> str:
-    pil = to_pil(image)
+def _png_data_url(pil: Image.Image, scale: int = 4) -> str:
     pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
     buffer = io.BytesIO()
     pil.save(buffer, format="PNG")
@@ -81,12 +80,22 @@ def decode_upload(data: bytes, size: tuple[int, int]) -> torch.Tensor:
         raise FeatInvError(f"not an image this app can read ({type(error).__name__})") from error
 
 
-def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, seeds: int = 3, backend: str = "eager"):
-    """The FastAPI app serving ``model`` (``backend`` as ``Reconstructor``'s: ``fast`` on a GPU)."""
+def create_app(
+    model: FeatInvModel | str | Path,
+    *,
+    device: str = "auto",
+    steps: int = 10,
+    seeds: int = 3,
+    backend: str = "eager",
+):
+    """The FastAPI app serving ``model`` (a model or its folder; ``backend`` as ``Reconstructor``'s:
+    ``fast`` on a GPU). Every tensor operation runs on the server's one thread (``server.call``):
+    the request handlers' threads only decode, encode and wait."""
     server = RealtimeReconstructor(model, device=device, steps=steps, backend=backend, warmup_batch=seeds)
     session = Session()
-    size = model.image_size
-    classes = server.reconstructor.extractor.classifier.get_classifier().out_features
+    extractor = server.reconstructor.extractor
+    size = server.reconstructor.model.image_size
+    classes = extractor.classifier.get_classifier().out_features
     app = FastAPI(title="featinv")
 
     def error(message: str, status: int = 400) -> JSONResponse:
@@ -94,11 +103,12 @@ def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, se
 
     def remember(image: torch.Tensor) -> dict[str, Any]:
         features = server.features(image)
+        thumbnail = _png_data_url(server.call(to_pil, image[0]))
         with session.lock:
             key = str(next(session.ids))
             session.features[key] = features
-            session.thumbnails[key] = _png_data_url(image[0])
-        return {"id": key, "thumbnail": session.thumbnails[key]}
+            session.thumbnails[key] = thumbnail
+        return {"id": key, "thumbnail": thumbnail}
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -125,7 +135,7 @@ def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, se
 
         if not 0 <= index < 100:
             return error("example index must be in [0, 99]")
-        sample = generate_shapes(index + 1, DEMO_SEED + 7, size=size[0])
+        sample = server.call(generate_shapes, index + 1, DEMO_SEED + 7, size=size[0])
         name = CLASSES[int(sample.labels[index])] if len(CLASSES) == classes else str(int(sample.labels[index]))
         return {**remember(sample.images[index : index + 1]), "label": name}
 
@@ -133,7 +143,7 @@ def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, se
     async def upload(file: Annotated[UploadFile, File()]) -> Any:
         data = await file.read(MAX_UPLOAD_BYTES + 1)
         try:
-            return remember(decode_upload(data, size))
+            return remember(server.call(decode_upload, data, size))
         except FeatInvError as message:
             return error(str(message))
 
@@ -151,13 +161,18 @@ def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, se
             return error(f"concept must be a class in [0, {classes - 1}]")
         if stale is not None:
             stale.cancel()  # a newer slider value makes the request in flight stale
-        if other is not None and query.mix > 0:
-            features = lerp(features, other, query.mix)
-        if query.strength != 0:
-            features = steer(features, class_concept(server.reconstructor.extractor, query.concept), [query.strength])[
-                0
-            ]
-        request = server.submit(features=features.repeat(seeds, 1, 1, 1), seed=0)
+        try:
+            concept = server.call(class_concept, extractor, query.concept)
+        except FeatInvError as message:  # a classifier without a linear head over this map
+            return error(str(message))
+
+        def slider_features() -> torch.Tensor:  # (seeds, C, h, w): A's map moved toward B and the concept
+            moved = lerp(features, other, query.mix) if other is not None and query.mix > 0 else features
+            if query.strength != 0:
+                moved = steer(moved, concept, [query.strength])[0]
+            return moved.repeat(seeds, 1, 1, 1)
+
+        request = server.submit(features=server.call(slider_features), seed=0)
         with session.lock:
             session.in_flight[query.client] = request
         try:
@@ -166,12 +181,13 @@ def create_app(model: FeatInvModel, *, device: str = "auto", steps: int = 10, se
             return error("superseded by a newer request", 409)
         except FeatInvError as message:
             return error(str(message))
-        with torch.no_grad():
-            probs = server.reconstructor.extractor.logits(images.to(server.reconstructor.device)).softmax(1).cpu()
-        return {
-            "images": [_png_data_url(image) for image in images],
-            "concept_probability": float(probs[:, query.concept].mean()),
-        }
+
+        def pictures_and_probability() -> tuple[list[Image.Image], float]:
+            probability = concept.probability(extractor, images.to(server.reconstructor.device))
+            return [to_pil(image) for image in images], float(probability.mean())
+
+        pictures, probability = server.call(pictures_and_probability)
+        return {"images": [_png_data_url(picture) for picture in pictures], "concept_probability": probability}
 
     app.state.server = server
     return app
@@ -189,5 +205,6 @@ def serve(
 
     from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
 
-    model = FeatInvModel.from_pretrained(model_dir or PRETRAINED / SPATIAL_DIR)
-    uvicorn.run(create_app(model, device=device, backend=backend), host=host, port=port, log_level="warning")
+    # The folder, not a loaded model: the server loads it on its own thread (see create_app).
+    app = create_app(model_dir or PRETRAINED / SPATIAL_DIR, device=device, backend=backend)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
