@@ -222,3 +222,22 @@ def test_tensorrt_batches_outside_the_engine_profile_are_chunked_or_padded():
         got = within_rows(run, 2, 32, sample, hint)
         assert calls == expected_calls
         torch.testing.assert_close(got, sample * 2 + hint.sum((1, 2, 3), keepdim=True))
+
+
+def test_tensorrt_refusing_an_input_shape_is_one_named_error():
+    """TensorRT's set_input_shape returns False for a shape outside the engine's profile; running on
+    with it would fail later without saying which input was wrong."""
+    from featinv.engine.tensorrt import TensorRTDenoiser
+
+    class Context:  # accepts every input but the hint
+        def set_input_shape(self, name, shape):
+            return name != "hint"
+
+        def set_tensor_address(self, name, address):
+            pass
+
+    denoiser = object.__new__(TensorRTDenoiser)  # no TensorRT here: the context is all _run touches
+    denoiser.context, denoiser.rows = Context(), (2, 32)
+    sample, hint, context = torch.zeros(2, 4, 8, 8), torch.zeros(2, 320, 8, 8), torch.zeros(2, 1, 32)
+    with pytest.raises(FeatInvError, match=r"hint of shape \(2, 320, 8, 8\).*2 to 32 rows"):
+        denoiser._run(sample, 500, hint, context)

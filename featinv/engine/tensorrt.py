@@ -236,7 +236,12 @@ class TensorRTDenoiser:
             "hint": hint.to(dtype).contiguous(),
         }
         for name, tensor in inputs.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                low, high = self.rows
+                raise FeatInvError(
+                    f"the TensorRT engine does not take {name} of shape {tuple(tensor.shape)} "
+                    f"(its profile: {low} to {high} rows of the shapes it was exported with)"
+                )
             self.context.set_tensor_address(name, tensor.data_ptr())
         eps = torch.empty_like(inputs["sample"])
         self.context.set_tensor_address("eps", eps.data_ptr())
