@@ -72,6 +72,23 @@ def required_extractor(model, args: argparse.Namespace):
     return extractor
 
 
+def _add_twin_encoder(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--twin-encoder",
+        action="store_true",
+        help="with --backend fast: run the ControlNet and the UNet's encoder as one network of two weight sets",
+    )
+
+
+def _fast_options(args: argparse.Namespace) -> dict[str, bool] | None:
+    """The fast backend's options the command line sets (``--twin-encoder``)."""
+    if not args.twin_encoder:
+        return None
+    if args.backend != "fast":
+        raise FeatInvError(f"--twin-encoder needs --backend fast, got --backend {args.backend}")
+    return {"twin_encoder": True}
+
+
 def _reconstructor(args: argparse.Namespace):
     from featinv.pipeline import Reconstructor, resolve_device
 
@@ -85,6 +102,7 @@ def _reconstructor(args: argparse.Namespace):
         dtype=dtype,
         backend=args.backend,
         engine_dir=args.engine_dir,
+        fast_options=_fast_options(args),
     )
 
 
@@ -240,8 +258,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise FeatInvError(f"featinv serve needs the web extra: pip install 'featinv[web]' ({error})") from error
     if args.model is not None and not Path(args.model).is_dir():
         raise FeatInvError(f"model folder not found: {args.model}")
+    fast_options = _fast_options(args)
     print(f"serving on http://{args.host}:{args.port}")
-    serve(args.model, host=args.host, port=args.port, device=args.device, backend=args.backend)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        backend=args.backend,
+        fast_options=fast_options,
+    )
     return 0
 
 
@@ -341,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="denoiser backend (fast: CUDA only)",
     )
     rec.add_argument("--engine-dir", help="ONNX export / TensorRT engine cache (default: under ~/.cache/featinv)")
+    _add_twin_encoder(rec)
     rec.set_defaults(func=cmd_reconstruct)
 
     create = commands.add_parser("create", help="create an untrained FeatInv model for a classifier and layer")
@@ -392,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--backend", choices=["eager", "compiled", "fast"], default="eager", help="denoiser backend (fast: CUDA only)"
     )
+    _add_twin_encoder(serve)
     serve.set_defaults(func=cmd_serve)
 
     ext = commands.add_parser("extract", help="write the feature maps of images to a safetensors file")

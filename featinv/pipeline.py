@@ -77,6 +77,8 @@ class Reconstructor:
             the padding rows dropped: a server's varied batch sizes then need at most 7 compiled
             shapes up to 64 images (torch.compile keeps 8 variants per piece, then runs it eagerly;
             the fast path keeps 8 captured steps), at up to twice the compute of an odd size.
+        fast_options: keyword arguments of the ``fast`` backend's ``FastPath``, e.g.
+            ``{"twin_encoder": True}`` (``featinv.engine.fast``); only with ``backend="fast"``.
     """
 
     def __init__(
@@ -89,9 +91,16 @@ class Reconstructor:
         backend: str = "eager",
         engine_dir: str | Path | None = None,
         pad_batches: bool = False,
+        fast_options: dict[str, Any] | None = None,
     ) -> None:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise FeatInvError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if fast_options:
+            if backend != "fast":
+                raise FeatInvError(f"fast_options apply to backend 'fast' only, got backend {backend!r}")
+            from featinv.engine.fast import check_fast_options
+
+            fast_options = check_fast_options(fast_options)
         self.device = resolve_device(device)
         extractor = extractor if extractor is not None else model.classifier
         if extractor is not None and not extractor.spec.same_source(model.feature_spec):
@@ -107,7 +116,7 @@ class Reconstructor:
         if backend == "fast":
             from featinv.engine.fast import FastPath
 
-            self.fast = FastPath(self.model)
+            self.fast = FastPath(self.model, **(fast_options or {}))
 
     @property
     def spec(self):

@@ -77,12 +77,17 @@ class RealtimeReconstructor:
         guidance_scale: float = DEFAULT_GUIDANCE,
         warmup: bool = True,
         warmup_batch: int = 1,
+        fast_options: dict[str, Any] | None = None,
     ) -> None:
         require_positive_int("warmup_batch", warmup_batch)
         device = resolve_device(device)
         self.steps, self.sampler, self.guidance_scale = steps, sampler, guidance_scale
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featinv-serve")
-        self.reconstructor = self.call(self._build, model, device, backend)
+        try:
+            self.reconstructor = self.call(self._build, model, device, backend, fast_options)
+        except BaseException:
+            self._worker.shutdown(wait=False)
+            raise
         # Compile / allocate (and on the fast backend capture) once, at the batch the caller will send,
         # so the first user request is not the slow one.
         if warmup:
@@ -90,14 +95,18 @@ class RealtimeReconstructor:
             self.submit(features=zeros).result()
 
     @staticmethod
-    def _build(model: FeatInvModel | str | Path, device: torch.device, backend: str) -> Reconstructor:
+    def _build(
+        model: FeatInvModel | str | Path, device: torch.device, backend: str, fast_options: dict[str, Any] | None
+    ) -> Reconstructor:
         if not isinstance(model, FeatInvModel):
             model = FeatInvModel.from_pretrained(model)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         # Requests bring any number of images: on the backends that compile (and capture) per batch
         # shape, batches run at powers of two, so that a few shapes serve them all.
         shaped = backend in ("compiled", "fast")
-        return Reconstructor(model, device=device, backend=backend, dtype=dtype, pad_batches=shaped)
+        return Reconstructor(
+            model, device=device, backend=backend, dtype=dtype, pad_batches=shaped, fast_options=fast_options
+        )
 
     @property
     def spec(self):

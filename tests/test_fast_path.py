@@ -205,12 +205,22 @@ def test_the_graph_loop_switch_without_a_gpu(monkeypatch):
     assert graph_loop.native_graph_loop("auto") is None  # warned once
 
 
+def test_fast_options_are_checked_before_anything_is_built(tiny_model):
+    with pytest.raises(FeatInvError, match="fast_options apply to backend 'fast' only, got backend 'eager'"):
+        Reconstructor(tiny_model, fast_options={"twin_encoder": True})
+    with pytest.raises(FeatInvError, match=r"unknown option\(s\) twin; FastPath takes .*twin_encoder"):
+        Reconstructor(tiny_model, backend="fast", fast_options={"twin": True})
+
+
 @pytest.mark.gpu
-def test_reconstructor_fast_backend_in_fp16(tiny_model):
+@pytest.mark.parametrize("fast_options", [None, {"twin_encoder": True}])
+def test_reconstructor_fast_backend_in_fp16(tiny_model, fast_options):
     features, latents = _inputs(tiny_model, 4)
     kwargs = {"features": features, "latents": latents, "steps": 10, "progress": False, "batch_size": 4}
     want = Reconstructor(tiny_model, device="cuda").reconstruct(**kwargs)
-    got = Reconstructor(tiny_model, device="cuda", dtype=torch.float16, backend="fast").reconstruct(**kwargs)
+    fast = Reconstructor(tiny_model, device="cuda", dtype=torch.float16, backend="fast", fast_options=fast_options)
+    assert (fast.fast.encode_both is not None) == bool(fast_options)
+    got = fast.reconstruct(**kwargs)
     diff, scale = float((got.samples - want.samples).abs().max()), float(want.samples.abs().max())
     assert diff <= 2e-2 * max(1.0, scale), (diff, scale)  # fp16 against fp32
 
@@ -233,3 +243,7 @@ def test_cli_fast_backend_without_a_gpu_is_one_line_and_exit_2(command, capsys, 
     assert main([command, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "needs a CUDA GPU" in err[0], err
+    args[args.index("fast")] = "eager"
+    assert main([command, *args, "--twin-encoder"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["featinv: error: --twin-encoder needs --backend fast, got --backend eager"], err

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 from collections import OrderedDict
+from typing import Any
 
 import torch
 
@@ -307,6 +309,17 @@ def cudnn_benchmark():
         yield
     finally:
         torch.backends.cudnn.benchmark = saved
+
+
+def check_fast_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """``options`` (keyword arguments of :class:`FastPath`, e.g. ``{"twin_encoder": True}``), or one
+    error naming the unknown ones and the options there are."""
+    options = dict(options or {})
+    known = [name for name, p in inspect.signature(FastPath).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise FeatInvError(f"fast_options: unknown option(s) {', '.join(unknown)}; FastPath takes {', '.join(known)}")
+    return options
 
 
 def require_cuda(device: torch.device) -> None:

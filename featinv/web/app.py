@@ -87,11 +87,14 @@ def create_app(
     steps: int = 10,
     seeds: int = 3,
     backend: str = "eager",
+    fast_options: dict[str, Any] | None = None,
 ):
-    """The FastAPI app serving ``model`` (a model or its folder; ``backend`` as ``Reconstructor``'s:
-    ``fast`` on a GPU). Every tensor operation runs on the server's one thread (``server.call``):
-    the request handlers' threads only decode, encode and wait."""
-    server = RealtimeReconstructor(model, device=device, steps=steps, backend=backend, warmup_batch=seeds)
+    """The FastAPI app serving ``model`` (a model or its folder; ``backend`` and ``fast_options`` as
+    ``Reconstructor``'s: ``fast`` on a GPU). Every tensor operation runs on the server's one thread
+    (``server.call``): the request handlers' threads only decode, encode and wait."""
+    server = RealtimeReconstructor(
+        model, device=device, steps=steps, backend=backend, warmup_batch=seeds, fast_options=fast_options
+    )
     session = Session()
     extractor = server.reconstructor.extractor
     size = server.reconstructor.model.image_size
@@ -199,6 +202,7 @@ def serve(
     port: int = 8000,
     device: str = "auto",
     backend: str = "eager",
+    fast_options: dict[str, Any] | None = None,
 ) -> None:
     """Run the app with uvicorn (blocking)."""
     import uvicorn
@@ -206,5 +210,5 @@ def serve(
     from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
 
     # The folder, not a loaded model: the server loads it on its own thread (see create_app).
-    app = create_app(model_dir or PRETRAINED / SPATIAL_DIR, device=device, backend=backend)
+    app = create_app(model_dir or PRETRAINED / SPATIAL_DIR, device=device, backend=backend, fast_options=fast_options)
     uvicorn.run(app, host=host, port=port, log_level="warning")
