@@ -241,3 +241,13 @@ def test_tensorrt_refusing_an_input_shape_is_one_named_error():
     sample, hint, context = torch.zeros(2, 4, 8, 8), torch.zeros(2, 320, 8, 8), torch.zeros(2, 1, 32)
     with pytest.raises(FeatInvError, match=r"hint of shape \(2, 320, 8, 8\).*2 to 32 rows"):
         denoiser._run(sample, 500, hint, context)
+
+
+def test_the_weights_fingerprint_does_not_depend_on_their_memory_layout(tiny_model):
+    """The export cache's key: a model converted to channels-last is the same model (it crashed:
+    its (C, K, 1, 1) weights count as contiguous, with a last-dim stride a byte view refuses)."""
+    from featinv.engine.export import model_fingerprint
+
+    before = model_fingerprint(tiny_model)
+    tiny_model.to(memory_format=torch.channels_last)
+    assert model_fingerprint(tiny_model) == before

@@ -68,7 +68,9 @@ def model_fingerprint(model: FeatInvModel) -> str:
     for part, state in parts.items():
         for name, tensor in state.items():
             digest.update(f"{part}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # flatten: the bytes in logical order whatever the layout (a channels-last (C, K, 1, 1)
+            # weight counts as contiguous yet has a last-dim stride > 1, which a byte view refuses)
+            digest.update(tensor.detach().cpu().flatten().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
