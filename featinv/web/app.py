@@ -22,7 +22,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
 from featinv.analysis.compose import lerp
-from featinv.analysis.steering import class_concept, steer
+from featinv.analysis.steering import Concept, class_concept, steer
 from featinv.errors import FeatInvError
 from featinv.images import from_pil, to_pil
 from featinv.models.featinv_model import FeatInvModel
@@ -105,8 +105,8 @@ def create_app(
         return JSONResponse({"error": message}, status_code=status)
 
     def remember(image: torch.Tensor) -> dict[str, Any]:
-        features = server.features(image)
-        thumbnail = _png_data_url(server.call(to_pil, image[0]))
+        features, picture = server.call(lambda: (server.reconstructor.features(image), to_pil(image[0])))
+        thumbnail = _png_data_url(picture)
         with session.lock:
             key = str(next(session.ids))
             session.features[key] = features
@@ -164,18 +164,20 @@ def create_app(
             return error(f"concept must be a class in [0, {classes - 1}]")
         if stale is not None:
             stale.cancel()  # a newer slider value makes the request in flight stale
-        try:
-            concept = server.call(class_concept, extractor, query.concept)
-        except FeatInvError as message:  # a classifier without a linear head over this map
-            return error(str(message))
 
-        def slider_features() -> torch.Tensor:  # (seeds, C, h, w): A's map moved toward B and the concept
+        def slider_state() -> tuple[Concept, torch.Tensor]:
+            """The concept, and (seeds, C, h, w): A's map moved toward B and along the concept."""
+            concept = class_concept(extractor, query.concept)
             moved = lerp(features, other, query.mix) if other is not None and query.mix > 0 else features
             if query.strength != 0:
                 moved = steer(moved, concept, [query.strength])[0]
-            return moved.repeat(seeds, 1, 1, 1)
+            return concept, moved.repeat(seeds, 1, 1, 1)
 
-        request = server.submit(features=server.call(slider_features), seed=0)
+        try:
+            concept, moved = server.call(slider_state)
+        except FeatInvError as message:  # e.g. a classifier without a linear head over this map
+            return error(str(message))
+        request = server.submit(features=moved, seed=0)
         with session.lock:
             session.in_flight[query.client] = request
         try:
