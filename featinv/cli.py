@@ -309,17 +309,14 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The built-in default: reconstruct held-out shapes images from spatial and pooled features."""
-    from featinv.demo import run_demo
+    from featinv.demo import metric_table, run_demo
 
     metrics = run_demo(args.out, device=args.device, n=args.n, steps=args.steps)
     if "seconds" not in metrics:  # another process of a multi-process run: the main one reports
         return 0
-    for mode in ("spatial", "pooled"):
-        m = metrics[mode]
-        print(
-            f"{mode:>8}: top-1 agreement {m['top1_agreement']:.3f}  feature cosine {m['feature_cosine']:.3f}  "
-            f"mask IoU {m['mask_iou']:.3f}  centroid distance {m['centroid_distance_px']:.2f} px"
-        )
+    print(f"{metrics['images']} held-out images; mean [95% confidence interval]")
+    for row in [["", "spatial features", "pooled features", "spatial - pooled"], *metric_table(metrics)]:
+        print(f"{row[0]:<23}" + "".join(f"{cell:<24}" for cell in row[1:]).rstrip())
     print(f"wrote grid.png, metrics.json and report.html to {args.out} ({metrics['seconds']} s)")
     return 0
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from featinv.analysis.intervals import difference_interval, format_interval, mean_interval
 from featinv.analysis.metrics import reconstruction_metrics
 from featinv.errors import FeatInvError
 from featinv.images import make_grid, save_image
@@ -40,6 +41,7 @@ def _per_image(
 
 
 METRICS = ("top1_agreement", "feature_cosine", "mask_iou", "centroid_distance_px")
+LABELS = ("top-1 agreement", "feature cosine", "mask IoU", "centroid distance (px)")
 
 
 def run_demo(
@@ -86,9 +88,20 @@ def run_demo(
         "device": str(device),
         "processes": process_state().num_processes,
     }
-    for mode in ("spatial", "pooled"):
-        values = torch.cat([share[mode] for share in shares]).mean(0)
-        metrics[mode] = {name: float(v) for name, v in zip(METRICS, values, strict=True)}
+    # Per image (n, len(METRICS)), both modes in the same image order: means, their 95% intervals,
+    # and the paired interval of the difference (featinv.analysis.intervals).
+    per_image = {mode: torch.cat([share[mode] for share in shares]) for mode in ("spatial", "pooled")}
+    metrics["ci95"] = {}
+    for mode, values in per_image.items():
+        metrics[mode] = {name: float(v) for name, v in zip(METRICS, values.mean(0), strict=True)}
+        metrics["ci95"][mode] = {name: list(mean_interval(values[:, i])) for i, name in enumerate(METRICS)}
+    metrics["spatial_minus_pooled"] = {
+        name: {
+            "mean": metrics["spatial"][name] - metrics["pooled"][name],
+            "ci95": list(difference_interval(per_image["spatial"][:, i], per_image["pooled"][:, i])),
+        }
+        for i, name in enumerate(METRICS)
+    }
     if not is_main_process():
         return metrics
     from_spatial, from_pooled = next(share["shown"] for share in shares if share["shown"] is not None)
@@ -101,12 +114,20 @@ def run_demo(
     return metrics
 
 
+def metric_table(metrics: dict[str, Any]) -> list[list[str]]:
+    """The headline table as text cells: a row per metric (label, spatial, pooled, spatial - pooled),
+    each a mean with its 95% interval."""
+    rows = []
+    for name, label in zip(METRICS, LABELS, strict=True):
+        cells = [format_interval(metrics[mode][name], metrics["ci95"][mode][name]) for mode in ("spatial", "pooled")]
+        difference = metrics["spatial_minus_pooled"][name]
+        rows.append([label, *cells, format_interval(difference["mean"], difference["ci95"])])
+    return rows
+
+
 def _report(metrics: dict[str, Any]) -> str:
     rows = "".join(
-        f"<tr><td>{name}</td>"
-        + "".join(f"<td>{metrics[mode][name]:.3f}</td>" for mode in ("spatial", "pooled"))
-        + "</tr>"
-        for name in METRICS
+        "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in metric_table(metrics)
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>featinv demo</title>
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}td,th{{padding:4px 12px}}</style></head>
@@ -114,8 +135,12 @@ def _report(metrics: dict[str, Any]) -> str:
 <p>{metrics["images"]} held-out <code>shapes</code> images (seed {metrics["held_out_seed"]}), reconstructed
 from the classifier's penultimate feature map with {html.escape(metrics["sampler"])}, {metrics["steps"]} steps,
 guidance {metrics["guidance_scale"]}, on {html.escape(metrics["device"])} in {metrics["seconds"]} s.</p>
-<table border="1" cellspacing="0"><tr><th>metric</th><th>spatial features</th><th>pooled features</th></tr>
+<table border="1" cellspacing="0"><tr><th>metric</th><th>spatial features</th><th>pooled features</th>
+<th>spatial - pooled (same images)</th></tr>
 {rows}</table>
+<p>Each figure is a mean over the images with its 95% confidence interval in brackets: Wilson's for top-1
+agreement (a rate), the bootstrap's otherwise; the difference's interval is a paired bootstrap (the same
+images resampled for both). An interval that excludes 0 is a difference this sample can vouch for.</p>
 <p>Top-1 agreement: the classifier gives the reconstruction the original's class. Feature cosine: between the
 feature maps of reconstruction and original. Location: the reconstruction's object mask by colour (pixels nearer
 the original object's colour than its background's) against the true mask.</p>

@@ -120,6 +120,33 @@ def test_steer_compose_robustness_and_evaluate_write_their_reports(capsys, tmp_p
     evaluation = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert set(evaluation["methods"]) == {"featinv spatial", "featinv pooled", "optimisation"}
     assert {"feature_cosine", "top1_agreement", "fid_vs_real", "mask_iou"} <= set(evaluation["methods"]["optimisation"])
+    for method, row in evaluation["ci95"].items():
+        for name, (low, high) in row.items():
+            assert low <= evaluation["methods"][method][name] <= high, (method, name)
+    assert "95% CI" in evaluation["verdicts"][0] and "same images" in evaluation["verdicts"][0]
+
+
+def test_evaluate_verdicts_follow_the_paired_interval():
+    from featinv.analysis.studies import _verdicts
+
+    generator = torch.Generator().manual_seed(0)
+    base = torch.rand(40, generator=generator)
+    noise = 0.02 * torch.randn(40, generator=generator)
+    verdicts = {}
+    for lead in (0.05, 0.0, -0.05):
+        per_image = {
+            "featinv spatial": {"feature_cosine": base + lead + noise},
+            "featinv pooled": {"feature_cosine": base},
+            "optimisation": {"feature_cosine": base},
+        }
+        table = {
+            name: {"feature_cosine": float(m["feature_cosine"].mean()), "fid_vs_real": 1.0}
+            for name, m in per_image.items()
+        }
+        verdicts[lead] = _verdicts(table, per_image)[0]
+    assert verdicts[0.05].startswith("Spatial FeatInv beats pooled on feature cosine")
+    assert verdicts[0.0].startswith("Spatial FeatInv cannot be told apart from pooled")
+    assert verdicts[-0.05].startswith("Spatial FeatInv does NOT beat pooled")
 
 
 def test_analysis_commands_reject_bad_input(capsys, tmp_path, model_dir):  # noqa: F811

@@ -86,4 +86,5 @@ def test_the_demo_merges_the_shares_of_two_processes(tmp_path):
     for mode in ("spatial", "pooled"):
         for name, value in one[mode].items():
             assert two[mode][name] == pytest.approx(value, abs=1e-4), (mode, name)
+            assert two["ci95"][mode][name] == pytest.approx(one["ci95"][mode][name], abs=1e-4), (mode, name)
     assert (tmp_path / "two" / "grid.png").is_file() and not (tmp_path / "one" / "rank1").exists()

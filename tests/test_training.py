@@ -29,6 +29,13 @@ def test_demo_runs_on_the_shipped_weights(tmp_path):
     metrics = run_demo(tmp_path, device="cpu", n=6, steps=3)
     assert {p.name for p in tmp_path.iterdir()} == {"grid.png", "metrics.json", "report.html"}
     assert metrics["spatial"]["feature_cosine"] > metrics["pooled"]["feature_cosine"]
+    for mode in ("spatial", "pooled"):
+        for name, mean in metrics[mode].items():
+            low, high = metrics["ci95"][mode][name]
+            assert low <= mean <= high, (mode, name)
+    difference = metrics["spatial_minus_pooled"]["feature_cosine"]
+    assert difference["ci95"][0] <= difference["mean"] <= difference["ci95"][1]
+    assert "95% confidence interval" in (tmp_path / "report.html").read_text()
 
 
 def test_the_shapes_demo_preset_trains_and_resumes_to_the_same_models(tmp_path):

@@ -12,6 +12,7 @@ import torch
 
 from featinv.analysis.compose import lerp, mix_by_mask, select_channels, slerp
 from featinv.analysis.fid import classifier_features, embed_images, frechet_distance
+from featinv.analysis.intervals import difference_interval, mean_interval
 from featinv.analysis.metrics import classifier_outputs, reconstruction_metrics
 from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
 from featinv.analysis.report import bar_plot, line_plot, write_report
@@ -233,9 +234,11 @@ def evaluate_study(
     # real images' embedding.
     originals = classifier_outputs(extractor, images)
     real_embedding = embed_images(real, embed)
-    table = {}
+    table, per_image, intervals = {}, {}, {}
     for name, recon in methods.items():
         metrics = reconstruction_metrics(extractor, images, recon, masks, original_outputs=originals)
+        per_image[name] = metrics
+        intervals[name] = {key: list(mean_interval(value)) for key, value in metrics.items()}
         means = {key: float(value.mean()) for key, value in metrics.items()}
         agreement = {
             key: means.pop(key)
@@ -252,13 +255,17 @@ def evaluate_study(
     headline = ("feature_cosine", "top1_agreement", "fid_vs_real", "mask_iou", "centroid_distance_px")
     metric_names = [name for name in headline if name in table["featinv spatial"]]
     bar_plot(out / "metrics.png", table, metric_names)
-    verdicts = _verdicts(table)
+    verdicts = _verdicts(table, per_image)
     data = {
         "images": len(images),
         "real_images": len(real),
         "methods": table,
+        "ci95": intervals,
         "reference": reference,
         "verdicts": verdicts,
+    }
+    interval_table = {
+        name: {key: f"[{low:.3f}, {high:.3f}]" for key, (low, high) in rows.items()} for name, rows in intervals.items()
     }
     write_report(
         out,
@@ -270,6 +277,7 @@ def evaluate_study(
         [
             ("reconstructions", "grid.png"),
             ("metrics", table),
+            ("95% confidence intervals of the means (Wilson's for rates, the bootstrap's otherwise)", interval_table),
             ("plots", "metrics.png"),
             ("what the numbers say", " ".join(verdicts)),
         ],
@@ -278,22 +286,21 @@ def evaluate_study(
     return data
 
 
-def _verdicts(table: dict[str, dict[str, float]]) -> list[str]:
-    """Plain sentences: does spatial FeatInv beat pooled on cosine and location, and optimisation on FID?"""
+def _verdicts(table: dict[str, dict[str, float]], per_image: dict[str, dict[str, torch.Tensor]]) -> list[str]:
+    """Plain sentences: does spatial FeatInv beat pooled on cosine and location (judged by the paired
+    95% interval of the difference, per image), and optimisation on FID?"""
     spatial = table["featinv spatial"]
     lines = []
     if "featinv pooled" in table:
         pooled = table["featinv pooled"]
-        better = spatial["feature_cosine"] > pooled["feature_cosine"]
-        lines.append(
-            f"Spatial FeatInv {'beats' if better else 'does NOT beat'} pooled on feature cosine "
-            f"({spatial['feature_cosine']:.3f} vs {pooled['feature_cosine']:.3f})."
-        )
-        if "mask_iou" in spatial:
-            better = spatial["mask_iou"] > pooled["mask_iou"]
+        for key, what in (("feature_cosine", "feature cosine"), ("mask_iou", "object location (mask IoU)")):
+            if key not in spatial:
+                continue
+            low, high = difference_interval(per_image["featinv spatial"][key], per_image["featinv pooled"][key])
+            verdict = "beats" if low > 0 else "does NOT beat" if high < 0 else "cannot be told apart from"
             lines.append(
-                f"It {'beats' if better else 'does NOT beat'} pooled on object location "
-                f"(mask IoU {spatial['mask_iou']:.3f} vs {pooled['mask_iou']:.3f})."
+                f"Spatial FeatInv {verdict} pooled on {what}: {spatial[key]:.3f} vs {pooled[key]:.3f}, "
+                f"difference {spatial[key] - pooled[key]:.3f} (95% CI [{low:.3f}, {high:.3f}], same images)."
             )
     optimisation = table["optimisation"]
     better = spatial["fid_vs_real"] < optimisation["fid_vs_real"]
