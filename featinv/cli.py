@@ -251,13 +251,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """The interactive web app (FastAPI + one HTML page) on the demo model or --model DIR."""
+    """The interactive web app (FastAPI + one HTML page) on the demo models or --model DIR
+    (and --pooled-model DIR)."""
     try:
         from featinv.web.app import serve
     except ImportError as error:
         raise FeatInvError(f"featinv serve needs the web extra: pip install 'featinv[web]' ({error})") from error
-    if args.model is not None and not Path(args.model).is_dir():
-        raise FeatInvError(f"model folder not found: {args.model}")
+    for flag, folder in (("--model", args.model), ("--pooled-model", args.pooled_model)):
+        if folder is not None and not Path(folder).is_dir():
+            raise FeatInvError(f"{flag} folder not found: {folder}")
     fast_options = _fast_options(args)
     print(f"serving on http://{args.host}:{args.port}")
     serve(
@@ -267,6 +269,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         device=args.device,
         backend=args.backend,
         fast_options=fast_options,
+        pooled_model_dir=args.pooled_model,
     )
     return 0
 
@@ -409,7 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_analysis_commands(commands)
 
     serve = commands.add_parser("serve", help="the interactive web app")
-    serve.add_argument("--model", help="FeatInv model folder (default: the shipped demo model)")
+    serve.add_argument("--model", help="FeatInv model folder (default: the shipped demo models, spatial and pooled)")
+    serve.add_argument(
+        "--pooled-model", help="a model of the same classifier trained on pooled maps: the page offers a switch"
+    )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto")

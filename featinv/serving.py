@@ -59,7 +59,8 @@ class RealtimeReconstructor:
     requests run one at a time in submission order on a worker thread.
 
     All of the server's tensor work (loading ``model`` when it is a folder, warm-up, requests, and
-    whatever callers pass to :meth:`call`) runs on that one thread. On a CPU this is a speed matter:
+    whatever callers pass to :meth:`call`) runs on that one thread; a server of another model in the
+    same process should share it (``share_thread_with``). On a CPU this is a speed matter:
     PyTorch's OpenMP pool belongs to the thread that starts parallel work, and once a second thread
     holds a pool of its own, more threads exist than cores on a small machine and OpenMP's idle
     threads sleep between operations instead of spinning (the demo model's request: 0.8 s with one
@@ -78,15 +79,27 @@ class RealtimeReconstructor:
         warmup: bool = True,
         warmup_batch: int = 1,
         fast_options: dict[str, Any] | None = None,
+        share_thread_with: RealtimeReconstructor | None = None,
     ) -> None:
         require_positive_int("warmup_batch", warmup_batch)
+        if share_thread_with is not None and not isinstance(share_thread_with, RealtimeReconstructor):
+            raise FeatInvError(
+                f"share_thread_with must be a RealtimeReconstructor, got {type(share_thread_with).__name__}"
+            )
         device = resolve_device(device)
         self.steps, self.sampler, self.guidance_scale = steps, sampler, guidance_scale
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featinv-serve")
+        # Servers of several models in one process share one thread (one OpenMP pool, see above); the
+        # thread's first owner shuts it down.
+        self._owns_worker = share_thread_with is None
+        if self._owns_worker:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featinv-serve")
+        else:
+            self._worker = share_thread_with._worker
         try:
             self.reconstructor = self.call(self._build, model, device, backend, fast_options)
         except BaseException:
-            self._worker.shutdown(wait=False)
+            if self._owns_worker:
+                self._worker.shutdown(wait=False)
             raise
         # Compile / allocate (and on the fast backend capture) once, at the batch the caller will send,
         # so the first user request is not the slow one.
@@ -185,4 +198,7 @@ class RealtimeReconstructor:
         return result.images
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        """Stop serving: the thread ends with the server that started it (requests queued are
+        dropped); a server sharing another's thread leaves it running."""
+        if self._owns_worker:
+            self._worker.shutdown(wait=True, cancel_futures=True)

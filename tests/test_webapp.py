@@ -1,7 +1,8 @@
 """The web app in a real browser: headless Chromium (Debian's chromium + chromium-driver) drives the
 page that ``featinv serve`` (its own process, as a user runs it) serves on 127.0.0.1: upload an
 image, wait for its reconstructions, move the steering slider and see them change within 2 seconds
-on the CPU, and get a message, not a crash, for bad uploads. A screenshot is kept in test-artifacts/."""
+on the CPU, switch to the pooled model and back, and get a message, not a crash, for bad uploads.
+Screenshots are kept in test-artifacts/."""
 
 from __future__ import annotations
 
@@ -71,6 +72,10 @@ def _wait(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def _updates(browser) -> int:
+    return int(browser.find_element("tag name", "body").get_attribute("data-updates") or 0)
+
+
 def _results(browser) -> list[str]:
     return [img.get_attribute("src") or "" for img in browser.find_elements("css selector", "img.result")]
 
@@ -92,14 +97,14 @@ def test_upload_reconstruct_steer_and_bad_uploads(app_url, browser, tmp_path):
     )
     assert len(first) == 3 and len(set(first)) == 3  # three seeds, three different pictures
 
-    updates = int(browser.find_element("tag name", "body").get_attribute("data-updates") or 0)
+    updates = _updates(browser)
     slider = browser.find_element("id", "strength")
     moved_at = time.monotonic()
     browser.execute_script(
         "arguments[0].value = '1'; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));", slider
     )
     _wait(
-        lambda: int(browser.find_element("tag name", "body").get_attribute("data-updates") or 0) > updates,
+        lambda: _updates(browser) > updates,
         10,
         "a reconstruction after the slider moved",
     )
@@ -109,6 +114,17 @@ def test_upload_reconstruct_steer_and_bad_uploads(app_url, browser, tmp_path):
     assert latency < 2.0, f"the slider move took {latency:.2f} s to show"
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "webapp.png"))
+
+    # The shipped pooled model, on the same image and sliders: other pictures, then back.
+    for mode in ("pooled", "spatial"):
+        updates = _updates(browser)
+        browser.find_element("id", f"mode-{mode}").click()
+        _wait(lambda before=updates: _updates(browser) > before, 10, f"the {mode} model's reconstructions")
+        assert browser.find_element("id", "mode-name").text == mode
+        if mode == "pooled":
+            assert _results(browser) != changed
+            browser.save_screenshot(str(ARTIFACTS / "webapp-pooled.png"))
+    assert _results(browser) == changed  # the same request as before the switch, the same pictures
 
     bad_files = {
         "notes.png": b"this is not an image",
@@ -129,13 +145,13 @@ def test_upload_reconstruct_steer_and_bad_uploads(app_url, browser, tmp_path):
 
     # The server keeps serving: the mix slider with an example image still updates the pictures.
     browser.find_element("id", "example-b").click()
-    updates = int(browser.find_element("tag name", "body").get_attribute("data-updates") or 0)
+    updates = _updates(browser)
     browser.execute_script(
         "arguments[0].value = '0.5'; arguments[0].dispatchEvent(new Event('input', {bubbles: true}));",
         browser.find_element("id", "mix"),
     )
     _wait(
-        lambda: int(browser.find_element("tag name", "body").get_attribute("data-updates") or 0) > updates,
+        lambda: _updates(browser) > updates,
         10,
         "an update after the bad uploads",
     )

@@ -1,6 +1,7 @@
-"""The web app's handlers leave every tensor operation to the server's one thread (see
+"""The web app's handlers leave every tensor operation to the servers' one thread (see
 ``RealtimeReconstructor``): a profiler on every thread the app starts records the torch calls
-each one makes while a client uploads, picks an example and moves the sliders."""
+each one makes while a client uploads, picks an example, moves the sliders and switches to the
+pooled model. And the switch's models must be one classifier's spatial and pooled maps."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 
@@ -47,14 +49,18 @@ def _upload(url: str, png: bytes) -> dict:
 def test_the_handlers_threads_run_no_tensor_operation():
     from PIL import Image
 
-    from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
+    from featinv.training.demo_preset import POOLED_DIR, PRETRAINED, SPATIAL_DIR
     from featinv.web.app import create_app
 
     calls: list[tuple[str, str]] = []
+    serving_threads: set[int] = set()
 
     def spy(frame, event, function):
         if event == "c_call" and _is_torch_call(function):
-            calls.append((threading.current_thread().name, getattr(function, "__qualname__", repr(function))))
+            thread = threading.current_thread()
+            calls.append((thread.name, getattr(function, "__qualname__", repr(function))))
+            if thread.name.startswith("featinv-serve"):
+                serving_threads.add(thread.ident)
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -62,7 +68,7 @@ def test_the_handlers_threads_run_no_tensor_operation():
     threading.setprofile(spy)  # every thread started from here on: the server's, uvicorn's, the handlers'
     app = server = thread = None
     try:
-        app = create_app(PRETRAINED / SPATIAL_DIR, device="cpu", steps=2)
+        app = create_app(PRETRAINED / SPATIAL_DIR, pooled_model=PRETRAINED / POOLED_DIR, device="cpu", steps=2)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
@@ -77,14 +83,37 @@ def test_the_handlers_threads_run_no_tensor_operation():
         query = {"id": a, "other": b, "mix": 0.5, "strength": 1.0, "concept": 1}
         result = _post(url + "reconstruct", json.dumps(query).encode(), "application/json")
         assert len(result["images"]) == 3 and 0.0 <= result["concept_probability"] <= 1.0
+        pooled = _post(url + "reconstruct", json.dumps({**query, "mode": "pooled"}).encode(), "application/json")
+        assert len(pooled["images"]) == 3 and pooled["images"] != result["images"]
+        with pytest.raises(urllib.error.HTTPError) as bad:
+            _post(url + "reconstruct", json.dumps({**query, "mode": "tiled"}).encode(), "application/json")
+        assert "mode must be one of ['spatial', 'pooled'], got 'tiled'" in json.load(bad.value)["error"]
     finally:
         threading.setprofile(None)
         if thread is not None:
             server.should_exit = True
             thread.join(10)
         if app is not None:
-            app.state.server.close()
-    threads = {name for name, _ in calls}
-    assert any(name.startswith("featinv-serve") for name in threads)  # the profiler sees the server's work
+            for server_of_mode in app.state.servers.values():
+                server_of_mode.close()
+    assert len(serving_threads) == 1, serving_threads  # the profiler sees the servers' work, on one shared thread
     elsewhere = sorted({(name, call) for name, call in calls if not name.startswith("featinv-serve")})
     assert not elsewhere, f"tensor work outside the server's thread: {elsewhere[:10]}"
+
+
+def test_the_switch_takes_one_classifiers_spatial_and_pooled_models(tmp_path):
+    from featinv.errors import FeatInvError
+    from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
+    from featinv.web.app import create_app
+
+    with pytest.raises(FeatInvError, match="pooled_model must be trained on pooled maps and model on spatial ones"):
+        create_app(PRETRAINED / SPATIAL_DIR, pooled_model=PRETRAINED / SPATIAL_DIR, device="cpu", steps=1)
+
+
+def test_serve_names_a_missing_folder(capsys, tmp_path):
+    from featinv.cli import main
+
+    for flag in ("--model", "--pooled-model"):
+        assert main(["serve", flag, str(tmp_path / "none"), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"featinv: error: {flag} folder not found: {tmp_path / 'none'}"], err

@@ -1,5 +1,7 @@
 """The web app: upload or pick an image, see its reconstructions (several seeds), steer toward a
 class with a slider, interpolate toward a second image with another; stale requests are cancelled.
+With a second model trained on pooled maps of the same classifier, a switch shows what the pooled
+map (the paper's baseline) leaves of the picture, on the same image and slider settings.
 
 FastAPI with one plain HTML page, not Gradio: the page needs request-level control (a newer slider
 value cancels the request in flight, on the server and in the browser) and must stay fast on a CPU;
@@ -42,9 +44,11 @@ def _png_data_url(pil: Image.Image, scale: int = 4) -> str:
 
 class ReconstructQuery(BaseModel):
     """One slider state: image ``id``, steering ``strength`` toward class ``concept``, and ``mix``
-    toward image ``other``; ``client`` identifies the page whose older request becomes stale."""
+    toward image ``other``, reconstructed from its ``mode`` feature map (``spatial`` or, with a pooled
+    model, ``pooled``); ``client`` identifies the page whose older request becomes stale."""
 
     id: str
+    mode: str = "spatial"
     client: str = "default"
     strength: float = 0.0
     concept: int = 0
@@ -53,10 +57,11 @@ class ReconstructQuery(BaseModel):
 
 
 class Session:
-    """Uploaded images' feature maps by id, and each client's request in flight."""
+    """Uploaded images' feature maps by id (one per model, by feature mode), and each client's
+    request in flight."""
 
     def __init__(self) -> None:
-        self.features: dict[str, torch.Tensor] = {}
+        self.features: dict[str, dict[str, torch.Tensor]] = {}
         self.thumbnails: dict[str, str] = {}
         self.in_flight: dict[str, Any] = {}
         self.lock = threading.Lock()
@@ -83,6 +88,7 @@ def decode_upload(data: bytes, size: tuple[int, int]) -> torch.Tensor:
 def create_app(
     model: FeatInvModel | str | Path,
     *,
+    pooled_model: FeatInvModel | str | Path | None = None,
     device: str = "auto",
     steps: int = 10,
     seeds: int = 3,
@@ -90,11 +96,34 @@ def create_app(
     fast_options: dict[str, Any] | None = None,
 ):
     """The FastAPI app serving ``model`` (a model or its folder; ``backend`` and ``fast_options`` as
-    ``Reconstructor``'s: ``fast`` on a GPU). Every tensor operation runs on the server's one thread
-    (``server.call``): the request handlers' threads only decode, encode and wait."""
-    server = RealtimeReconstructor(
-        model, device=device, steps=steps, backend=backend, warmup_batch=seeds, fast_options=fast_options
-    )
+    ``Reconstructor``'s: ``fast`` on a GPU), and ``pooled_model`` beside it when given: a model of
+    the same classifier and layer trained on pooled maps, which the page offers as a switch. Every
+    tensor operation runs on the servers' one shared thread (``server.call``): the request
+    handlers' threads only decode, encode and wait."""
+    options = dict(device=device, steps=steps, backend=backend, warmup_batch=seeds, fast_options=fast_options)
+    server = RealtimeReconstructor(model, **options)
+    servers = {server.spec.mode: server}
+    if pooled_model is not None:
+        try:
+            pooled = RealtimeReconstructor(pooled_model, **options, share_thread_with=server)
+        except BaseException:
+            server.close()
+            raise
+        servers["pooled"] = pooled
+        problem = None
+        if pooled.spec.mode != "pooled" or server.spec.mode != "spatial":
+            problem = (
+                f"pooled_model must be trained on pooled maps and model on spatial ones; got {pooled.spec.mode} "
+                f"and {server.spec.mode}"
+            )
+        elif not pooled.spec.same_source(server.spec):
+            problem = (
+                f"pooled_model was trained for {pooled.spec.describe()}, model for {server.spec.describe()}: "
+                "the switch compares one classifier's maps"
+            )
+        if problem:
+            server.close()
+            raise FeatInvError(problem)
     session = Session()
     extractor = server.reconstructor.extractor
     size = server.reconstructor.model.image_size
@@ -105,7 +134,9 @@ def create_app(
         return JSONResponse({"error": message}, status_code=status)
 
     def remember(image: torch.Tensor) -> dict[str, Any]:
-        features, picture = server.call(lambda: (server.reconstructor.features(image), to_pil(image[0])))
+        features, picture = server.call(
+            lambda: ({mode: s.reconstructor.features(image) for mode, s in servers.items()}, to_pil(image[0]))
+        )
         thumbnail = _png_data_url(picture)
         with session.lock:
             key = str(next(session.ids))
@@ -129,6 +160,7 @@ def create_app(
             "class_names": names,
             "seeds": seeds,
             "steps": steps,
+            "modes": list(servers),
         }
 
     @app.post("/api/example/{index}")
@@ -152,9 +184,12 @@ def create_app(
 
     @app.post("/api/reconstruct")
     def reconstruct(query: ReconstructQuery) -> Any:
+        if query.mode not in servers:
+            return error(f"mode must be one of {list(servers)}, got {query.mode!r}")
+        chosen = servers[query.mode]
         with session.lock:
-            features = session.features.get(query.id)
-            other = session.features.get(query.other) if query.other else None
+            features = session.features.get(query.id, {}).get(query.mode)
+            other = session.features.get(query.other, {}).get(query.mode) if query.other else None
             stale = session.in_flight.get(query.client)
         if features is None:
             return error("unknown image: upload or pick one first", 404)
@@ -177,7 +212,7 @@ def create_app(
             concept, moved = server.call(slider_state)
         except FeatInvError as message:  # e.g. a classifier without a linear head over this map
             return error(str(message))
-        request = server.submit(features=moved, seed=0)
+        request = chosen.submit(features=moved, seed=0)
         with session.lock:
             session.in_flight[query.client] = request
         try:
@@ -195,6 +230,7 @@ def create_app(
         return {"images": [_png_data_url(picture) for picture in pictures], "concept_probability": probability}
 
     app.state.server = server
+    app.state.servers = servers
     return app
 
 
@@ -205,12 +241,18 @@ def serve(
     device: str = "auto",
     backend: str = "eager",
     fast_options: dict[str, Any] | None = None,
+    pooled_model_dir: str | Path | None = None,
 ) -> None:
-    """Run the app with uvicorn (blocking)."""
+    """Run the app with uvicorn (blocking). Without ``model_dir``: the shipped demo models, spatial
+    and pooled."""
     import uvicorn
 
-    from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
+    from featinv.training.demo_preset import POOLED_DIR, PRETRAINED, SPATIAL_DIR
 
-    # The folder, not a loaded model: the server loads it on its own thread (see create_app).
-    app = create_app(model_dir or PRETRAINED / SPATIAL_DIR, device=device, backend=backend, fast_options=fast_options)
+    if model_dir is None:
+        model_dir, pooled_model_dir = PRETRAINED / SPATIAL_DIR, pooled_model_dir or PRETRAINED / POOLED_DIR
+    # Folders, not loaded models: the server loads them on its own thread (see create_app).
+    app = create_app(
+        model_dir, pooled_model=pooled_model_dir, device=device, backend=backend, fast_options=fast_options
+    )
     uvicorn.run(app, host=host, port=port, log_level="warning")
