@@ -30,6 +30,17 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"featinv: error: {message} (see '{self.prog} --help')\n")
 
 
+def check_output_location(out: str | Path) -> None:
+    """Fail before any work when ``--out`` cannot be written: its parent folders are created and a
+    probe folder is made and removed beside it (where the outputs are staged)."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Path(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=out.parent)).rmdir()
+    except OSError as error:
+        raise FeatInvError(f"--out {out} cannot be written ({out.parent}: {error.strerror or error})") from error
+
+
 @contextmanager
 def staged_output(out: str | Path) -> Iterator[Path]:
     """A temporary folder beside ``out``; its files move into ``out`` only if the block succeeds."""
@@ -207,7 +218,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             columns.insert(0, load_images(args.images[: len(shown)], size))
         with staged_output(args.out) as staging:
             save_image(make_grid(columns, scale=max(1, 128 // columns[0].shape[-1])), staging / "grid.png")
-        print(f"wrote {len(every_stem)} reconstructions and grid.png to {args.out}")
+        print(f"wrote {len(every_stem)} reconstruction{'s' * (len(every_stem) != 1)} and grid.png to {args.out}")
     return 0
 
 
@@ -260,6 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag, folder in (("--model", args.model), ("--pooled-model", args.pooled_model)):
         if folder is not None and not Path(folder).is_dir():
             raise FeatInvError(f"{flag} folder not found: {folder}")
+    _check_listen_address(args.host, args.port)
     fast_options = _fast_options(args)
     print(f"serving on http://{args.host}:{args.port}")
     serve(
@@ -272,6 +284,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pooled_model_dir=args.pooled_model,
     )
     return 0
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    """Fail before loading any model when ``host:port`` cannot be listened on (a bad port, a port in
+    use, an address not of this machine)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise FeatInvError(f"--port must be in [1, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.bind(infos[0][4])
+    except OSError as error:
+        raise FeatInvError(
+            f"cannot listen on --host {host} --port {port}: {error.strerror or error} (choose another --port or --host)"
+        ) from error
 
 
 def _parse_layer(value: str | None) -> str | int | None:
@@ -437,10 +466,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "out", None) is not None:
+            check_output_location(args.out)
         return args.func(args)
     except FeatInvError as error:
         print(f"featinv: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a path that cannot be read or written, a full disk: the system's words
+        where = f": {error.filename}" if error.filename else ""
+        print(f"featinv: error: {error.strerror or error}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("featinv: interrupted", file=sys.stderr)
         return 130

@@ -18,7 +18,7 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.T
     """One image file -> (3, H, W) in [0, 1], resized to ``size`` (H, W) if given."""
     path = Path(path)
     if not path.is_file():
-        raise FeatInvError(f"image file not found: {path}")
+        raise FeatInvError(f"image file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_PIXELS:

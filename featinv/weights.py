@@ -22,7 +22,7 @@ def load_state_dict(path: str | Path, *, what: str = "weights") -> dict[str, tor
     """
     path = Path(path)
     if not path.is_file():
-        raise FeatInvError(f"{what} file not found: {path}")
+        raise FeatInvError(f"{what} file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))
@@ -44,6 +44,8 @@ def save_state_dict_atomic(
 ) -> None:
     """Write a safetensors file atomically: a temporary file in the same folder, then a rename."""
     path = Path(path)
+    if path.is_dir():
+        raise FeatInvError(f"cannot write the safetensors file {path}: it is a folder (give a file path)")
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)

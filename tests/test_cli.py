@@ -197,3 +197,29 @@ def test_entry_point_exit_code_and_help(tmp_path):
     )
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"featinv: error: model folder not found: {tmp_path / 'none'}"
+
+
+def test_outputs_that_cannot_be_written_fail_before_any_work(capsys, model_dir, image_files, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code, _, err = run_cli(
+        capsys, "reconstruct", "--model", model_dir, "--images", *image_files, "--out", blocker / "out"
+    )
+    assert_one_line_error(code, err, f"--out {blocker / 'out'} cannot be written ({blocker}: ")
+    code, _, err = run_cli(capsys, "extract", "--model", model_dir, "--images", *image_files, "--out", tmp_path)
+    assert_one_line_error(code, err, f"cannot write the safetensors file {tmp_path}: it is a folder")
+    code, _, err = run_cli(capsys, "reconstruct", "--model", model_dir, "--images", tmp_path, "--out", tmp_path / "o")
+    assert_one_line_error(code, err, f"image file not found: {tmp_path} (it is a folder)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_system_error_is_one_line_too(capsys, monkeypatch, model_dir):
+    import featinv.cli
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/data/weights.safetensors")
+
+    monkeypatch.setattr(featinv.cli, "cmd_info", denied)
+    code, _, err = run_cli(capsys, "info", "--model", model_dir)
+    assert code == 1
+    assert err.strip() == "featinv: error: Permission denied: /data/weights.safetensors"

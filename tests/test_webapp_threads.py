@@ -117,3 +117,19 @@ def test_serve_names_a_missing_folder(capsys, tmp_path):
         assert main(["serve", flag, str(tmp_path / "none"), "--device", "cpu"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"featinv: error: {flag} folder not found: {tmp_path / 'none'}"], err
+
+
+def test_serve_checks_its_address_before_loading_anything(capsys):
+    from featinv.cli import main
+
+    assert main(["serve", "--port", "70000"]) == 2
+    assert capsys.readouterr().err.strip() == "featinv: error: --port must be in [1, 65535], got 70000"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        assert main(["serve", "--port", str(port), "--device", "cpu"]) == 2
+        assert time.monotonic() - started < 2  # no model was loaded
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use" in err[0], err
