@@ -349,7 +349,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"{metrics['images']} held-out images; mean [95% confidence interval]")
     for row in [["", "spatial features", "pooled features", "spatial - pooled"], *metric_table(metrics)]:
         print(f"{row[0]:<23}" + "".join(f"{cell:<24}" for cell in row[1:]).rstrip())
-    print(f"wrote grid.png, metrics.json and report.html to {args.out} ({metrics['seconds']} s)")
+    print(f"wrote grid.png, metrics.png, metrics.json and report.html to {args.out} ({metrics['seconds']} s)")
     return 0
 
 

@@ -13,6 +13,7 @@ import torch
 
 from featinv.analysis.intervals import difference_interval, format_interval, mean_interval
 from featinv.analysis.metrics import reconstruction_metrics
+from featinv.analysis.report import bar_plot
 from featinv.errors import FeatInvError
 from featinv.images import make_grid, save_image
 from featinv.models.featinv_model import FeatInvModel
@@ -54,7 +55,7 @@ def run_demo(
     model_root: str | Path = PRETRAINED,
     batch_size: int = 50,
 ) -> dict[str, Any]:
-    """Run the demo; write ``grid.png``, ``metrics.json`` and ``report.html`` into ``out``."""
+    """Run the demo; write ``grid.png``, ``metrics.png``, ``metrics.json`` and ``report.html`` into ``out``."""
     if not isinstance(n, int) or n < 1:
         raise FeatInvError(f"n must be a positive number of images, got {n!r}")
     start = time.perf_counter()
@@ -109,6 +110,13 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     shown = len(from_spatial)
     save_image(make_grid([data.images[:shown], from_spatial, from_pooled], scale=4), out / "grid.png")
+    modes = {"spatial features": "spatial", "pooled features": "pooled"}
+    bar_plot(
+        out / "metrics.png",
+        {label: metrics[mode] for label, mode in modes.items()},
+        METRICS,
+        {label: metrics["ci95"][mode] for label, mode in modes.items()},
+    )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "report.html").write_text(_report(metrics))
     return metrics
@@ -141,6 +149,7 @@ guidance {metrics["guidance_scale"]}, on {html.escape(metrics["device"])} in {me
 <p>Each figure is a mean over the images with its 95% confidence interval in brackets: Wilson's for top-1
 agreement (a rate), the bootstrap's otherwise; the difference's interval is a paired bootstrap (the same
 images resampled for both). An interval that excludes 0 is a difference this sample can vouch for.</p>
+<img src="metrics.png" width="880">
 <p>Top-1 agreement: the classifier gives the reconstruction the original's class. Feature cosine: between the
 feature maps of reconstruction and original. Location: the reconstruction's object mask by colour (pixels nearer
 the original object's colour than its background's) against the true mask.</p>

@@ -27,7 +27,7 @@ def test_demo_runs_on_the_shipped_weights(tmp_path):
     shipped = sum(p.stat().st_size for p in PRETRAINED.rglob("*.safetensors"))
     assert shipped <= 20 * 1024 * 1024
     metrics = run_demo(tmp_path, device="cpu", n=6, steps=3)
-    assert {p.name for p in tmp_path.iterdir()} == {"grid.png", "metrics.json", "report.html"}
+    assert {p.name for p in tmp_path.iterdir()} == {"grid.png", "metrics.png", "metrics.json", "report.html"}
     assert metrics["spatial"]["feature_cosine"] > metrics["pooled"]["feature_cosine"]
     for mode in ("spatial", "pooled"):
         for name, mean in metrics[mode].items():

@@ -28,8 +28,14 @@ def line_plot(path: Path, x: Sequence[float], series: dict[str, Sequence[float]]
     plt.close(fig)
 
 
-def bar_plot(path: Path, groups: dict[str, dict[str, float]], metrics: Sequence[str]) -> None:
-    """Grouped bars: one panel per metric, one bar per group (method)."""
+def bar_plot(
+    path: Path,
+    groups: dict[str, dict[str, float]],
+    metrics: Sequence[str],
+    intervals: dict[str, dict[str, Sequence[float]]] | None = None,
+) -> None:
+    """Grouped bars: one panel per metric, one bar per group (method); with ``intervals``
+    ({group: {metric: (low, high)}}) each bar that has one gets it as an error bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,9 +44,23 @@ def bar_plot(path: Path, groups: dict[str, dict[str, float]], metrics: Sequence[
     fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3), squeeze=False)
     for ax, metric in zip(axes[0], metrics, strict=True):
         names = list(groups)
-        ax.bar(range(len(names)), [groups[n][metric] for n in names], color=["C0", "C1", "C2", "C3"][: len(names)])
+        heights = [groups[n][metric] for n in names]
+        below, above = [], []
+        for name, height in zip(names, heights, strict=True):
+            low, high = (intervals or {}).get(name, {}).get(metric, (height, height))
+            below.append(height - low)
+            above.append(high - height)
+        ax.bar(
+            range(len(names)),
+            heights,
+            yerr=[below, above] if any(below) or any(above) else None,
+            capsize=4,
+            color=["C0", "C1", "C2", "C3"][: len(names)],
+        )
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
         ax.set_title(metric, fontsize=9)
+    if intervals:
+        fig.suptitle("error bars: 95% confidence intervals", fontsize=8, y=0.995)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

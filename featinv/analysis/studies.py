@@ -254,7 +254,7 @@ def evaluate_study(
     )
     headline = ("feature_cosine", "top1_agreement", "fid_vs_real", "mask_iou", "centroid_distance_px")
     metric_names = [name for name in headline if name in table["featinv spatial"]]
-    bar_plot(out / "metrics.png", table, metric_names)
+    bar_plot(out / "metrics.png", table, metric_names, intervals)
     verdicts = _verdicts(table, per_image)
     data = {
         "images": len(images),
