@@ -7,6 +7,10 @@
 # COMPILED_BATCHES (default 16): batch sizes for the torch.compile reduce-overhead rows; TWIN_BATCHES
 # (default 1; empty: none): for the fast path with the twin encoder; AUTOTUNE_BATCHES (default none): for a
 # max-autotune fast path (minutes of autotuning each); BATCHES (default "1 16"): the batch sizes.
+# WEBAPP=1: afterwards, the web app's latency (benchmarks/bench_webapp.py, eager against fast; WEBAPP_TIMEOUT
+# 150 s: give the call room for it, e.g. BENCH_TIMEOUT=240). The machine has no FastAPI: carry its wheels
+# for Python 3.12 in .whl/web/ (pip download --only-binary=:all: --python-version 3.12 --platform
+# manylinux2014_x86_64 -d .whl/web fastapi uvicorn python-multipart, pinned as in .venv).
 # Timeouts: BENCH_TIMEOUT 380 s, TEST_TIMEOUT 120 s (with the build, a call of timeout_s 600 holds both).
 # Results go to $OUT (or ./gpu-out): run.log, bench_gpu.json, and the fine-tune's outputs.
 set -uo pipefail
@@ -44,5 +48,11 @@ timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/te
   tests/test_kernels.py tests/test_bench_gpu.py tests/test_twin_encoder.py::test_the_captured_twin_step_equals_the_eager_loop_on_the_gpu \
   > "$OUT/pytest.log" 2>&1
 stamp "GPU tests ended"; tail -25 "$OUT/pytest.log"
+if [ "${WEBAPP:-0}" = 1 ]; then
+  stamp "web app latency"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-web .whl/web/*.whl
+  PYTHONPATH=$PYTHONPATH:/tmp/site-web timeout "${WEBAPP_TIMEOUT:-150}" python3 benchmarks/bench_webapp.py --backends eager fast --device cuda \
+    --out "$OUT/bench_webapp.json"
+fi
 [ -n "$FT_PID" ] && wait "$WATCH_PID"
 stamp "done"

@@ -1,0 +1,29 @@
+"""The web-app latency benchmark: a smoke run against ``featinv serve`` on the CPU measures both
+models' slider sweeps, and a backend that cannot start is recorded while the run goes on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_webapp.py"
+
+
+def test_the_smoke_run_times_both_models_and_records_a_failed_backend(tmp_path):
+    out = tmp_path / "webapp.json"
+    command = [sys.executable, str(SCRIPT), "--backends", "eager", "tensorrt", "--device", "cpu", "--moves", "2"]
+    run = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(out.read_text())
+    assert results["strengths"] == [-0.5, 1.5]
+    eager, failed = results["rows"]
+    assert eager["startup_s"] > 0
+    for mode in ("spatial", "pooled"):
+        assert eager[mode]["moves"] == 2 and 0 < eager[mode]["median_s"] <= eager[mode]["worst_s"]
+    assert failed["backend"] == "tensorrt" and "invalid choice: 'tensorrt'" in failed["error"]
+    assert "tensorrt   failed" in run.stdout
