@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,11 +49,14 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def _pad_rows(features: torch.Tensor, x: torch.Tensor, pad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """With ``pad``: (features, x) grown to the next power of two rows, by copies of the last feature
-    map and zero latents (dropped after sampling; each row is sampled independently)."""
+def _pad_rows(
+    features: torch.Tensor, x: torch.Tensor, pad: bool, exact: Collection[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With ``pad``: (features, x) grown to the next power of two rows (unless their rows are one of
+    the ``exact`` sizes), by copies of the last feature map and zero latents (dropped after
+    sampling; each row is sampled independently)."""
     rows = len(x)
-    size = 1 << (rows - 1).bit_length() if pad else rows
+    size = 1 << (rows - 1).bit_length() if pad and rows not in exact else rows
     if size == rows:
         return features, x
     features = torch.cat([features, features[-1:].expand(size - rows, *features.shape[1:])])
@@ -77,6 +80,8 @@ class Reconstructor:
             the padding rows dropped: a server's varied batch sizes then need at most 7 compiled
             shapes up to 64 images (torch.compile keeps 8 variants per piece, then runs it eagerly;
             the fast path keeps 8 captured steps), at up to twice the compute of an odd size.
+        exact_batches: batch sizes that run as they are even with ``pad_batches`` (the size a
+            server warms up at and mostly sees: its requests then do no padded work).
         fast_options: keyword arguments of the ``fast`` backend's ``FastPath``, e.g.
             ``{"twin_encoder": True}`` (``featinv.engine.fast``); only with ``backend="fast"``.
     """
@@ -91,6 +96,7 @@ class Reconstructor:
         backend: str = "eager",
         engine_dir: str | Path | None = None,
         pad_batches: bool = False,
+        exact_batches: Collection[int] = (),
         fast_options: dict[str, Any] | None = None,
     ) -> None:
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -112,6 +118,7 @@ class Reconstructor:
         self.extractor = extractor.to(self.device, torch.float32).eval() if extractor is not None else None
         self.denoiser = make_denoiser(self.model, backend, engine_dir=engine_dir)
         self.pad_batches = pad_batches
+        self.exact_batches = frozenset(require_positive_int("exact_batches item", n) for n in exact_batches)
         self.fast = None
         if backend == "fast":
             from featinv.engine.fast import FastPath
@@ -192,7 +199,7 @@ class Reconstructor:
                     x = randn((stop - start, *self.model.latent_shape), batch_generators, device=self.device)
                 rows = stop - start
                 # eta > 0 draws per-image noise every step: padding rows would need generators of their own
-                chunk, x = _pad_rows(features[start:stop], x, self.pad_batches and eta == 0.0)
+                chunk, x = _pad_rows(features[start:stop], x, self.pad_batches and eta == 0.0, self.exact_batches)
 
                 def on_step(info: dict[str, Any], start: int = start, rows: int = rows) -> None:
                     bar.update(rows)

@@ -96,7 +96,7 @@ class RealtimeReconstructor:
         else:
             self._worker = share_thread_with._worker
         try:
-            self.reconstructor = self.call(self._build, model, device, backend, fast_options)
+            self.reconstructor = self.call(self._build, model, device, backend, fast_options, warmup_batch)
         except BaseException:
             if self._owns_worker:
                 self._worker.shutdown(wait=False)
@@ -109,16 +109,27 @@ class RealtimeReconstructor:
 
     @staticmethod
     def _build(
-        model: FeatInvModel | str | Path, device: torch.device, backend: str, fast_options: dict[str, Any] | None
+        model: FeatInvModel | str | Path,
+        device: torch.device,
+        backend: str,
+        fast_options: dict[str, Any] | None,
+        warmup_batch: int,
     ) -> Reconstructor:
         if not isinstance(model, FeatInvModel):
             model = FeatInvModel.from_pretrained(model)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         # Requests bring any number of images: on the backends that compile (and capture) per batch
-        # shape, batches run at powers of two, so that a few shapes serve them all.
+        # shape, batches run at powers of two, so that a few shapes serve them all; the warm-up's
+        # batch (the caller's usual one) runs as it is.
         shaped = backend in ("compiled", "fast")
         return Reconstructor(
-            model, device=device, backend=backend, dtype=dtype, pad_batches=shaped, fast_options=fast_options
+            model,
+            device=device,
+            backend=backend,
+            dtype=dtype,
+            pad_batches=shaped,
+            exact_batches=(warmup_batch,),  # the caller's usual batch: warmed up as it is, run unpadded
+            fast_options=fast_options,
         )
 
     @property

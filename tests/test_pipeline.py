@@ -143,6 +143,15 @@ def test_padded_batches_give_the_same_images_and_callbacks_see_only_real_rows(ti
     seen.clear()
     padded.reconstruct(features=features[:3], steps=2, sampler="ddim", eta=0.5, progress=False)
     assert seen == [3]  # per-image noise every step: not padded
+    exact = Reconstructor(tiny_model, pad_batches=True, exact_batches=[3])
+    guided_exact = exact.guided_denoiser
+    exact.guided_denoiser = lambda f, scale: seen.append(len(f)) or guided_exact(f, scale)
+    seen.clear()
+    exact.reconstruct(features=features[:3], steps=2, progress=False)
+    exact.reconstruct(features=features[:2], steps=2, progress=False)
+    assert seen == [3, 2]  # 3 listed as exact, 2 a power of two
+    with pytest.raises(FeatInvError, match="exact_batches item must be a positive integer, got 0"):
+        Reconstructor(tiny_model, pad_batches=True, exact_batches=[0])
     padded.fast = FastPath(padded.model, compile_mode=None)  # what backend="fast" builds, eager pieces on the CPU
     fast = padded.reconstruct(features=features[:3], steps=3, progress=False)
     assert [key[0] for key in padded.fast._graphs] == [4]

@@ -88,10 +88,11 @@ def test_warm_up_runs_at_the_batch_the_caller_will_send(tiny_model, monkeypatch)
 
 
 def test_backends_that_compile_per_shape_serve_padded_batches(tiny_model):
-    compiled = RealtimeReconstructor(tiny_model, device="cpu", backend="compiled", warmup=False)
+    compiled = RealtimeReconstructor(tiny_model, device="cpu", backend="compiled", warmup=False, warmup_batch=3)
     eager = RealtimeReconstructor(tiny_model, device="cpu", warmup=False)
     try:
         assert compiled.reconstructor.pad_batches and not eager.reconstructor.pad_batches
+        assert compiled.reconstructor.exact_batches == {3}  # the batch it warms up at runs unpadded
     finally:
         compiled.close()
         eager.close()
