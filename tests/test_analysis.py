@@ -117,6 +117,9 @@ def test_steer_compose_robustness_and_evaluate_write_their_reports(capsys, tmp_p
         assert code == 0, err
         assert {p.name for p in out.iterdir()} == expected[name] | {"metrics.json", "report.html"}
         assert "<img" in (out / "report.html").read_text()
+        if name == "evaluate":  # a table: a row per metric, a column per method, intervals in brackets
+            rows = {line.split()[0]: line for line in printed.splitlines() if line[:1].isalpha()}
+            assert rows["feature_cosine"].count("[") == 3 and rows["fid_vs_real"].count("[") == 0
     evaluation = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
     assert set(evaluation["methods"]) == {"featinv spatial", "featinv pooled", "optimisation"}
     assert {"feature_cosine", "top1_agreement", "fid_vs_real", "mask_iou"} <= set(evaluation["methods"]["optimisation"])
