@@ -102,12 +102,17 @@ def test_the_handlers_threads_run_no_tensor_operation():
 
 
 def test_the_switch_takes_one_classifiers_spatial_and_pooled_models(tmp_path):
+    from conftest import make_extractor, make_model
+
     from featinv.errors import FeatInvError
     from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
     from featinv.web.app import create_app
 
     with pytest.raises(FeatInvError, match="pooled_model must be trained on pooled maps and model on spatial ones"):
         create_app(PRETRAINED / SPATIAL_DIR, pooled_model=PRETRAINED / SPATIAL_DIR, device="cpu", steps=1)
+    other_layer = make_model(make_extractor("resnet", "layer2", mode="pooled"))
+    with pytest.raises(FeatInvError, match=r"pooled_model was trained for resnet\w* layer 'layer2'"):
+        create_app(make_model(), pooled_model=other_layer, device="cpu", steps=1)
 
 
 def test_serve_names_a_missing_folder(capsys, tmp_path):
