@@ -273,7 +273,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise FeatInvError(f"{flag} folder not found: {folder}")
     _check_listen_address(args.host, args.port)
     fast_options = _fast_options(args)
-    print(f"serving on http://{args.host}:{args.port}")
+    print("loading and warming up the model(s)...", flush=True)
     serve(
         args.model,
         host=args.host,

@@ -255,4 +255,5 @@ def serve(
     app = create_app(
         model_dir, pooled_model=pooled_model_dir, device=device, backend=backend, fast_options=fast_options
     )
+    print(f"serving on http://{host}:{port}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
