@@ -14,11 +14,10 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
-from featinv.errors import FeatInvError
+from featinv.errors import FeatInvError, require_positive_int
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -162,8 +161,10 @@ def _read_features(path: str) -> torch.Tensor:
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    """Reconstruct images from the feature maps of image files (or a features file)."""
-    from featinv.images import load_images, make_grid, save_image
+    """Reconstruct images from the feature maps of image files (or a features file), one or
+    several samples each (with the samples' per-pixel spread)."""
+    from featinv.analysis.metrics import sample_spread
+    from featinv.images import heatmap, load_images, make_grid, save_image
 
     if args.images is None and args.features is None:
         raise FeatInvError("give --images FILES... or --features FILE")
@@ -182,44 +183,74 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         every_stem = [f"features_{i:03d}" for i in range(len(every))]
         originals, features = None, every[first : first + len(paths)]
     stems = every_stem[first : first + len(paths)]
-    if stems and args.method == "optimize":
-        from featinv.analysis.studies import make_inverter
-
-        if reconstructor.extractor is None:
-            raise FeatInvError(f"{args.model} stores no classifier: --method optimize needs --classifier-weights")
+    samples = require_positive_int("--samples", args.samples)
+    names = _sample_names(every_stem, samples)
+    runs = []  # per sample: (images, 3, H, W); sample k of image i is seeded seed + k * N + i
+    if stems:
         maps = reconstructor.features(originals, pooled=args.pooled) if originals is not None else features
-        from featinv.analysis.optimize import OptimizeConfig
+        if args.method == "optimize" and reconstructor.extractor is None:
+            raise FeatInvError(f"{args.model} stores no classifier: --method optimize needs --classifier-weights")
+    for k in range(samples if stems else 0):
+        seed = args.seed + k * len(every_stem)
+        if args.method == "optimize":
+            from featinv.analysis.optimize import OptimizeConfig
+            from featinv.analysis.studies import make_inverter
 
-        invert = make_inverter(reconstructor, "optimize", seed=args.seed, optimize=OptimizeConfig(steps=args.opt_steps))
-        result = SimpleNamespace(images=invert(maps))
-    elif stems:
-        result = reconstructor.reconstruct(
-            originals,
-            features=features,
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            sampler=args.sampler,
-            eta=args.eta,
-            seed=args.seed,
-            first_index=first,
-            batch_size=args.batch_size,
-            pooled=args.pooled,
-            progress=not args.quiet,
-        )
+            config = OptimizeConfig(steps=args.opt_steps)
+            runs.append(make_inverter(reconstructor, "optimize", seed=seed, optimize=config)(maps))
+        else:
+            result = reconstructor.reconstruct(
+                features=maps,
+                steps=args.steps,
+                guidance_scale=args.guidance,
+                sampler=args.sampler,
+                eta=args.eta,
+                seed=seed,
+                first_index=first,
+                batch_size=args.batch_size,
+                progress=not args.quiet,
+            )
+            runs.append(result.images)
     if stems:
         with staged_output(args.out) as staging:
-            for stem, image in zip(stems, result.images, strict=True):
-                save_image(image, staging / f"{stem}.png")
+            for k, images in enumerate(runs):
+                for stem, image in zip(stems, images, strict=True):
+                    save_image(image, staging / names[stem][k])
+            if samples > 1:
+                spreads = heatmap(sample_spread(torch.stack(runs)), high=0.5)
+                for stem, spread in zip(stems, spreads, strict=True):
+                    save_image(spread, staging / names[stem][-1])
     barrier()
     if first == 0:  # the process with the first share merges: the grid of the first 16 of all
         shown = every_stem[:16]
-        columns = [load_images([Path(args.out) / f"{stem}.png" for stem in shown], reconstructor.model.image_size)]
+        image_size = reconstructor.model.image_size
+        columns = [load_images([Path(args.out) / names[stem][k] for stem in shown], image_size) for k in range(samples)]
+        if samples > 1:
+            columns.append(load_images([Path(args.out) / names[stem][-1] for stem in shown], image_size))
         if args.images:
             columns.insert(0, load_images(args.images[: len(shown)], size))
         with staged_output(args.out) as staging:
             save_image(make_grid(columns, scale=max(1, 128 // columns[0].shape[-1])), staging / "grid.png")
-        print(f"wrote {len(every_stem)} reconstruction{'s' * (len(every_stem) != 1)} and grid.png to {args.out}")
+        what = f"{len(every_stem)} reconstruction{'s' * (len(every_stem) != 1)}"
+        if samples > 1:
+            what += f", {samples} samples each, their spread maps (per-pixel std over the samples, 0 to 0.5)"
+        print(f"wrote {what} and grid.png to {args.out}")
     return 0
+
+
+def _sample_names(stems: Sequence[str], samples: int) -> dict[str, list[str]]:
+    """Each input's output files: ``stem.png`` (sample 0, as with one sample), ``stem_sample{k}.png``,
+    and with several samples ``stem_spread.png`` last; an input whose name another's outputs take
+    (``a_sample1.png`` beside ``a.png``) is refused."""
+    names = {stem: [f"{stem}.png"] + [f"{stem}_sample{k}.png" for k in range(1, samples)] for stem in stems}
+    if samples > 1:
+        for stem in stems:
+            names[stem].append(f"{stem}_spread.png")
+    taken = [name for files in names.values() for name in files]
+    if len(set(taken)) != len(taken):
+        clash = next(name for name in taken if taken.count(name) > 1)
+        raise FeatInvError(f"with --samples {samples} two outputs would be named {clash}: rename an input")
+    return names
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
@@ -377,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--sampler", choices=["ddim", "dpmpp"], default="ddim")
     rec.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
     rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument(
+        "--samples",
+        type=int,
+        default=1,
+        help="reconstructions per input from different noise (default 1); with more, also each input's "
+        "spread map: what the feature map leaves open varies between samples",
+    )
     rec.add_argument("--batch-size", type=int, default=8)
     rec.add_argument("--pooled", action="store_true", help="condition on pooled features (the paper's baseline)")
     rec.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -71,3 +71,12 @@ def make_grid(columns: Sequence[torch.Tensor], *, padding: int = 2, scale: int =
             top, left = padding + i * (h + padding), padding + j * (w + padding)
             grid[:, top : top + h, left : left + w] = column[i].clamp(0, 1)
     return grid
+
+
+def heatmap(values: torch.Tensor, high: float = 1.0) -> torch.Tensor:
+    """Values (B, H, W) from 0 to ``high`` as pictures (B, 3, H, W) in [0, 1], matplotlib's
+    ``magma`` colours (black for 0, pale yellow for ``high`` and above)."""
+    from matplotlib import colormaps
+
+    scaled = (values.detach().float().cpu() / high).clamp(0, 1).numpy()
+    return torch.from_numpy(colormaps["magma"](scaled)[..., :3]).permute(0, 3, 1, 2).float()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,6 +62,53 @@ def test_reconstruct_writes_one_png_per_input_and_a_grid(capsys, model_dir, imag
     grid = Image.open(out_dir / "grid.png")
     # two columns (original | reconstruction) by two rows of 128-pixel cells with 2-pixel padding
     assert grid.size == (2 * 130 + 2, 2 * 130 + 2)
+
+
+def test_several_samples_per_input_and_their_spread(capsys, model_dir, image_files, tmp_path):
+    from featinv.images import load_image
+
+    common = ["reconstruct", "--model", model_dir, "--images", *image_files, "--steps", 3, "--quiet"]
+    code, _, err = run_cli(capsys, *common, "--out", tmp_path / "one")
+    assert code == 0, err
+    code, printed, err = run_cli(capsys, *common, "--samples", 3, "--out", tmp_path / "three")
+    assert code == 0, err
+    assert "3 samples each" in printed
+    per_input = ["{}.png", "{}_sample1.png", "{}_sample2.png", "{}_spread.png"]
+    expected = ["grid.png", *(name.format(stem) for stem in ("img0", "img1") for name in per_input)]
+    assert sorted(p.name for p in (tmp_path / "three").iterdir()) == sorted(expected)
+    # sample 0 is what one sample gives; the others start from other noise
+    first = load_image(tmp_path / "three" / "img0.png")
+    assert torch.equal(first, load_image(tmp_path / "one" / "img0.png"))
+    assert not torch.equal(first, load_image(tmp_path / "three" / "img0_sample1.png"))
+    # grid: original | three samples | spread, two rows of 128-pixel cells
+    assert Image.open(tmp_path / "three" / "grid.png").size == (5 * 130 + 2, 2 * 130 + 2)
+    code, _, err = run_cli(capsys, *common, "--samples", 0, "--out", tmp_path / "zero")
+    assert_one_line_error(code, err, "--samples must be a positive integer, got 0")
+    clash = tmp_path / "img0_sample1.png"
+    clash.write_bytes(Path(image_files[0]).read_bytes())
+    images = ["--images", *image_files, clash]
+    code, _, err = run_cli(
+        capsys, "reconstruct", "--model", model_dir, *images, "--samples", 2, "--out", tmp_path / "c"
+    )
+    assert_one_line_error(code, err, "with --samples 2 two outputs would be named img0_sample1.png")
+    assert not (tmp_path / "c").exists()
+
+
+def test_sample_spread_and_heatmap():
+    from featinv.analysis.metrics import sample_spread
+    from featinv.images import heatmap
+
+    a, b = torch.zeros(1, 3, 4, 4), torch.full((1, 3, 4, 4), 0.6)
+    assert torch.equal(sample_spread(torch.stack([a, a, a])), torch.zeros(1, 4, 4))
+    assert torch.allclose(sample_spread(torch.stack([a, b])), torch.full((1, 4, 4), 0.3))  # |a - b| / 2
+    with pytest.raises(ValueError, match="samples must be"):
+        sample_spread(a[None])
+    colours = heatmap(torch.tensor([[[0.0, 0.25, 0.5, 2.0]]]), high=0.5)
+    assert colours.shape == (1, 3, 1, 4)
+    brightness = colours.sum(1)[0, 0]
+    assert brightness[0] < brightness[1] < brightness[2]  # magma brightens with the value
+    assert torch.equal(colours[..., 2], colours[..., 3])  # at and above ``high``: the same colour
+    assert float(brightness[0]) < 0.05  # 0 is black
 
 
 def test_extract_then_reconstruct_from_features(capsys, model_dir, image_files, tmp_path):

@@ -1,5 +1,6 @@
 """Metrics between originals and reconstructions: feature cosine, classifier agreement, object
-location (mask IoU and centroid distance), PSNR and SSIM. FID lives in :mod:`featinv.analysis.fid`."""
+location (mask IoU and centroid distance), PSNR and SSIM; and the spread of several samples of the
+same feature maps. FID lives in :mod:`featinv.analysis.fid`."""
 
 from __future__ import annotations
 
@@ -52,6 +53,15 @@ def centroid_distance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Te
         return torch.stack([(m[:, 0] * ys).sum((1, 2)) / total, (m[:, 0] * xs).sum((1, 2)) / total], 1)
 
     return (centroid(predicted.float()) - centroid(target.float())).norm(dim=1)
+
+
+def sample_spread(samples: torch.Tensor) -> torch.Tensor:
+    """How much K reconstructions of the same feature maps differ, per pixel: the standard deviation
+    over the samples, averaged over RGB. (K, B, 3, H, W) in [0, 1] -> (B, H, W) in [0, 0.5]. What the
+    feature map pins down stays alike across samples (low spread); what it leaves open varies."""
+    if samples.dim() != 5 or samples.shape[0] < 2:
+        raise ValueError(f"samples must be (K >= 2, B, 3, H, W), got {tuple(samples.shape)}")
+    return samples.float().std(dim=0, unbiased=False).mean(dim=1)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
