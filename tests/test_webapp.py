@@ -96,6 +96,8 @@ def test_upload_reconstruct_steer_and_bad_uploads(app_url, browser, tmp_path):
         "the first reconstructions",
     )
     assert len(first) == 3 and len(set(first)) == 3  # three seeds, three different pictures
+    spread = _wait(lambda: browser.find_element("id", "spread").get_attribute("src"), 10, "the seeds' spread map")
+    assert spread.startswith("data:image/png")
 
     updates = _updates(browser)
     slider = browser.find_element("id", "strength")

@@ -83,6 +83,7 @@ def test_the_handlers_threads_run_no_tensor_operation():
         query = {"id": a, "other": b, "mix": 0.5, "strength": 1.0, "concept": 1}
         result = _post(url + "reconstruct", json.dumps(query).encode(), "application/json")
         assert len(result["images"]) == 3 and 0.0 <= result["concept_probability"] <= 1.0
+        assert result["spread"].startswith("data:image/png;base64,")  # the seeds' per-pixel spread
         pooled = _post(url + "reconstruct", json.dumps({**query, "mode": "pooled"}).encode(), "application/json")
         assert len(pooled["images"]) == 3 and pooled["images"] != result["images"]
         with pytest.raises(urllib.error.HTTPError) as bad:

@@ -24,9 +24,10 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
 from featinv.analysis.compose import lerp
+from featinv.analysis.metrics import sample_spread
 from featinv.analysis.steering import Concept, class_concept, steer
 from featinv.errors import FeatInvError
-from featinv.images import from_pil, to_pil
+from featinv.images import from_pil, heatmap, to_pil
 from featinv.models.featinv_model import FeatInvModel
 from featinv.serving import RealtimeReconstructor, RequestCancelled
 
@@ -222,12 +223,18 @@ def create_app(
         except FeatInvError as message:
             return error(str(message))
 
-        def pictures_and_probability() -> tuple[list[Image.Image], float]:
+        def pictures_and_probability() -> tuple[list[Image.Image], Image.Image | None, float]:
             probability = concept.probability(extractor, images.to(server.reconstructor.device))
-            return [to_pil(image) for image in images], float(probability.mean())
+            # what the seeds disagree on: the per-pixel spread over them (what the map leaves open)
+            spread = to_pil(heatmap(sample_spread(images[:, None]), high=0.5)[0]) if len(images) > 1 else None
+            return [to_pil(image) for image in images], spread, float(probability.mean())
 
-        pictures, probability = server.call(pictures_and_probability)
-        return {"images": [_png_data_url(picture) for picture in pictures], "concept_probability": probability}
+        pictures, spread, probability = server.call(pictures_and_probability)
+        return {
+            "images": [_png_data_url(picture) for picture in pictures],
+            "spread": _png_data_url(spread) if spread is not None else None,
+            "concept_probability": probability,
+        }
 
     app.state.server = server
     app.state.servers = servers
