@@ -82,7 +82,7 @@ def required_extractor(model, args: argparse.Namespace):
     return extractor
 
 
-def _add_twin_encoder(parser: argparse.ArgumentParser) -> None:
+def add_twin_encoder_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--twin-encoder",
         action="store_true",
@@ -90,7 +90,7 @@ def _add_twin_encoder(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _fast_options(args: argparse.Namespace) -> dict[str, bool] | None:
+def fast_options_from_args(args: argparse.Namespace) -> dict[str, bool] | None:
     """The fast backend's options the command line sets (``--twin-encoder``)."""
     if not args.twin_encoder:
         return None
@@ -112,7 +112,7 @@ def _reconstructor(args: argparse.Namespace):
         dtype=dtype,
         backend=args.backend,
         engine_dir=args.engine_dir,
-        fast_options=_fast_options(args),
+        fast_options=fast_options_from_args(args),
     )
 
 
@@ -292,48 +292,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    """The interactive web app (FastAPI + one HTML page) on the demo models or --model DIR
-    (and --pooled-model DIR)."""
-    try:
-        from featinv.web.app import serve
-    except ImportError as error:
-        raise FeatInvError(f"featinv serve needs the web extra: pip install 'featinv[web]' ({error})") from error
-    for flag, folder in (("--model", args.model), ("--pooled-model", args.pooled_model)):
-        if folder is not None and not Path(folder).is_dir():
-            raise FeatInvError(f"{flag} folder not found: {folder}")
-    _check_listen_address(args.host, args.port)
-    fast_options = _fast_options(args)
-    print("loading and warming up the model(s)...", flush=True)
-    serve(
-        args.model,
-        host=args.host,
-        port=args.port,
-        device=args.device,
-        backend=args.backend,
-        fast_options=fast_options,
-        pooled_model_dir=args.pooled_model,
-    )
-    return 0
-
-
-def _check_listen_address(host: str, port: int) -> None:
-    """Fail before loading any model when ``host:port`` cannot be listened on (a bad port, a port in
-    use, an address not of this machine)."""
-    import socket
-
-    if not 1 <= port <= 65535:
-        raise FeatInvError(f"--port must be in [1, 65535], got {port}")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
-            probe.bind(infos[0][4])
-    except OSError as error:
-        raise FeatInvError(
-            f"cannot listen on --host {host} --port {port}: {error.strerror or error} (choose another --port or --host)"
-        ) from error
-
-
 def _parse_layer(value: str | None) -> str | int | None:
     return int(value) if value is not None and value.lstrip("-").isdigit() else value
 
@@ -434,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="denoiser backend (fast: CUDA only)",
     )
     rec.add_argument("--engine-dir", help="ONNX export / TensorRT engine cache (default: under ~/.cache/featinv)")
-    _add_twin_encoder(rec)
+    add_twin_encoder_arg(rec)
     rec.set_defaults(func=cmd_reconstruct)
 
     create = commands.add_parser("create", help="create an untrained FeatInv model for a classifier and layer")
@@ -478,19 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_analysis_commands(commands)
 
-    serve = commands.add_parser("serve", help="the interactive web app")
-    serve.add_argument("--model", help="FeatInv model folder (default: the shipped demo models, spatial and pooled)")
-    serve.add_argument(
-        "--pooled-model", help="a model of the same classifier trained on pooled maps: the page offers a switch"
-    )
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--device", default="auto")
-    serve.add_argument(
-        "--backend", choices=["eager", "compiled", "fast"], default="eager", help="denoiser backend (fast: CUDA only)"
-    )
-    _add_twin_encoder(serve)
-    serve.set_defaults(func=cmd_serve)
+    from featinv.cli_serve import add_serve_command
+
+    add_serve_command(commands)
 
     ext = commands.add_parser("extract", help="write the feature maps of images to a safetensors file")
     add_model_args(ext)

@@ -1,0 +1,68 @@
+"""``featinv serve``: the interactive web app's command (the app itself is :mod:`featinv.web.app`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from featinv.cli import add_twin_encoder_arg, fast_options_from_args
+from featinv.errors import FeatInvError
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The interactive web app (FastAPI + one HTML page) on the demo models or --model DIR
+    (and --pooled-model DIR)."""
+    try:
+        from featinv.web.app import serve
+    except ImportError as error:
+        raise FeatInvError(f"featinv serve needs the web extra: pip install 'featinv[web]' ({error})") from error
+    for flag, folder in (("--model", args.model), ("--pooled-model", args.pooled_model)):
+        if folder is not None and not Path(folder).is_dir():
+            raise FeatInvError(f"{flag} folder not found: {folder}")
+    _check_listen_address(args.host, args.port)
+    fast_options = fast_options_from_args(args)
+    print("loading and warming up the model(s)...", flush=True)
+    serve(
+        args.model,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        backend=args.backend,
+        fast_options=fast_options,
+        pooled_model_dir=args.pooled_model,
+    )
+    return 0
+
+
+def _check_listen_address(host: str, port: int) -> None:
+    """Fail before loading any model when ``host:port`` cannot be listened on (a bad port, a port in
+    use, an address not of this machine)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise FeatInvError(f"--port must be in [1, 65535], got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.bind(infos[0][4])
+    except OSError as error:
+        raise FeatInvError(
+            f"cannot listen on --host {host} --port {port}: {error.strerror or error} (choose another --port or --host)"
+        ) from error
+
+
+def add_serve_command(commands) -> None:
+    """Add ``serve`` to the CLI's subcommands."""
+    serve = commands.add_parser("serve", help="the interactive web app")
+    serve.add_argument("--model", help="FeatInv model folder (default: the shipped demo models, spatial and pooled)")
+    serve.add_argument(
+        "--pooled-model", help="a model of the same classifier trained on pooled maps: the page offers a switch"
+    )
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="auto")
+    serve.add_argument(
+        "--backend", choices=["eager", "compiled", "fast"], default="eager", help="denoiser backend (fast: CUDA only)"
+    )
+    add_twin_encoder_arg(serve)
+    serve.set_defaults(func=cmd_serve)
