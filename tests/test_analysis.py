@@ -37,6 +37,19 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_the_shift():
         frechet_distance(a[:1], a)
 
 
+def test_the_fid_difference_interval_sees_a_real_gap_and_holds_zero_without_one():
+    from featinv.analysis.fid import fid_difference_interval
+
+    generator = torch.Generator().manual_seed(0)
+    real, a, b = (torch.randn(48, 16, generator=generator) for _ in range(3))
+    low, high = fid_difference_interval(real, a, b + 1.0, resamples=100)
+    assert low < high < 0  # a is nearer the real set than the shifted b
+    low, high = fid_difference_interval(real, a, b, resamples=100)
+    assert low < 0 < high  # the same distribution: no gap
+    with pytest.raises(FeatInvError, match="a and b must embed the same images"):
+        fid_difference_interval(real, a, b[:10])
+
+
 def test_psnr_and_ssim_rank_degradations():
     clean = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     slight, heavy = corrupt(clean, "gaussian_noise", 1), corrupt(clean, "gaussian_noise", 5)
@@ -127,6 +140,8 @@ def test_steer_compose_robustness_and_evaluate_write_their_reports(capsys, tmp_p
         for name, (low, high) in row.items():
             assert low <= evaluation["methods"][method][name] <= high, (method, name)
     assert "95% CI" in evaluation["verdicts"][0] and "same images" in evaluation["verdicts"][0]
+    low, high = evaluation["fid_spatial_minus_optimisation"]["ci95"]  # the classifier's space: small enough
+    assert low <= high and "images resampled" in evaluation["verdicts"][-1]
 
 
 def test_evaluate_verdicts_follow_the_paired_interval():
@@ -150,6 +165,13 @@ def test_evaluate_verdicts_follow_the_paired_interval():
     assert verdicts[0.05].startswith("Spatial FeatInv beats pooled on feature cosine")
     assert verdicts[0.0].startswith("Spatial FeatInv cannot be told apart from pooled")
     assert verdicts[-0.05].startswith("Spatial FeatInv does NOT beat pooled")
+    table = {
+        name: {"feature_cosine": 0.5, "fid_vs_real": fid}
+        for name, fid in zip(per_image, (10.0, 20.0, 30.0), strict=True)
+    }
+    for interval, verdict in (((-15.0, -5.0), "beats"), ((-15.0, 5.0), "cannot be told apart from"), (None, "beats")):
+        line = _verdicts(table, per_image, interval)[-1]
+        assert line.startswith(f"Spatial FeatInv {verdict} the optimisation baseline on FID"), line
 
 
 def test_analysis_commands_reject_bad_input(capsys, tmp_path, model_dir):  # noqa: F811
