@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from scipy import linalg
@@ -35,6 +36,18 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_the_shift():
     assert 0.05 < frechet_distance(a, near) < frechet_distance(a, far)
     with pytest.raises(FeatInvError, match="at least 2"):
         frechet_distance(a[:1], a)
+
+
+@pytest.mark.parametrize(("n", "m", "dims"), [(40, 30, 64), (300, 200, 8)])  # fewer / more images than dims
+def test_frechet_distance_equals_the_textbook_formula(n, m, dims):
+    generator = torch.Generator().manual_seed(2)
+    a = torch.randn(n, dims, generator=generator, dtype=torch.float64)
+    b = torch.randn(m, dims, generator=generator, dtype=torch.float64) * 1.3 + 0.2
+    cov_a, cov_b = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    cross = linalg.sqrtm(cov_a @ cov_b).real
+    mean_term = float((a.mean(0) - b.mean(0)).pow(2).sum())
+    expected = mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(cross)
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
 
 
 def test_the_fid_difference_interval_sees_a_real_gap_and_holds_zero_without_one():

@@ -5,6 +5,7 @@ pool features when you supply its weights (FID proper), otherwise the classifier
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,17 +26,28 @@ def sqrtm_psd(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) of feature sets (N, D) and (M, D)."""
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2) of feature sets (N, D) and (M, D).
+
+    The cross term's trace is the sum of the square roots of the eigenvalues of S_a S_b. With the
+    centred sets A (N, D) and B (M, D) those are the squared singular values of A B^T (N, M) over
+    (N - 1)(M - 1): with no more images than dimensions (64 images in Inception's 2048) the trace is
+    the nuclear norm of A B^T, exact and without a D x D matrix; otherwise two D x D square roots.
+    """
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise FeatInvError(f"feature sets must be (N, D) and (M, D), got {tuple(a.shape)} and {tuple(b.shape)}")
     if len(a) < 2 or len(b) < 2:
         raise FeatInvError(f"FID needs at least 2 images per set, got {len(a)} and {len(b)}")
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    root_a = sqrtm_psd(cov_a)
-    cross = sqrtm_psd(root_a @ cov_b @ root_a)
-    value = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * torch.trace(cross)
+    centred_a, centred_b = a - mu_a, b - mu_b
+    trace_a = centred_a.pow(2).sum() / (len(a) - 1)
+    trace_b = centred_b.pow(2).sum() / (len(b) - 1)
+    if max(len(a), len(b)) <= a.shape[1]:
+        cross = torch.linalg.svdvals(centred_a @ centred_b.T).sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
+    else:
+        root_a = sqrtm_psd(torch.cov(a.T))
+        cross = torch.trace(sqrtm_psd(root_a @ torch.cov(b.T) @ root_a))
+    value = (mu_a - mu_b).pow(2).sum() + trace_a + trace_b - 2 * cross
     return float(value.clamp_min(0))
 
 
