@@ -163,7 +163,7 @@ def _read_features(path: str) -> torch.Tensor:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Reconstruct images from the feature maps of image files (or a features file), one or
     several samples each (with the samples' per-pixel spread)."""
-    from featinv.analysis.metrics import sample_spread
+    from featinv.analysis.metrics import SPREAD_MAX, sample_spread
     from featinv.images import heatmap, load_images, make_grid, save_image
 
     if args.images is None and args.features is None:
@@ -217,7 +217,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                 for stem, image in zip(stems, images, strict=True):
                     save_image(image, staging / names[stem][k])
             if samples > 1:
-                spreads = heatmap(sample_spread(torch.stack(runs)), high=0.5)
+                spreads = heatmap(sample_spread(torch.stack(runs)), high=SPREAD_MAX)
                 for stem, spread in zip(stems, spreads, strict=True):
                     save_image(spread, staging / names[stem][-1])
     barrier()
@@ -330,14 +330,14 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The built-in default: reconstruct held-out shapes images from spatial and pooled features."""
+    from featinv.analysis.report import text_table
     from featinv.demo import metric_table, run_demo
 
     metrics = run_demo(args.out, device=args.device, n=args.n, steps=args.steps)
     if "seconds" not in metrics:  # another process of a multi-process run: the main one reports
         return 0
     print(f"{metrics['images']} held-out images; mean [95% confidence interval]")
-    for row in [["", "spatial features", "pooled features", "spatial - pooled"], *metric_table(metrics)]:
-        print(f"{row[0]:<23}" + "".join(f"{cell:<24}" for cell in row[1:]).rstrip())
+    print(text_table([["", "spatial features", "pooled features", "spatial - pooled"], *metric_table(metrics)]))
     print(f"wrote grid.png, metrics.png, metrics.json and report.html to {args.out} ({metrics['seconds']} s)")
     return 0
 

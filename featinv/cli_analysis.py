@@ -244,16 +244,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         fid_features=fid_features,
     )
     from featinv.analysis.intervals import format_interval
+    from featinv.analysis.report import text_table
 
     methods = list(data["methods"])
-    print(f"{data['images']} images; mean [95% confidence interval]")
-    print(f"{'':<22}" + "".join(f"{name:<24}" for name in methods).rstrip())
+    rows = [["", *methods]]
     for metric in data["methods"][methods[0]]:
         cells = []
         for name in methods:
             value, interval = data["methods"][name][metric], data["ci95"][name].get(metric)
             cells.append(format_interval(value, interval) if interval else f"{value:.3f}")
-        print(f"{metric:<22}" + "".join(f"{cell:<24}" for cell in cells).rstrip())
+        rows.append([metric, *cells])
+    print(f"{data['images']} images; mean [95% confidence interval]")
+    print(text_table(rows))
     for line in data["verdicts"]:
         print(line)
     print(f"wrote grid.png, metrics.png, metrics.json and report.html to {args.out}")

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from featinv.analysis.intervals import LEVEL, percentile_interval
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
 
@@ -52,7 +53,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def fid_difference_interval(
-    real: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, resamples: int = 200, level: float = 0.95, seed: int = 0
+    real: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, resamples: int = 200, level: float = LEVEL, seed: int = 0
 ) -> tuple[float, float]:
     """The bootstrap interval of ``FD(real, a) - FD(real, b)`` for embeddings (M, D), (N, D), (N, D),
     where ``a[i]`` and ``b[i]`` come from the same image (two methods' reconstructions of it): the
@@ -61,17 +62,13 @@ def fid_difference_interval(
     which is why only the difference gets an interval. Costs 2 x ``resamples`` FDs."""
     if a.shape != b.shape:
         raise FeatInvError(f"a and b must embed the same images, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if not 0 < level < 1:
-        raise FeatInvError(f"level must be in (0, 1), got {level!r}")
     generator = torch.Generator().manual_seed(seed)
     differences = []
     for _ in range(resamples):
         rows = torch.randint(len(real), (len(real),), generator=generator)
         images = torch.randint(len(a), (len(a),), generator=generator)
         differences.append(frechet_distance(real[rows], a[images]) - frechet_distance(real[rows], b[images]))
-    tail = (1 - level) / 2
-    low, high = torch.tensor(differences, dtype=torch.float64).quantile(torch.tensor([tail, 1 - tail]).double())
-    return float(low), float(high)
+    return percentile_interval(torch.tensor(differences), level)
 
 
 def classifier_features(extractor: FeatureExtractor) -> FeatureFn:

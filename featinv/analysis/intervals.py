@@ -56,14 +56,19 @@ def _bootstrap_means(values: torch.Tensor, resamples: int, seed: int) -> torch.T
     return values[picks].mean(1)
 
 
+def percentile_interval(statistics: torch.Tensor, level: float = LEVEL) -> tuple[float, float]:
+    """The central ``level`` range of a statistic's bootstrap replicates (R,): (low, high)."""
+    tail = (1 - _check_level(level)) / 2
+    statistics = torch.as_tensor(statistics, dtype=torch.float64)
+    low, high = torch.quantile(statistics, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return float(low), float(high)
+
+
 def bootstrap_interval(
     values: torch.Tensor, level: float = LEVEL, *, resamples: int = RESAMPLES, seed: int = 0
 ) -> tuple[float, float]:
     """The percentile bootstrap interval of the mean of ``values`` (N,): (low, high)."""
-    means = _bootstrap_means(_check("values", values), resamples, seed)
-    tail = (1 - _check_level(level)) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=means.dtype))
-    return float(low), float(high)
+    return percentile_interval(_bootstrap_means(_check("values", values), resamples, seed), level)
 
 
 def mean_interval(values: torch.Tensor, level: float = LEVEL) -> tuple[float, float]:
@@ -82,12 +87,6 @@ def difference_interval(a: torch.Tensor, b: torch.Tensor, level: float = LEVEL) 
     if a.shape != b.shape:
         raise FeatInvError(f"a and b must hold one value per image each, got {len(a)} and {len(b)} values")
     return bootstrap_interval(a - b, level)
-
-
-def summary(values: torch.Tensor) -> dict[str, float | list[float]]:
-    """``{"mean": m, "ci95": [low, high]}`` of per-image ``values`` (N,)."""
-    values = _check("values", values)
-    return {"mean": float(values.mean()), "ci95": list(mean_interval(values))}
 
 
 def format_interval(mean: float, interval: tuple[float, float] | list[float], digits: int = 3) -> str:

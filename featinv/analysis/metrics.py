@@ -55,9 +55,12 @@ def centroid_distance(predicted: torch.Tensor, target: torch.Tensor) -> torch.Te
     return (centroid(predicted.float()) - centroid(target.float())).norm(dim=1)
 
 
+SPREAD_MAX = 0.5  # the largest per-pixel standard deviation of values in [0, 1]
+
+
 def sample_spread(samples: torch.Tensor) -> torch.Tensor:
     """How much K reconstructions of the same feature maps differ, per pixel: the standard deviation
-    over the samples, averaged over RGB. (K, B, 3, H, W) in [0, 1] -> (B, H, W) in [0, 0.5]. What the
+    over the samples, averaged over RGB. (K, B, 3, H, W) in [0, 1] -> (B, H, W) in [0, SPREAD_MAX]. What the
     feature map pins down stays alike across samples (low spread); what it leaves open varies."""
     if samples.dim() != 5 or samples.shape[0] < 2:
         raise ValueError(f"samples must be (K >= 2, B, 3, H, W), got {tuple(samples.shape)}")

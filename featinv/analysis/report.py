@@ -66,6 +66,13 @@ def bar_plot(
     plt.close(fig)
 
 
+def text_table(rows: Sequence[Sequence[str]], width: int = 24) -> str:
+    """Rows of text cells as aligned terminal lines: the first column as wide as its longest cell,
+    the others ``width`` characters."""
+    first = max(len(row[0]) for row in rows) + 1
+    return "\n".join((f"{row[0]:<{first}}" + "".join(f"{cell:<{width}}" for cell in row[1:])).rstrip() for row in rows)
+
+
 def write_report(out: Path, title: str, intro: str, blocks: Sequence[tuple[str, Any]], data: dict[str, Any]) -> None:
     """``report.html`` with headed blocks (an image file name, a table as {row: {column: value}}, or
     text) and ``<name>.json`` with ``data``."""

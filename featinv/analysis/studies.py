@@ -317,7 +317,7 @@ def _verdicts(
             if key not in spatial:
                 continue
             low, high = difference_interval(per_image["featinv spatial"][key], per_image["featinv pooled"][key])
-            verdict = "beats" if low > 0 else "does NOT beat" if high < 0 else "cannot be told apart from"
+            verdict = _verdict(low, high)
             lines.append(
                 f"Spatial FeatInv {verdict} pooled on {what}: {spatial[key]:.3f} vs {pooled[key]:.3f}, "
                 f"difference {spatial[key] - pooled[key]:.3f} (95% CI [{low:.3f}, {high:.3f}], same images)."
@@ -328,7 +328,7 @@ def _verdicts(
         verdict, evidence = ("beats" if difference < 0 else "does NOT beat"), "no interval in this space"
     else:
         low, high = fid_interval
-        verdict = "beats" if high < 0 else "does NOT beat" if low > 0 else "cannot be told apart from"
+        verdict = _verdict(-high, -low)  # lower FID is better
         evidence = f"difference {difference:.3f}, 95% CI [{low:.3f}, {high:.3f}], images resampled"
     lines.append(
         f"Spatial FeatInv {verdict} the optimisation baseline on FID "
@@ -336,3 +336,9 @@ def _verdicts(
         f"features by construction (cosine {optimisation['feature_cosine']:.3f})."
     )
     return lines
+
+
+def _verdict(low: float, high: float) -> str:
+    """Spatial FeatInv against another method, given the interval of a difference where higher is
+    better for spatial: a lead only when the interval excludes 0."""
+    return "beats" if low > 0 else "does NOT beat" if high < 0 else "cannot be told apart from"

@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
 from featinv.analysis.compose import lerp
-from featinv.analysis.metrics import sample_spread
+from featinv.analysis.metrics import SPREAD_MAX, sample_spread
 from featinv.analysis.steering import Concept, class_concept, steer
 from featinv.errors import FeatInvError
 from featinv.images import from_pil, heatmap, to_pil
@@ -226,7 +226,7 @@ def create_app(
         def pictures_and_probability() -> tuple[list[Image.Image], Image.Image | None, float]:
             probability = concept.probability(extractor, images.to(server.reconstructor.device))
             # what the seeds disagree on: the per-pixel spread over them (what the map leaves open)
-            spread = to_pil(heatmap(sample_spread(images[:, None]), high=0.5)[0]) if len(images) > 1 else None
+            spread = to_pil(heatmap(sample_spread(images[:, None]), high=SPREAD_MAX)[0]) if len(images) > 1 else None
             return [to_pil(image) for image in images], spread, float(probability.mean())
 
         pictures, spread, probability = server.call(pictures_and_probability)
