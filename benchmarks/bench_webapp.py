@@ -8,6 +8,12 @@ sweep on the pooled one. Ratios are against the first backend listed. Writes JSO
 
     python benchmarks/bench_webapp.py --backends eager compiled --device cpu
     python benchmarks/bench_webapp.py --backends eager fast --device cuda      # on a GPU
+
+With ``--clients N``: N users at once instead (each its own page: client id, image, slider moves
+one after another), against ``featinv serve`` with and without cross-client batching, in one run:
+throughput (requests/s) and median / p90 latency per mode, and the ratio batched / unbatched.
+
+    python benchmarks/bench_webapp.py --clients 20 --moves 3 --device cpu
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -40,37 +47,86 @@ def _free_port() -> int:
 
 def measure(backend: str, device: str, strengths: list[float], extra: list[str]) -> dict:
     """Start ``featinv serve`` on ``backend``, time its start-up and a slider sweep on each model."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api/"
-    command = [sys.executable, "-m", "featinv.cli", "serve", "--port", str(port), "--device", device]
-    command += ["--backend", backend, *extra]
-    with tempfile.TemporaryFile("w+") as log:
+    with _serving(backend, device, extra) as (url, info, startup_s):
+        row = {"backend": backend, "device": device, "startup_s": startup_s}
+        image = _post(url + "example/0")["id"]
+        for mode in info["modes"]:
+            seconds = []
+            for strength in strengths:
+                begin = time.perf_counter()
+                result = _post(url + "reconstruct", {"id": image, "strength": strength, "mode": mode})
+                seconds.append(time.perf_counter() - begin)
+                assert len(result["images"]) == info["seeds"], result
+            row[mode] = {"median_s": statistics.median(seconds), "worst_s": max(seconds), "moves": len(seconds)}
+        return row
+
+
+def measure_clients(clients: int, device: str, strengths: list[float], extra: list[str], batching: bool) -> dict:
+    """``clients`` users at once, each moving its slider through ``strengths`` on its own image."""
+    flags = [] if batching else ["--no-batching"]
+    with _serving("eager", device, [*extra, *flags]) as (url, info, startup_s):
+        images = [_post(url + f"example/{k % info['examples']}")["id"] for k in range(clients)]
+        latencies: list[float] = []
+        lock = threading.Lock()
+
+        def user(k: int) -> None:
+            for strength in strengths:
+                begin = time.perf_counter()
+                result = _post(url + "reconstruct", {"id": images[k], "strength": strength, "client": f"user{k}"})
+                assert len(result["images"]) == info["seeds"], result
+                with lock:
+                    latencies.append(time.perf_counter() - begin)
+
+        threads = [threading.Thread(target=user, args=(k,)) for k in range(clients)]
+        begin = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - begin
+    ordered = sorted(latencies)
+    return {
+        "batching": batching,
+        "device": device,
+        "clients": clients,
+        "requests": len(latencies),
+        "requests_per_s": len(latencies) / wall,
+        "median_s": statistics.median(ordered),
+        "p90_s": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))],
+        "startup_s": startup_s,
+    }
+
+
+class _serving:
+    """``featinv serve`` in a process of its own: (API url, /api/info, start-up seconds) while open."""
+
+    def __init__(self, backend: str, device: str, extra: list[str]) -> None:
+        self.backend, self.device, self.extra = backend, device, extra
+
+    def __enter__(self) -> tuple[str, dict, float]:
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/api/"
+        command = [sys.executable, "-m", "featinv.cli", "serve", "--port", str(port), "--device", self.device]
+        command += ["--backend", self.backend, *self.extra]
+        self.log = tempfile.TemporaryFile("w+")
         started = time.perf_counter()
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            while True:
-                try:
-                    info = json.load(urllib.request.urlopen(url + "info", timeout=5))
-                    break
-                except OSError:
-                    if server.poll() is not None:
-                        log.seek(0)
-                        raise RuntimeError(f"featinv serve --backend {backend} ended:\n{log.read()[-2000:]}") from None
-                    time.sleep(0.1)
-            row = {"backend": backend, "device": device, "startup_s": time.perf_counter() - started}
-            image = _post(url + "example/0")["id"]
-            for mode in info["modes"]:
-                seconds = []
-                for strength in strengths:
-                    begin = time.perf_counter()
-                    result = _post(url + "reconstruct", {"id": image, "strength": strength, "mode": mode})
-                    seconds.append(time.perf_counter() - begin)
-                    assert len(result["images"]) == info["seeds"], result
-                row[mode] = {"median_s": statistics.median(seconds), "worst_s": max(seconds), "moves": len(seconds)}
-            return row
-        finally:
-            server.terminate()
-            server.wait(30)
+        self.server = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        while True:
+            try:
+                info = json.load(urllib.request.urlopen(url + "info", timeout=5))
+                return url, info, time.perf_counter() - started
+            except OSError:
+                if self.server.poll() is not None:
+                    self.log.seek(0)
+                    text = self.log.read()[-2000:]
+                    self.log.close()
+                    raise RuntimeError(f"featinv serve --backend {self.backend} ended:\n{text}") from None
+                time.sleep(0.1)
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.terminate()
+        self.server.wait(30)
+        self.log.close()
 
 
 def main() -> None:
@@ -79,9 +135,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--moves", type=int, default=11, help="slider positions per model (default 11)")
     parser.add_argument("--out", help="JSON file to write")
+    parser.add_argument("--clients", type=int, help="N users at once, with and without cross-client batching")
     parser.add_argument("serve_args", nargs="*", help="more arguments for featinv serve, after --")
     args = parser.parse_args()
     strengths = [round(-0.5 + 2.0 * i / max(args.moves - 1, 1), 3) for i in range(args.moves)]
+    if args.clients:
+        return main_clients(args, strengths)
     rows = []
     for backend in args.backends:
         try:
@@ -106,6 +165,24 @@ def main() -> None:
         )
     if args.out:
         Path(args.out).write_text(json.dumps({"strengths": strengths, "rows": rows}, indent=2) + "\n")
+
+
+def main_clients(args: argparse.Namespace, strengths: list[float]) -> None:
+    """The concurrent-clients mode: batched and unbatched serving side by side, one run."""
+    rows = [measure_clients(args.clients, args.device, strengths, args.serve_args, b) for b in (False, True)]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    unbatched, batched = rows
+    ratio = batched["requests_per_s"] / unbatched["requests_per_s"]
+    print(f"\n{args.clients} clients x {len(strengths)} moves on {args.device}")
+    print(f"{'mode':<10} {'requests/s':>11} {'median':>8} {'p90':>8}")
+    for row in rows:
+        name = "batched" if row["batching"] else "unbatched"
+        print(f"{name:<10} {row['requests_per_s']:>11.2f} {row['median_s']:>7.2f}s {row['p90_s']:>7.2f}s")
+    print(f"throughput batched / unbatched: {ratio:.2f}x")
+    if args.out:
+        result = {"clients": args.clients, "strengths": strengths, "rows": rows, "throughput_ratio": ratio}
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

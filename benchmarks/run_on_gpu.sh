@@ -11,6 +11,8 @@
 # 150 s: give the call room for it, e.g. BENCH_TIMEOUT=240). The machine has no FastAPI: carry its wheels
 # for Python 3.12 in .whl/web/ (pip download --only-binary=:all: --python-version 3.12 --platform
 # manylinux2014_x86_64 -d .whl/web fastapi uvicorn python-multipart, pinned as in .venv).
+# CLIENTS=N: afterwards (needs the same wheels), N users at once against featinv serve on the GPU, with and
+# without cross-client batching (bench_webapp.py --clients N; CLIENTS_TIMEOUT 150 s).
 # Timeouts: BENCH_TIMEOUT 380 s, TEST_TIMEOUT 120 s (with the build, a call of timeout_s 600 holds both).
 # Results go to $OUT (or ./gpu-out): run.log, bench_gpu.json, and the fine-tune's outputs.
 set -uo pipefail
@@ -53,6 +55,12 @@ if [ "${WEBAPP:-0}" = 1 ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-web .whl/web/*.whl
   PYTHONPATH=$PYTHONPATH:/tmp/site-web timeout "${WEBAPP_TIMEOUT:-150}" python3 benchmarks/bench_webapp.py --backends eager fast --device cuda \
     --out "$OUT/bench_webapp.json"
+fi
+if [ "${CLIENTS:-0}" != 0 ]; then
+  stamp "web app, $CLIENTS concurrent clients, batched vs unbatched"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site-web .whl/web/*.whl
+  PYTHONPATH=$PYTHONPATH:/tmp/site-web timeout "${CLIENTS_TIMEOUT:-150}" python3 benchmarks/bench_webapp.py \
+    --clients "$CLIENTS" --moves 3 --device cuda --out "$OUT/bench_webapp_clients.json"
 fi
 [ -n "$FT_PID" ] && wait "$WATCH_PID"
 stamp "done"

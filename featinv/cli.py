@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from featinv.errors import FeatInvError, require_positive_int
+from featinv.files import publish
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -50,6 +51,7 @@ def staged_output(out: str | Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         yield staging
+        publish(staging)  # mkdtemp made it 0700: outputs get the usual modes
         out.mkdir(parents=True, exist_ok=True)
         for item in staging.iterdir():
             item.replace(out / item.name)
@@ -137,18 +139,44 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(config, indent=2))
         return 0
     from featinv.features import FeatureSpec
+    from featinv.sampling.schedule import NoiseSchedule
 
-    spec = FeatureSpec.from_dict(config["feature_spec"])
+    where = f"{Path(args.model) / 'featinv.json'}"
+    spec = FeatureSpec.from_dict(config["feature_spec"], f"{where}: feature_spec")
+    NoiseSchedule.from_dict(config["noise_schedule"], f"{where}: noise_schedule")
     print(f"model folder:  {args.model}")
     print(f"features:      {spec.describe()}")
     print(f"classifier in: {spec.input_size}, mean {spec.mean}, std {spec.std}")
     if spec.model_kwargs:
         print(f"classifier kw: {spec.model_kwargs}")
     print(f"latent model:  {'yes (VAE)' if config.get('has_vae') else 'no (pixel space)'}")
+    image_size, latent_shape = _model_shapes(args.model, config)
+    print(f"image size:    {image_size}")
+    print(f"latent shape:  {latent_shape}")
+    base = config.get("base")
+    print(f"base:          {base['source'] + ' (referred to)' if isinstance(base, dict) else 'bundled in the folder'}")
     print(f"classifier:    {'stored' if config.get('has_classifier') else 'not stored (pass --classifier-weights)'}")
     print(f"prompt:        {config.get('prompt')!r}")
     print(f"schedule:      {config['noise_schedule']}")
     return 0
+
+
+def _model_shapes(folder: str, config: dict) -> tuple[str, str]:
+    """The output image size and the latent shape of a model folder, as text ("?" when unknown):
+    from featinv.json, or for folders written before it recorded them, from unet/ and vae/."""
+    if "image_size" in config and "latent_shape" in config:
+        return "x".join(map(str, config["image_size"])), "x".join(map(str, config["latent_shape"]))
+    try:
+        unet = json.loads((Path(folder) / "unet" / "config.json").read_text(encoding="utf-8"))
+        size = unet["sample_size"]
+        height, width = (size, size) if isinstance(size, int) else size
+        factor = 1
+        if config.get("has_vae"):
+            vae = json.loads((Path(folder) / "vae" / "config.json").read_text(encoding="utf-8"))
+            factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        return f"{height * factor}x{width * factor}", f"{unet['in_channels']}x{height}x{width}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "?", "?"
 
 
 def _read_features(path: str) -> torch.Tensor:
@@ -168,6 +196,12 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     if args.images is None and args.features is None:
         raise FeatInvError("give --images FILES... or --features FILE")
+    if args.model is None:
+        if args.method != "optimize" or args.classifier is None:
+            raise FeatInvError("give --model DIR, or --method optimize --classifier NAME (no FeatInv model needed)")
+        return cmd_optimize(args)
+    if args.classifier is not None:
+        raise FeatInvError("--classifier goes without --model (the model names its classifier)")
     from featinv.training.distributed import barrier, shard
 
     reconstructor = _reconstructor(args)
@@ -176,7 +210,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     if args.images:
         first, paths = shard(args.images)
         every_stem = _unique_stems(args.images)
-        originals, features = (load_images(paths, size) if paths else None), None
+        crop = reconstructor.spec.crop_pct  # the classifier's eval transform: shorter side, centre crop
+        originals, features = (load_images(paths, size, crop) if paths else None), None
     else:
         every = _read_features(args.features)
         first, paths = shard(range(len(every)))
@@ -192,12 +227,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
             raise FeatInvError(f"{args.model} stores no classifier: --method optimize needs --classifier-weights")
     for k in range(samples if stems else 0):
         seed = args.seed + k * len(every_stem)
-        if args.method == "optimize":
-            from featinv.analysis.optimize import OptimizeConfig
-            from featinv.analysis.studies import make_inverter
-
-            config = OptimizeConfig(steps=args.opt_steps)
-            runs.append(make_inverter(reconstructor, "optimize", seed=seed, optimize=config)(maps))
+        if args.method == "optimize":  # at the classifier's own input size, not the model's image size
+            runs.append(_optimize(reconstructor.extractor, maps, args, seed))
         else:
             result = reconstructor.reconstruct(
                 features=maps,
@@ -228,13 +259,69 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         if samples > 1:
             columns.append(load_images([Path(args.out) / names[stem][-1] for stem in shown], image_size))
         if args.images:
-            columns.insert(0, load_images(args.images[: len(shown)], size))
+            columns.insert(0, load_images(args.images[: len(shown)], size, reconstructor.spec.crop_pct))
         with staged_output(args.out) as staging:
             save_image(make_grid(columns, scale=max(1, 128 // columns[0].shape[-1])), staging / "grid.png")
         what = f"{len(every_stem)} reconstruction{'s' * (len(every_stem) != 1)}"
         if samples > 1:
             what += f", {samples} samples each, their spread maps (per-pixel std over the samples, 0 to 0.5)"
         print(f"wrote {what} and grid.png to {args.out}")
+    return 0
+
+
+def _optimize(extractor, maps: torch.Tensor, args: argparse.Namespace, seed: int) -> torch.Tensor:
+    """The optimisation baseline at the classifier's input size, with a progress bar; prints the
+    final feature cosine of the images it found."""
+    from featinv.analysis.metrics import feature_cosine
+    from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
+
+    steps = None if args.opt_steps is None else require_positive_int("--opt-steps", args.opt_steps)
+    config = OptimizeConfig.for_input(max(extractor.spec.input_size[1:]), steps)
+    images = invert_by_optimization(extractor, maps, config=config, seed=seed, progress=not args.quiet)
+    device = next(extractor.classifier.parameters()).device
+    with torch.no_grad():
+        cosine = feature_cosine(extractor(images.to(device)).float(), maps.to(device).float())
+    print(
+        f"optimised {len(images)} image(s) at {images.shape[-2]}x{images.shape[-1]} px: feature cosine "
+        + ", ".join(f"{float(c):.3f}" for c in cosine)
+    )
+    return images
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    """``reconstruct --method optimize --classifier NAME``: the optimisation baseline on any timm
+    classifier and layer, no FeatInv model: images are brought to the classifier's input by its own
+    eval transform, and optimised at that size."""
+    from featinv.features import FeatureExtractor
+    from featinv.images import load_images, make_grid, save_image
+    from featinv.pipeline import resolve_device
+
+    extractor = FeatureExtractor(
+        args.classifier,
+        _parse_layer(args.layer),
+        mode="pooled" if args.pooled else "spatial",
+        weights=args.classifier_weights,
+        input_size=(3, args.input_size, args.input_size) if args.input_size else None,
+    ).to(resolve_device(args.device))
+    size, samples = extractor.spec.input_size[1:], require_positive_int("--samples", args.samples)
+    if args.images:
+        stems = _unique_stems(args.images)
+        originals = load_images(args.images, size, extractor.spec.crop_pct)
+        with torch.no_grad():
+            maps = extractor(originals.to(next(extractor.parameters()).device)).cpu()
+    else:
+        maps = _read_features(args.features)
+        extractor.spec.check_features(maps, "--features")
+        stems, originals = [f"features_{i:03d}" for i in range(len(maps))], None
+    names = _sample_names(stems, samples)
+    runs = [_optimize(extractor, maps, args, args.seed + k * len(stems)) for k in range(samples)]
+    with staged_output(args.out) as staging:
+        for k, images in enumerate(runs):
+            for stem, image in zip(stems, images, strict=True):
+                save_image(image, staging / names[stem][k])
+        columns = ([originals[:16]] if originals is not None else []) + [images[:16] for images in runs]
+        save_image(make_grid(columns), staging / "grid.png")
+    print(f"wrote {len(stems)} optimisation inversion(s) of {extractor.spec.describe()} and grid.png to {args.out}")
     return 0
 
 
@@ -262,7 +349,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     extractor = required_extractor(model, args)
     from featinv.features import pool_and_tile
 
-    images = load_images(args.images, model.feature_spec.input_size[1:])
+    images = load_images(args.images, model.feature_spec.input_size[1:], model.feature_spec.crop_pct)
     with torch.no_grad():
         features = extractor(images)
     if args.pooled:
@@ -303,8 +390,15 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     if (args.preset is None) == (args.base is None):
         raise FeatInvError("give exactly one of --preset NAME or --base DIR_OR_HUB_ID")
-    if args.base is not None and not Path(args.base).is_dir() and args.base.startswith((".", "/", "~")):
-        raise FeatInvError(f"--base folder not found: {args.base}")
+    if args.base is not None:
+        from featinv.models.base import base_kind
+
+        base_kind(args.base)  # a folder or a hub id, before the classifier is built
+    elif args.prompt is not None or args.bundle:
+        raise FeatInvError("--prompt and --bundle apply to --base (a preset has no text encoder and no base folder)")
+    for flag in ("input_size", "image_size", "hint_channels"):
+        if getattr(args, flag) is not None:
+            require_positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
     try:
         model_kwargs = json.loads(args.classifier_kwargs) if args.classifier_kwargs else {}
     except json.JSONDecodeError as error:
@@ -315,16 +409,24 @@ def cmd_create(args: argparse.Namespace) -> int:
     extractor = FeatureExtractor(
         args.classifier,
         _parse_layer(args.layer),
+        mode="pooled" if args.pooled else "spatial",
         weights=args.classifier_weights,
         model_kwargs=model_kwargs,
         input_size=input_size,
     )
+    sizes = {k: getattr(args, k) for k in ("image_size", "hint_channels") if getattr(args, k) is not None}
     if args.preset is not None:
-        model = FeatInvModel.from_preset(args.preset, extractor, seed=args.seed)
+        model = FeatInvModel.from_preset(args.preset, extractor, seed=args.seed, **sizes)
     else:
-        model = FeatInvModel.from_base(args.base, extractor, seed=args.seed)
-    model.save_pretrained(args.out)
-    print(f"created {args.out}: {extractor.spec.describe()}")
+        prompt = {"prompt": args.prompt} if args.prompt is not None else {}
+        model = FeatInvModel.from_base(args.base, extractor, seed=args.seed, **prompt, **sizes)
+    model.save_pretrained(args.out, bundle=args.bundle)
+    height, width = model.image_size
+    where = f"refers to its base {model.base}" if model.base is not None and not args.bundle else "self-contained"
+    print(
+        f"created {args.out}: {extractor.spec.describe()}; images {height}x{width}, latents "
+        f"{'x'.join(map(str, model.latent_shape))}; {where}"
+    )
     return 0
 
 
@@ -357,7 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     rec = commands.add_parser("reconstruct", help="reconstruct images from feature maps")
-    add_model_args(rec)
+    rec.add_argument("--model", help="FeatInv model folder (not needed with --method optimize --classifier NAME)")
+    rec.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
+    rec.add_argument("--classifier", help="with --method optimize and no --model: a timm model name")
+    rec.add_argument("--layer", help="with --classifier: forward_features (default), a feature_info index or a module")
+    rec.add_argument("--input-size", type=int, help="with --classifier: its input side in pixels (default: its own)")
     rec.add_argument("--images", nargs="+", help="image files whose feature maps to invert")
     rec.add_argument("--features", help="a safetensors file with a 'features' tensor (B, C, h, w)")
     rec.add_argument("--out", required=True, help="output folder (one PNG per input and grid.png)")
@@ -384,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="featinv",
         help="featinv (diffusion) or optimize (the Mahendran-Vedaldi baseline, no training needed)",
     )
-    rec.add_argument("--opt-steps", type=int, default=300, help="with --method optimize: gradient steps")
+    rec.add_argument("--opt-steps", type=int, help="with --method optimize: Adam steps (default 300; 800 above 160 px)")
     rec.add_argument(
         "--backend",
         choices=["eager", "compiled", "fast", "onnx", "tensorrt"],
@@ -403,6 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--classifier-weights", help="local classifier weights (safetensors or .pth)")
     create.add_argument("--classifier-kwargs", help="JSON of extra timm.create_model arguments")
     create.add_argument("--input-size", type=int, help="classifier input side in pixels (default: the model's)")
+    create.add_argument("--pooled", action="store_true", help="a model of pooled maps (the paper's baseline)")
+    create.add_argument("--prompt", help="with --base: the fixed prompt its text encoder encodes once")
+    create.add_argument(
+        "--image-size", type=int, help="training and output resolution in pixels (default: the base's; SD1.5: try 256)"
+    )
+    create.add_argument(
+        "--hint-channels", type=int, help="hidden width of the hint encoder (default: 512, presets own)"
+    )
+    create.add_argument(
+        "--bundle", action="store_true", help="with --base: copy the base's UNet and VAE into the folder (offline use)"
+    )
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--out", required=True, help="output model folder")
     create.set_defaults(func=cmd_create)

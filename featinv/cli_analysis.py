@@ -52,7 +52,7 @@ def _analysis_images(args: argparse.Namespace, reconstructor, *, same_size: bool
                     raise FeatInvError(f"{path} is not a readable image ({error})") from error
             if len(sizes) > 1:
                 raise FeatInvError(f"--images must all have the same size, got {sorted(sizes)}")
-        return load_images(args.images, size)
+        return load_images(args.images, size, reconstructor.spec.crop_pct)
     from featinv.demo import DEMO_SEED
     from featinv.training.shapes import generate_shapes
 
@@ -124,7 +124,9 @@ def cmd_steer(args: argparse.Namespace) -> int:
             )
             if not files:
                 raise FeatInvError(f"{flag} {folder} holds no images (.png, .jpg, ...)")
-            examples[flag] = reconstructor.features(load_images(files, reconstructor.spec.input_size[1:]))
+            examples[flag] = reconstructor.features(
+                load_images(files, reconstructor.spec.input_size[1:], reconstructor.spec.crop_pct)
+            )
         concept = concept_activation_vector(
             examples["--concept-dir"], examples["--others-dir"], name=Path(args.concept_dir).name
         )
@@ -258,6 +260,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(text_table(rows))
     for line in data["verdicts"]:
         print(line)
+    classifier_size = tuple(spatial.spec.input_size[1:])
+    if tuple(size) != classifier_size:
+        print(
+            f"note: every method, the optimisation baseline included, is compared at the model's image size "
+            f"{size[0]}x{size[1]}, not the classifier's input {classifier_size[0]}x{classifier_size[1]} "
+            "(reconstruct --method optimize runs at the classifier's)"
+        )
     print(f"wrote grid.png, metrics.png, metrics.json and report.html to {args.out}")
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from featinv.cli import add_twin_encoder_arg, fast_options_from_args
-from featinv.errors import FeatInvError
+from featinv.errors import FeatInvError, require_positive_int
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -16,7 +16,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from featinv.web.app import serve
     except ImportError as error:
         raise FeatInvError(f"featinv serve needs the web extra: pip install 'featinv[web]' ({error})") from error
-    for flag, folder in (("--model", args.model), ("--pooled-model", args.pooled_model)):
+    for flag, folder in (("--model", args.model), ("--pooled-model", args.pooled_model), ("--examples", args.examples)):
         if folder is not None and not Path(folder).is_dir():
             raise FeatInvError(f"{flag} folder not found: {folder}")
     _check_listen_address(args.host, args.port)
@@ -30,6 +30,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         fast_options=fast_options,
         pooled_model_dir=args.pooled_model,
+        examples=args.examples,
+        api_docs=args.api_docs,
+        max_images=require_positive_int("--max-images", args.max_images),
+        batching=not args.no_batching,
     )
     return 0
 
@@ -57,6 +61,14 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--model", help="FeatInv model folder (default: the shipped demo models, spatial and pooled)")
     serve.add_argument(
         "--pooled-model", help="a model of the same classifier trained on pooled maps: the page offers a switch"
+    )
+    serve.add_argument("--examples", help="a folder of images for the page's example picker (e.g. ImageNet layout)")
+    serve.add_argument("--api-docs", action="store_true", help="also serve FastAPI's /docs and /openapi.json")
+    serve.add_argument(
+        "--max-images", type=int, default=256, help="uploaded images whose feature maps the server keeps (LRU)"
+    )
+    serve.add_argument(
+        "--no-batching", action="store_true", help="one request at a time (default: queued clients share a batch)"
     )
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)

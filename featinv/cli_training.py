@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from featinv.cli import Parser, add_model_args, load_model, required_extractor
-from featinv.errors import FeatInvError
+from featinv.errors import FeatInvError, require_positive_int, require_seed
 
 
 def _stream(data: str, size: int, *, pool: int, seed: int, augment: bool):
@@ -37,14 +37,25 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if (args.preset is None) == (args.model is None):
         raise FeatInvError("give exactly one of --preset shapes-demo or --model DIR")
-    common = {"checkpoint_every": args.checkpoint_every, "grad_accum": args.grad_accum, "ema_decay": args.ema}
+    if args.time_budget is not None and not args.time_budget >= 0:  # 0: stop after the first step
+        raise FeatInvError(f"--time-budget must be a number of seconds >= 0, got {args.time_budget}")
+    require_seed("--seed", args.seed)
+    common = {
+        "checkpoint_every": args.checkpoint_every,
+        "grad_accum": args.grad_accum,
+        "ema_decay": args.ema,
+        "mixed_precision": args.mixed_precision,
+    }
     if args.preset is not None:
         from featinv.training.demo_preset import train_shapes_demo
 
         if args.preset != "shapes-demo":
             raise FeatInvError(f"--preset must be shapes-demo, got {args.preset!r}")
-        if args.consistency_weight is not None:
-            raise FeatInvError("--consistency-weight applies to --model training (a fine-tune), not to --preset")
+        for flag in ("consistency_weight", "validate_every", "validation_images"):
+            if getattr(args, flag):
+                raise FeatInvError(f"--{flag.replace('_', '-')} applies to --model training, not to --preset")
+        if args.gradient_checkpointing:
+            raise FeatInvError("--gradient-checkpointing applies to --model training, not to --preset")
         train_shapes_demo(
             args.out,
             device=args.device,
@@ -76,6 +87,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         else Consistency(extractor, weight=args.consistency_weight, max_timestep=args.consistency_max_t)
     )
     out = Path(args.out)
+    after_step = None
+    if args.validate_every:
+        from featinv.training.validation import Validation, validation_images
+
+        images, origin = validation_images(stream, model.image_size[0], args.validation_images)
+        after_step = Validation(
+            model,
+            extractor,
+            images,
+            out / "validation",
+            every=args.validate_every,
+            final_step=args.steps,
+            steps=args.validation_steps,
+            is_main=accelerator.is_main_process,
+        )
+        if accelerator.is_main_process:
+            print(f"validation: {origin} every {args.validate_every} steps into {out / 'validation'}")
     result = train_controlnet(
         model,
         features,
@@ -86,6 +114,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_dir=out / "checkpoints",
         log_path=out / "train_log.jsonl",
         resume=args.resume,
+        gradient_checkpointing=args.gradient_checkpointing,
+        after_step=after_step,
     )
     if accelerator.is_main_process:
         model.to("cpu").save_pretrained(out / "model")
@@ -100,6 +130,7 @@ def cmd_features_cache(args: argparse.Namespace) -> int:
     from featinv.pipeline import resolve_device
     from featinv.training.feature_cache import build_cache
 
+    require_positive_int("--batch-size", args.batch_size)
     model, extractor = _model_and_extractor(args, resolve_device(args.device))
     stream = _stream(args.data, model.image_size[0], pool=args.pool, seed=args.seed, augment=False)
     path = build_cache(extractor, stream, args.out, batch_size=args.batch_size, dtype=args.dtype)
@@ -146,6 +177,25 @@ def add_training_commands(commands) -> None:
     train.add_argument(
         "--consistency-max-t", type=int, default=400, help="with --consistency-weight: only timesteps below this"
     )
+    train.add_argument(
+        "--mixed-precision",
+        choices=["auto", "no", "fp16", "bf16"],
+        default="auto",
+        help="autocast of the forward pass (accelerate's choices; fp16 with a gradient scaler); auto: bf16 on CUDA, "
+        "none on a CPU",
+    )
+    train.add_argument(
+        "--gradient-checkpointing", action="store_true", help="with --model: recompute activations (less memory)"
+    )
+    train.add_argument(
+        "--validate-every", type=int, default=0, help="with --model: reconstruct validation images every N steps"
+    )
+    train.add_argument(
+        "--validation-images",
+        nargs="+",
+        help="with --validate-every: image files (default: held-out shapes images, or images of --data)",
+    )
+    train.add_argument("--validation-steps", type=int, default=20, help="sampler steps of the validation pictures")
     train.set_defaults(func=cmd_train)
 
     features = commands.add_parser("features", help="feature-map utilities")

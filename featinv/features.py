@@ -15,7 +15,7 @@ pass on a dummy input, never from constants.
 from __future__ import annotations
 
 import difflib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,15 @@ from featinv.weights import load_state_dict
 
 FORWARD_FEATURES = "forward_features"
 MODES = ("spatial", "pooled")
+MAX_INPUT_SIDE = 4096  # a classifier input side in pixels; more would make the probe pass allocate GBs
+MAX_FEATURE_SIDE = 4096
+MAX_CHANNELS = 1 << 16
+
+
+def _is_number(value: Any) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,8 @@ class FeatureSpec:
         input_size: the classifier's input (3, H, W).
         mean, std: the classifier's input normalisation.
         model_kwargs: keyword arguments given to ``timm.create_model``.
+        crop_pct: the classifier's eval crop (timm's ``crop_pct``): image files are resized to
+            cover ``input_size / crop_pct`` and centre-cropped (1.0 for folders written before).
     """
 
     model: str
@@ -55,6 +66,7 @@ class FeatureSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    crop_pct: float = 1.0
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -69,11 +81,54 @@ class FeatureSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
-        data = dict(data)
+    def from_dict(cls, data: Any, where: str = "feature_spec") -> FeatureSpec:
+        """A spec from its stored dict, every field checked (type, range, shape): a FeatInvError
+        naming ``where``, the field, its value and what was expected."""
+        if not isinstance(data, dict):
+            raise FeatInvError(f"{where} must be an object, got {type(data).__name__}")
+        names = {f.name for f in fields(cls)}
+        required = names - {"model_kwargs", "crop_pct"}
+        if missing := sorted(required - set(data)):
+            raise FeatInvError(f"{where} lacks {', '.join(missing)}")
+        if extra := sorted(set(data) - names):
+            raise FeatInvError(f"{where} has unknown fields {', '.join(extra)} (expected {', '.join(sorted(names))})")
+
+        def bad(field_name: str, expected: str) -> FeatInvError:
+            return FeatInvError(f"{where}: {field_name} must be {expected}, got {data[field_name]!r}")
+
+        def is_int(value: Any, low: int, high: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+        if not isinstance(data["model"], str) or not data["model"]:
+            raise bad("model", "a timm model name")
+        layer = data["layer"]
+        if not (isinstance(layer, str) and layer) and not is_int(layer, -1000, 1000):
+            raise bad("layer", "forward_features, a feature_info index or a module path")
+        if data["mode"] not in MODES:
+            raise bad("mode", f"one of {', '.join(MODES)}")
+        for name in ("channels", "height", "width"):
+            if not is_int(data[name], 1, MAX_FEATURE_SIDE if name != "channels" else MAX_CHANNELS):
+                raise bad(name, f"an integer in [1, {MAX_FEATURE_SIDE if name != 'channels' else MAX_CHANNELS}]")
+        size = data["input_size"]
+        if not (isinstance(size, (list, tuple)) and len(size) == 3 and size[0] == 3):
+            raise bad("input_size", "[3, H, W]")
+        if not all(is_int(v, 1, MAX_INPUT_SIDE) for v in size[1:]):
+            raise bad("input_size", f"[3, H, W] with H and W in [1, {MAX_INPUT_SIDE}] pixels")
+        for name in ("mean", "std"):
+            values = data[name]
+            if not (isinstance(values, (list, tuple)) and len(values) == 3 and all(_is_number(v) for v in values)):
+                raise bad(name, "three numbers")
+        if not all(v > 0 for v in data["std"]):
+            raise bad("std", "three numbers > 0")
+        if not isinstance(data.get("model_kwargs", {}), dict):
+            raise bad("model_kwargs", "an object of timm.create_model arguments")
+        crop = data.get("crop_pct", 1.0)
+        if not (_is_number(crop) and 0 < crop <= 1):
+            raise bad("crop_pct", "a number in (0, 1]")
+        values = dict(data)
         for key in ("input_size", "mean", "std"):
-            data[key] = tuple(data[key])
-        return cls(**data)
+            values[key] = tuple(values[key])
+        return cls(**values)
 
     def same_source(self, other: FeatureSpec) -> bool:
         """Whether both specs describe the same classifier and layer (mode may differ)."""
@@ -220,8 +275,8 @@ class FeatureExtractor(nn.Module):
             else:
                 input_size = tuple(data_config["input_size"])
         input_size = tuple(int(v) for v in input_size)
-        if len(input_size) != 3 or input_size[0] != 3 or min(input_size) < 1:
-            raise FeatInvError(f"input_size must be (3, H, W) with H, W >= 1, got {input_size}")
+        if len(input_size) != 3 or input_size[0] != 3 or min(input_size) < 1 or max(input_size) > MAX_INPUT_SIDE:
+            raise FeatInvError(f"input_size must be (3, H, W) with H, W in [1, {MAX_INPUT_SIDE}], got {input_size}")
         self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1), persistent=False)
 
@@ -238,12 +293,13 @@ class FeatureExtractor(nn.Module):
             mean=tuple(float(v) for v in data_config["mean"]),
             std=tuple(float(v) for v in data_config["std"]),
             model_kwargs=model_kwargs,
+            crop_pct=float(data_config.get("crop_pct", 1.0)),
         )
 
     @classmethod
     def from_spec(cls, spec: FeatureSpec, *, weights: str | Path | None = None) -> FeatureExtractor:
         """Rebuild the extractor a spec describes (random weights unless ``weights`` is given)."""
-        return cls(
+        extractor = cls(
             spec.model,
             spec.layer,
             mode=spec.mode,
@@ -251,6 +307,8 @@ class FeatureExtractor(nn.Module):
             model_kwargs=spec.model_kwargs,
             input_size=spec.input_size,
         )
+        extractor.spec = replace(extractor.spec, crop_pct=spec.crop_pct)  # the eval crop the model was made with
+        return extractor
 
     def load_classifier_weights(self, weights: str | Path | dict[str, torch.Tensor]) -> None:
         """Load a state dict (a path or a dict) into the classifier, strictly."""

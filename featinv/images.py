@@ -14,8 +14,25 @@ from featinv.errors import FeatInvError
 MAX_PIXELS = 64_000_000
 
 
-def load_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """One image file -> (3, H, W) in [0, 1], resized to ``size`` (H, W) if given."""
+def resize_and_crop(image: Image.Image, size: tuple[int, int], crop_pct: float = 1.0) -> Image.Image:
+    """A classifier's eval transform (timm's: resize the shorter side, then centre-crop) to ``size``
+    (H, W): scaled (bicubic) so that it covers ``size / crop_pct``, then the centre ``size`` cut out.
+    A photo of another aspect ratio is cropped, never stretched."""
+    height, width = int(size[0]), int(size[1])
+    if not 0.0 < crop_pct <= 1.0:
+        raise FeatInvError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    if (image.height, image.width) == (height, width):
+        return image
+    scale = max(height / image.height, width / image.width) / crop_pct
+    scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+    image = image.resize(scaled, Image.Resampling.BICUBIC)
+    left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def load_image(path: str | Path, size: tuple[int, int] | None = None, crop_pct: float = 1.0) -> torch.Tensor:
+    """One image file -> (3, H, W) in [0, 1], brought to ``size`` (H, W) if given by
+    :func:`resize_and_crop` (``crop_pct``: the classifier's, e.g. ``FeatureSpec.crop_pct``)."""
     path = Path(path)
     if not path.is_file():
         raise FeatInvError(f"image file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
@@ -24,8 +41,8 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> torch.T
             if image.width * image.height > MAX_PIXELS:
                 raise FeatInvError(f"{path} is {image.width}x{image.height}, larger than {MAX_PIXELS} pixels")
             image = image.convert("RGB")
-            if size is not None and (image.height, image.width) != tuple(size):
-                image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            if size is not None:
+                image = resize_and_crop(image, size, crop_pct)
             return from_pil(image)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise FeatInvError(f"{path} is not a readable image ({type(error).__name__})") from error
@@ -39,11 +56,11 @@ def from_pil(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
-def load_images(paths: Sequence[str | Path], size: tuple[int, int]) -> torch.Tensor:
-    """Image files -> (B, 3, H, W) in [0, 1], each resized to ``size``."""
+def load_images(paths: Sequence[str | Path], size: tuple[int, int], crop_pct: float = 1.0) -> torch.Tensor:
+    """Image files -> (B, 3, H, W) in [0, 1], each brought to ``size`` by :func:`resize_and_crop`."""
     if not paths:
         raise FeatInvError("no image files given")
-    return torch.stack([load_image(p, size) for p in paths])
+    return torch.stack([load_image(p, size, crop_pct) for p in paths])
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:

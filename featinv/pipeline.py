@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from featinv.engine import make_denoiser
-from featinv.errors import FeatInvError, require_positive_int
+from featinv.errors import FeatInvError, require_positive_int, require_seed
 from featinv.features import FeatureExtractor, check_images, pool_and_tile
 from featinv.models.featinv_model import FeatInvModel
 from featinv.sampling import SAMPLERS, classifier_free_guidance
@@ -218,10 +218,26 @@ class Reconstructor:
         finally:
             bar.close()
         samples = torch.cat(outputs)
+        self._check_finite(samples, features, "the sampled latents")
         images_out = torch.cat([self.model.decode(s.to(self.model.unet.dtype)) for s in samples.split(batch_size)])
+        self._check_finite(images_out, features, "the decoded images")
         return Reconstruction(images=images_out.float().cpu(), features=features.cpu(), samples=samples.cpu())
 
     # ----- helpers ----------------------------------------------------------------------------
+    def _check_finite(self, values: torch.Tensor, features: torch.Tensor, what: str) -> None:
+        """Never hand back NaN (which the [0, 1] clamp would turn into black) without saying so."""
+        if bool(torch.isfinite(values).all()):
+            return
+        dtype = self.model.unet.dtype
+        largest = float(features.abs().max())
+        causes = []
+        if dtype != torch.float32:
+            causes.append(f"the denoiser overflowed in {str(dtype).removeprefix('torch.')} (try dtype float32)")
+        if largest > 1e4:
+            causes.append(f"the feature maps are extreme (largest |value| {largest:.3g})")
+        causes.append("the model's contexts or weights are corrupt")
+        raise FeatInvError(f"{what} hold NaN or Inf values, so no image is returned: likely " + ", or ".join(causes))
+
     def _input_features(self, images: torch.Tensor | None, features: torch.Tensor | None, pooled: bool) -> torch.Tensor:
         if (images is None) == (features is None):
             raise FeatInvError("pass exactly one of images or features")
@@ -245,10 +261,9 @@ class Reconstructor:
         n: int, seed: int, first_index: int, generator: torch.Generator | Sequence[torch.Generator] | None
     ) -> torch.Generator | list[torch.Generator]:
         if generator is None:
-            if not isinstance(seed, int) or seed < 0:
-                raise FeatInvError(f"seed must be a non-negative integer, got {seed!r}")
-            if not isinstance(first_index, int) or first_index < 0:
+            if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
                 raise FeatInvError(f"first_index must be a non-negative integer, got {first_index!r}")
+            require_seed("seed", seed, first_index + n)
             return [torch.Generator().manual_seed(seed + first_index + i) for i in range(n)]
         if isinstance(generator, torch.Generator):
             return generator

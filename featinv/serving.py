@@ -10,14 +10,16 @@ thread, one at a time on the device, with previews every k steps and cancellatio
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
-from featinv.errors import FeatInvError, require_positive_int
+from featinv.errors import FeatInvError, require_positive_int, require_seed
 from featinv.models.featinv_model import FeatInvModel
 from featinv.pipeline import DEFAULT_GUIDANCE, Reconstructor, resolve_device
 
@@ -54,9 +56,28 @@ class Request:
         return self._future.result(timeout)
 
 
+@dataclass
+class _Job:
+    """A queued request and what it asked for."""
+
+    request: Request
+    images: torch.Tensor | None
+    features: torch.Tensor | None
+    seed: int
+    preview_every: int
+    on_preview: Preview | None
+    maps: torch.Tensor | None = None
+
+    def rows(self) -> int:
+        given = self.features if self.features is not None else self.images
+        return len(given) if isinstance(given, torch.Tensor) and given.ndim >= 1 else 1
+
+
 class RealtimeReconstructor:
     """Serve reconstructions with bounded latency: fixed steps and sampler, warmed up at creation,
-    requests run one at a time in submission order on a worker thread.
+    requests run in submission order on a worker thread: with ``batching`` (the default), the
+    requests queued while one runs go together as one denoiser batch (up to ``max_batch_rows``
+    images), each with the pictures it would get alone; cancelled ones are dropped.
 
     All of the server's tensor work (loading ``model`` when it is a folder, warm-up, requests, and
     whatever callers pass to :meth:`call`) runs on that one thread; a server of another model in the
@@ -80,8 +101,13 @@ class RealtimeReconstructor:
         warmup_batch: int = 1,
         fast_options: dict[str, Any] | None = None,
         share_thread_with: RealtimeReconstructor | None = None,
+        batching: bool = True,
+        max_batch_rows: int = 64,
     ) -> None:
         require_positive_int("warmup_batch", warmup_batch)
+        self.batching, self.max_batch_rows = batching, require_positive_int("max_batch_rows", max_batch_rows)
+        self._pending: deque[_Job] = deque()
+        self._pending_lock = threading.Lock()
         if share_thread_with is not None and not isinstance(share_thread_with, RealtimeReconstructor):
             raise FeatInvError(
                 f"share_thread_with must be a RealtimeReconstructor, got {type(share_thread_with).__name__}"
@@ -93,8 +119,9 @@ class RealtimeReconstructor:
         self._owns_worker = share_thread_with is None
         if self._owns_worker:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featinv-serve")
+            self._urgent: deque[tuple[Future, Callable[[], Any]]] = deque()
         else:
-            self._worker = share_thread_with._worker
+            self._worker, self._urgent = share_thread_with._worker, share_thread_with._urgent
         try:
             self.reconstructor = self.call(self._build, model, device, backend, fast_options, warmup_batch)
         except BaseException:
@@ -136,10 +163,31 @@ class RealtimeReconstructor:
     def spec(self):
         return self.reconstructor.spec
 
-    def call(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def call(self, function: Callable[..., T], *args: Any, urgent: bool = False, **kwargs: Any) -> T:
         """``function(*args, **kwargs)`` run on the serving thread, after the work queued before it;
-        returns its result or raises its exception. For a caller's own tensor work (see the class)."""
-        return self._worker.submit(function, *args, **kwargs).result()
+        returns its result or raises its exception. For a caller's own tensor work (see the class).
+
+        ``urgent``: run it before the queued work instead, between two denoiser steps of the
+        reconstruction running now (for short work a user waits on, e.g. an upload's feature maps:
+        it then waits one step, not every queued request)."""
+        if not urgent:
+            return self._worker.submit(function, *args, **kwargs).result()
+        future: Future[T] = Future()
+        self._urgent.append((future, lambda: function(*args, **kwargs)))
+        self._worker.submit(self._run_urgent)  # when no reconstruction is running to pick it up
+        return future.result()
+
+    def _run_urgent(self) -> None:
+        """Run the urgent calls waiting (on the serving thread); each delivers to its own caller."""
+        while True:
+            try:
+                future, job = self._urgent.popleft()
+            except IndexError:
+                return
+            try:
+                future.set_result(job())
+            except BaseException as error:  # the caller's error, never the reconstruction's
+                future.set_exception(error)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Feature maps (B, C, h, w) of images (B, 3, H, W), computed on the serving thread."""
@@ -154,55 +202,100 @@ class RealtimeReconstructor:
         preview_every: int = 0,
         on_preview: Preview | None = None,
     ) -> Request:
-        """Queue a reconstruction of ``images`` (or of ``features``); returns at once."""
+        """Queue a reconstruction of ``images`` (or of ``features``); returns at once. Image i is
+        seeded ``seed + i``; with ``batching``, requests queued together run as one denoiser batch
+        and each gets the pictures it would get alone."""
         if preview_every < 0:
             raise FeatInvError(f"preview_every must be >= 0, got {preview_every}")
         request = Request()
-
-        def run() -> None:
-            if request.cancelled:
-                request._future.set_exception(RequestCancelled("cancelled before it started"))
-                return
-            try:
-                images_out = self._run(request, images, features, seed, preview_every, on_preview)
-            except RequestCancelled as error:
-                request._future.set_exception(error)
-            except Exception as error:  # delivered to the caller, the server keeps serving
-                request._future.set_exception(error)
-            else:
-                request._future.set_result(images_out)
-
-        self._worker.submit(run)
+        with self._pending_lock:
+            self._pending.append(_Job(request, images, features, seed, preview_every, on_preview))
+        self._worker.submit(self._serve_pending)
         return request
 
-    def _run(
-        self,
-        request: Request,
-        images: torch.Tensor | None,
-        features: torch.Tensor | None,
-        seed: int,
-        preview_every: int,
-        on_preview: Preview | None,
-    ) -> torch.Tensor:
+    def _take_pending(self) -> list[_Job]:
+        """The next job, and with ``batching`` the jobs queued behind it, up to ``max_batch_rows``."""
+        taken: list[_Job] = []
+        rows = 0
+        with self._pending_lock:
+            while self._pending and (not taken or self.batching):
+                job = self._pending[0]
+                size = job.rows()
+                if taken and rows + size > self.max_batch_rows:
+                    break
+                taken.append(self._pending.popleft())
+                rows += size
+        return taken
+
+    def _serve_pending(self) -> None:
+        """Run what is queued (on the serving thread): one request, or several as one batch."""
+        live = []
+        for job in self._take_pending():
+            if job.request.cancelled:
+                job.request._future.set_exception(RequestCancelled("cancelled before it started"))
+                continue
+            try:  # each request's own input errors are its own
+                job.maps = self._maps(job)
+            except Exception as error:
+                job.request._future.set_exception(error)
+                continue
+            live.append(job)
+        if not live:
+            return
+        try:
+            images_out = self._run(live)
+        except Exception as error:  # delivered to the callers (RequestCancelled too), the server keeps serving
+            for job in live:
+                job.request._future.set_exception(error)
+            return
+        start = 0
+        for job in live:
+            rows = len(job.maps)
+            if job.request.cancelled:
+                job.request._future.set_exception(RequestCancelled("cancelled while its batch ran"))
+            else:
+                job.request._future.set_result(images_out[start : start + rows])
+            start += rows
+
+    def _maps(self, job: _Job) -> torch.Tensor:
+        if (job.images is None) == (job.features is None):
+            raise FeatInvError("pass exactly one of images or features")
+        if job.features is not None:
+            self.spec.check_features(job.features)
+            return job.features.to(self.reconstructor.device, torch.float32)
+        return self.reconstructor.features(job.images)
+
+    def _run(self, jobs: list[_Job]) -> torch.Tensor:
         model = self.reconstructor.model
+        maps = torch.cat([job.maps for job in jobs])
+        generators = []
+        for job in jobs:  # row i of a request is seeded seed + i, as if it ran alone
+            require_seed("seed", job.seed, len(job.maps))
+            generators += [torch.Generator().manual_seed(job.seed + i) for i in range(len(job.maps))]
+        offsets = [0]
+        for job in jobs:
+            offsets.append(offsets[-1] + len(job.maps))
 
         def on_step(info: dict[str, Any]) -> None:
-            request.steps_run = info["i"] + 1
-            if request.cancelled:
-                raise RequestCancelled(f"cancelled after {request.steps_run} of {self.steps} steps")
-            if on_preview is not None and preview_every and (info["i"] + 1) % preview_every == 0:
-                with torch.no_grad():
-                    preview = model.decode(info["denoised"].to(model.unet.dtype)).float().cpu()
-                on_preview(info["i"], preview)
+            self._run_urgent()  # uploads and the like do not wait for the whole queue
+            for job in jobs:
+                job.request.steps_run = info["i"] + 1
+            if all(job.request.cancelled for job in jobs):
+                raise RequestCancelled(f"cancelled after {info['i'] + 1} of {self.steps} steps")
+            for k, job in enumerate(jobs):
+                if job.on_preview is not None and job.preview_every and (info["i"] + 1) % job.preview_every == 0:
+                    rows = info["denoised"][offsets[k] : offsets[k + 1]]
+                    with torch.no_grad():
+                        preview = model.decode(rows.to(model.unet.dtype)).float().cpu()
+                    job.on_preview(info["i"], preview)
 
         result = self.reconstructor.reconstruct(
-            images,
-            features=features,
+            features=maps,
             steps=self.steps,
             sampler=self.sampler,
             guidance_scale=self.guidance_scale,
-            seed=seed,
-            batch_size=64,
+            generator=generators,
+            batch_size=max(len(maps), 1),
             progress=False,
             callback=on_step,
         )
@@ -213,3 +306,5 @@ class RealtimeReconstructor:
         dropped); a server sharing another's thread leaves it running."""
         if self._owns_worker:
             self._worker.shutdown(wait=True, cancel_futures=True)
+            while self._urgent:  # calls the cancelled queue will not reach
+                self._urgent.popleft()[0].set_exception(FeatInvError("the server was closed"))

@@ -12,6 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from featinv.errors import FeatInvError
+from featinv.files import publish
 
 
 def load_state_dict(path: str | Path, *, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -51,6 +52,7 @@ def save_state_dict_atomic(
     os.close(handle)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, temp_name, metadata=metadata)
+        publish(temp_name)  # mkstemp made it 0600
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

@@ -27,3 +27,17 @@ def test_the_smoke_run_times_both_models_and_records_a_failed_backend(tmp_path):
         assert eager[mode]["moves"] == 2 and 0 < eager[mode]["median_s"] <= eager[mode]["worst_s"]
     assert failed["backend"] == "tensorrt" and "invalid choice: 'tensorrt'" in failed["error"]
     assert "tensorrt   failed" in run.stdout
+
+
+def test_the_concurrent_clients_mode_reports_both_modes_side_by_side(tmp_path):
+    out = tmp_path / "clients.json"
+    command = [sys.executable, str(SCRIPT), "--clients", "3", "--moves", "1", "--device", "cpu", "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(out.read_text())
+    unbatched, batched = results["rows"]
+    assert (unbatched["batching"], batched["batching"]) == (False, True)
+    for row in results["rows"]:
+        assert row["requests"] == 3 and 0 < row["median_s"] <= row["p90_s"] and row["requests_per_s"] > 0
+    assert results["throughput_ratio"] == batched["requests_per_s"] / unbatched["requests_per_s"]
+    assert "throughput batched / unbatched" in run.stdout

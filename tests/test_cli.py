@@ -171,7 +171,7 @@ def features_file(tmp_path, tensor):
         ("nan", "contains NaN or Inf"),
         ("not-an-image", "is not a readable image"),
         ("bad-option", "argument --steps: invalid int value"),
-        ("bad-steps", "steps must be an integer in [1, 1000]"),
+        ("bad-steps", "steps must be an integer in [1, 999]"),
     ],
 )
 def test_reconstruct_bad_input(capsys, case, pattern, model_dir, image_files, tmp_path):

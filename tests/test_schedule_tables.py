@@ -87,9 +87,17 @@ def test_ddim_coefficients_reproduce_the_diffusers_step(impl):
 
 
 def test_timesteps_outside_the_training_range_are_rejected():
-    # leading spacing with steps_offset=1 and 1000 steps reaches t=1000, past the last trained step.
-    with pytest.raises(FeatInvError, match="timestep 1000 is outside"):
+    # leading spacing with steps_offset=1 and 1000 steps reaches t=1000, past the last trained step:
+    # the tables refuse it, and the schedule's own range check (what --steps is told) stops before.
+    tables = schedule_tables()
+    steps = list(tables.ddim_timesteps(1000, 1000, "leading", 1))
+    alphas = NoiseSchedule(**SD).alphas_cumprod()
+    with pytest.raises(ValueError, match="timestep 1000 is outside"):
+        tables.ddim_coefficients(alphas, steps, 1000, False, 0.0)
+    with pytest.raises(FeatInvError, match=r"steps must be an integer in \[1, 999\], got 1000"):
         NoiseSchedule(**SD).ddim(1000)
+    NoiseSchedule(**SD).ddim(999)
+    NoiseSchedule(**SD).dpmpp_2m(999)
 
 
 def test_bad_arguments_are_rejected():

@@ -35,8 +35,53 @@ def test_requests_from_several_threads_equal_sequential_runs(server, tiny_model,
         thread.start()
     for thread in threads:
         thread.join()
-    for i in range(3):
-        torch.testing.assert_close(results[i], expected[i].images, rtol=0, atol=1e-6)
+    for i in range(3):  # requests queued together may share a batch: float rounding differs, by ~1e-6
+        torch.testing.assert_close(results[i], expected[i].images, rtol=0, atol=1e-5)
+
+
+def _one_then_queued(model, images, batching: bool) -> tuple[list[torch.Tensor], list[int]]:
+    """One request runs (held after its first step) while two more queue and a third is cancelled:
+    the queued requests' pictures and the batch sizes the reconstructor ran."""
+    server = RealtimeReconstructor(model, device="cpu", steps=6, batching=batching, warmup=False)
+    sizes = []
+    original = server.reconstructor.reconstruct
+
+    def counting(*args, **kwargs):
+        sizes.append(len(kwargs["features"]))
+        return original(*args, **kwargs)
+
+    server.reconstructor.reconstruct = counting
+    started, release = threading.Event(), threading.Event()
+
+    def hold(i, preview):
+        started.set()
+        release.wait(10)
+
+    try:
+        first = server.submit(images[:1], seed=7, preview_every=1, on_preview=hold)
+        assert started.wait(30)  # the first runs alone; the next ones queue behind it
+        queued = [server.submit(images[i : i + 2], seed=10 * i) for i in range(2)]
+        dropped = server.submit(images[:1], seed=1)
+        dropped.cancel()
+        release.set()
+        first.result(60)
+        pictures = [request.result(60) for request in queued]
+        with pytest.raises(RequestCancelled):
+            dropped.result(60)
+    finally:
+        server.close()
+    return pictures, sizes
+
+
+def test_queued_requests_of_several_clients_run_as_one_batch_with_their_own_pictures(tiny_model, tiny_images):
+    """With batching the queued requests run as one denoiser batch (rows seeded as each would be
+    alone), cancelled ones dropped; without, one at a time."""
+    batched, batched_sizes = _one_then_queued(tiny_model, tiny_images, True)
+    alone, alone_sizes = _one_then_queued(tiny_model, tiny_images, False)
+    assert batched_sizes == [1, 4] and alone_sizes == [1, 2, 2]
+    for together, single in zip(batched, alone, strict=True):
+        assert together.shape == (2, 3, 16, 16)
+        torch.testing.assert_close(together, single, rtol=0, atol=1e-5)  # the 8-bit pictures agree
 
 
 def test_previews_arrive_every_k_steps(server, tiny_images):
@@ -55,8 +100,8 @@ def test_a_request_can_be_cancelled_in_flight_and_the_server_goes_on(server, tin
         release.wait(10)
 
     first = server.submit(tiny_images, preview_every=1, on_preview=hold)
-    second = server.submit(tiny_images, seed=5)
     assert started.wait(30)
+    second = server.submit(tiny_images, seed=5)  # queued behind the first, not in its batch
     first.cancel()
     release.set()
     with pytest.raises(RequestCancelled):
@@ -75,9 +120,9 @@ def test_warm_up_runs_at_the_batch_the_caller_will_send(tiny_model, monkeypatch)
     seen = []
     run = RealtimeReconstructor._run
 
-    def spy(self, request, images, features, *rest):
-        seen.append(tuple(features.shape))
-        return run(self, request, images, features, *rest)
+    def spy(self, jobs):
+        seen.extend(tuple(job.maps.shape) for job in jobs)
+        return run(self, jobs)
 
     monkeypatch.setattr(RealtimeReconstructor, "_run", spy)
     server = RealtimeReconstructor(tiny_model, device="cpu", steps=2, warmup_batch=3)

@@ -3,6 +3,7 @@ or online are the same, and the data sources (shapes pool, image folder) are det
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -117,9 +118,51 @@ def test_checkpoints_keep_only_the_newest(tmp_path):
 def test_resume_refuses_a_checkpoint_of_other_settings(tiny_extractor, tmp_path):
     _train_controlnet(tiny_extractor, _stream(), tmp_path)
     model = make_model(tiny_extractor)
-    other = TrainConfig(steps=9, lr=1e-3, batch_size=4)
+    other = TrainConfig(steps=9, lr=2e-3, batch_size=4, grad_accum=2)
     with pytest.raises(FeatInvError, match="cannot resume"):
         train_controlnet(model, OnlineFeatures(tiny_extractor), _stream(), other, checkpoint_dir=tmp_path, resume=True)
+    fewer = TrainConfig(steps=5, lr=1e-3, batch_size=4, grad_accum=2)
+    with pytest.raises(FeatInvError, match="past --steps 5"):
+        train_controlnet(model, OnlineFeatures(tiny_extractor), _stream(), fewer, checkpoint_dir=tmp_path, resume=True)
+
+
+def test_a_finished_run_extends_with_more_steps(tiny_extractor, tmp_path, capsys):
+    """The last step is checkpointed, so a larger --steps continues a finished run from there."""
+    finished, _ = _train_controlnet(tiny_extractor, _stream(), tmp_path)
+    assert ckpt.list_checkpoints(tmp_path)[-1].name == "step-0000007"
+    model = make_model(tiny_extractor)
+    longer = TrainConfig(steps=9, lr=1e-3, batch_size=4, grad_accum=2, ema_decay=0.9, log_every=1)
+    result = train_controlnet(
+        model, OnlineFeatures(tiny_extractor), _stream(), longer, seed=5, checkpoint_dir=tmp_path, resume=True
+    )
+    assert result.finished and result.steps_done == 9 and len(result.losses) == 9
+    assert "extending the run of 7 steps to 9" in capsys.readouterr().out
+    weight = "hint_encoder.conv_out.weight"
+    assert not torch.equal(model.controlnet.state_dict()[weight], finished.controlnet.state_dict()[weight])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_and_gradient_checkpointing_train(tiny_extractor, precision):
+    """bf16 and fp16 autocast (fp16 with a gradient scaler) train on a CPU too; gradient
+    checkpointing recomputes activations and gives the weights of a run without it."""
+    stream = _stream()
+    weights = []
+    for checkpointing in (False, True):
+        model = make_model(tiny_extractor)
+        config = TrainConfig(steps=3, lr=1e-3, batch_size=4, mixed_precision="no")
+        train_controlnet(
+            model, OnlineFeatures(tiny_extractor), stream, config, seed=2, gradient_checkpointing=checkpointing
+        )
+        weights.append(model.controlnet.hint_encoder.conv_out.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-6)
+    model = make_model(tiny_extractor)
+    config = TrainConfig(steps=3, lr=1e-3, batch_size=4, mixed_precision=precision, log_every=1)
+    result = train_controlnet(model, OnlineFeatures(tiny_extractor), stream, config, seed=2)
+    assert all(math.isfinite(loss) for loss in result.losses)
+    drift = (model.controlnet.hint_encoder.conv_out.weight - weights[0]).abs().max()
+    assert 0 < float(drift) < 1e-2  # autocast changed the arithmetic, not the training
+    with pytest.raises(FeatInvError, match="mixed_precision must be one of"):
+        TrainConfig(steps=1, lr=1e-3, batch_size=2, mixed_precision="fp8")
 
 
 def test_cached_and_online_features_are_equal(tiny_extractor, tmp_path):

@@ -6,9 +6,11 @@ and layer without training anything.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from featinv.errors import FeatInvError
@@ -20,7 +22,13 @@ class OptimizeConfig:
     """Loss = ||phi(x) - phi0||^2 / ||phi0||^2 + tv_weight * TV_beta(x) + alpha_weight * ||2x - 1||_alpha^alpha,
     (priors as means over pixels), Adam on x in [0, 1], each step on a random shift of up to
     ``jitter`` pixels. Jitter is off by default: on EfficientNet-Lite0's 4x4 penultimate map (128 px)
-    a 2-pixel jitter dropped the final feature cosine from 0.97 to 0.24."""
+    a 2-pixel jitter dropped the final feature cosine from 0.97 to 0.24.
+
+    ``downsample`` > 1 optimises an image of 1/downsample the side, bilinearly upsampled (fewer,
+    smoother unknowns), and ``lr_decay`` decays the learning rate on a cosine to zero: at 224 px
+    (EfficientNet-Lite0, 7x7 map) the defaults stall at cosine 0.5 after 300 steps, while
+    :meth:`for_input` (both, 800 steps at lr 0.03) reaches 0.92-0.95 (two seeds, lr 0.02 or 0.03;
+    600 steps reached only 0.72: the loss sits on a plateau for ~250 steps, then falls)."""
 
     steps: int = 300
     lr: float = 0.02
@@ -29,12 +37,23 @@ class OptimizeConfig:
     alpha_weight: float = 1e-4
     alpha: float = 6.0
     jitter: int = 0
+    downsample: int = 1
+    lr_decay: bool = False
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.lr <= 0 or self.jitter < 0:
+        if self.steps < 1 or self.lr <= 0 or self.jitter < 0 or self.downsample < 1:
             raise FeatInvError(
-                f"steps must be >= 1, lr > 0 and jitter >= 0, got {self.steps}, {self.lr}, {self.jitter}"
+                f"steps must be >= 1, lr > 0, jitter >= 0 and downsample >= 1, got {self.steps}, {self.lr}, "
+                f"{self.jitter}, {self.downsample}"
             )
+
+    @classmethod
+    def for_input(cls, side: int, steps: int | None = None) -> OptimizeConfig:
+        """Settings for images of ``side`` pixels: the defaults up to 160 px; above, a half-resolution
+        image, 800 steps at lr 0.03 with cosine decay (chosen on scikit-image's cat at 224 px)."""
+        if side <= 160:
+            return cls(steps=steps or cls.steps)
+        return cls(steps=steps or 800, lr=0.03, downsample=2, lr_decay=True)
 
 
 def total_variation(x: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
@@ -61,29 +80,40 @@ def invert_by_optimization(
     height, width = size if size is not None else extractor.spec.input_size[1:]
     device = next(extractor.classifier.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    x = (0.5 + 0.05 * torch.randn(target.shape[0], 3, height, width, generator=generator)).clamp(0, 1).to(device)
+    low = (max(1, height // config.downsample), max(1, width // config.downsample))
+    x = (0.5 + 0.05 * torch.randn(target.shape[0], 3, *low, generator=generator)).clamp(0, 1).to(device)
     x.requires_grad_(True)
     target = target.to(device, torch.float32)
     norm = target.flatten(1).pow(2).sum(1).clamp_min(1e-12)
     optimizer = torch.optim.Adam([x], lr=config.lr)
     extractor.classifier.requires_grad_(False)
-    for _ in tqdm(range(config.steps), desc="optimising", disable=not progress, leave=False):
+
+    def image() -> torch.Tensor:
+        if low == (height, width):
+            return x
+        return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+
+    for step in tqdm(range(config.steps), desc="optimising", disable=not progress, leave=False):
+        if config.lr_decay:
+            optimizer.param_groups[0]["lr"] = config.lr * 0.5 * (1 + math.cos(math.pi * step / config.steps))
         dy, dx = (
             torch.randint(-config.jitter, config.jitter + 1, (2,), generator=generator).tolist()
             if config.jitter
             else (0, 0)
         )
-        shifted = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+        full = image()
+        shifted = torch.roll(full, shifts=(dy, dx), dims=(2, 3))
         features = extractor._features(extractor.normalize(shifted.clamp(0, 1)))
         if extractor.spec.mode == "pooled":
             features = features.mean((2, 3), keepdim=True).expand_as(features)
         match = (features - target).flatten(1).pow(2).sum(1) / norm
-        prior = config.tv_weight * total_variation(x, config.tv_beta)
-        prior = prior + config.alpha_weight * (2 * x - 1).abs().pow(config.alpha).flatten(1).mean(1)
+        prior = config.tv_weight * total_variation(full, config.tv_beta)
+        prior = prior + config.alpha_weight * (2 * full - 1).abs().pow(config.alpha).flatten(1).mean(1)
         loss = (match + prior).sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             x.clamp_(0, 1)
-    return x.detach().cpu()
+    with torch.no_grad():
+        return image().clamp(0, 1).detach().cpu()

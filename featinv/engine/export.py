@@ -85,6 +85,16 @@ def _example_inputs(model: FeatInvModel, batch: int, dtype: torch.dtype) -> tupl
 
 
 EXPORTERS = {"torchscript": 17, "dynamo": 18}  # exporter -> its default (and for dynamo lowest) opset
+MIN_OPSET = 14  # scaled_dot_product_attention and the UNet's other ops export from here on
+
+
+def opset_range(exporter: str) -> tuple[int, int]:
+    """The opsets (lowest, highest) the installed torch.onnx writes with ``exporter``."""
+    from torch.onnx import _constants
+
+    if exporter == "dynamo":
+        return EXPORTERS["dynamo"], int(getattr(_constants, "ONNX_MAX_OPSET", EXPORTERS["dynamo"]))
+    return MIN_OPSET, int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", EXPORTERS["torchscript"]))
 
 
 def _export(
@@ -135,9 +145,10 @@ def export_onnx(
     if exporter not in EXPORTERS:
         raise FeatInvError(f"exporter must be one of {', '.join(EXPORTERS)}, got {exporter!r}")
     opset = EXPORTERS[exporter] if opset is None else opset
+    low, high = opset_range(exporter)
+    if isinstance(opset, bool) or not isinstance(opset, int) or not low <= opset <= high:
+        raise FeatInvError(f"opset must be an integer in [{low}, {high}] for the {exporter} exporter, got {opset!r}")
     if exporter == "dynamo":
-        if opset < EXPORTERS["dynamo"]:
-            raise FeatInvError(f"the dynamo exporter writes opset 18 or later, got opset {opset}")
         try:
             import onnxscript  # noqa: F401
         except ImportError as error:

@@ -22,6 +22,7 @@ import torch
 
 from featinv.engine.export import DENOISER_FILE
 from featinv.errors import FeatInvError
+from featinv.files import publish
 from featinv.weights import file_sha256
 
 INSTALL_HINT = "pip install tensorrt (needs an NVIDIA GPU with CUDA 12 or newer)"
@@ -70,6 +71,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
+        publish(temp)  # mkstemp made it 0600
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -3,15 +3,20 @@ the feature spec it was trained for, and (optionally) the classifier's weights.
 
 On disk (``save_pretrained``), a folder with no pickle files::
 
-    featinv.json               format version, feature spec, noise schedule, prompt
-    unet/, controlnet/, vae/   diffusers folders: config.json + safetensors
+    featinv.json               format version, feature spec, noise schedule, prompt, shapes, and
+                               the reference to the base (where it is, its weights' fingerprint)
+    controlnet/                diffusers folder: config.json + safetensors
+    unet/, vae/                the base's parts, only in a bundled folder (a model made from a
+                               preset, or saved with ``bundle=True``); otherwise read from the base
     contexts.safetensors       the conditional and null contexts (B=1, L, D)
     classifier.safetensors     the classifier's weights (optional)
+
+As diffusers' ControlNets do, a model made on a base refers to it instead of copying it (an SD1.x
+UNet and VAE are 3.4 GB): many inverters share one base.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -27,12 +32,13 @@ from torch import nn
 
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor, FeatureSpec
+from featinv.files import publish
+from featinv.models.base import HAS_ACCELERATE, BaseReference, encode_prompts, load_base, weights_fingerprint
 from featinv.models.controlnet import FeatInvControlNet
 from featinv.models.presets import get_preset
 from featinv.sampling.schedule import NoiseSchedule
 from featinv.weights import load_state_dict, save_state_dict_atomic
 
-_HAS_ACCELERATE = importlib.util.find_spec("accelerate") is not None
 FORMAT_VERSION = 1
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"
 CONFIG_NAME = "featinv.json"
@@ -53,7 +59,7 @@ def _load_submodel(cls: type, folder: Path, what: str, dtype: torch.dtype | None
     _check_safetensors(folder / "diffusion_pytorch_model.safetensors", f"{what} weights")
     try:
         return cls.from_pretrained(
-            str(folder), torch_dtype=dtype, use_safetensors=True, low_cpu_mem_usage=_HAS_ACCELERATE
+            str(folder), torch_dtype=dtype, use_safetensors=True, low_cpu_mem_usage=HAS_ACCELERATE
         )
     except Exception as error:  # diffusers raises several types for a bad folder
         raise FeatInvError(f"could not load {what} from {folder}: {error}") from error
@@ -72,6 +78,9 @@ class FeatInvModel(nn.Module):
         vae: the autoencoder of a latent model, or None for a pixel-space model.
         classifier: the classifier, if it is to be stored with the model.
         prompt: the fixed prompt ``context`` encodes (documentation only).
+        base: the base's folder or hub id, when the UNet and VAE are its unchanged weights: the
+            model folder then refers to it instead of copying them (see :meth:`save_pretrained`).
+        base_fingerprint: :func:`featinv.models.base.weights_fingerprint` of that base.
     """
 
     def __init__(
@@ -86,6 +95,8 @@ class FeatInvModel(nn.Module):
         vae: AutoencoderKL | None = None,
         classifier: FeatureExtractor | None = None,
         prompt: str | None = None,
+        base: str | None = None,
+        base_fingerprint: str | None = None,
     ) -> None:
         super().__init__()
         if controlnet.config.feature_channels != feature_spec.channels:
@@ -104,6 +115,7 @@ class FeatInvModel(nn.Module):
         self.feature_spec = feature_spec
         self.noise_schedule = noise_schedule or NoiseSchedule()
         self.prompt = prompt
+        self.base, self.base_fingerprint = (base, base_fingerprint) if base is not None else (None, None)
         self.register_buffer("context", context.detach().clone())
         self.register_buffer("null_context", null_context.detach().clone())
 
@@ -208,21 +220,27 @@ class FeatInvModel(nn.Module):
         *,
         prompt: str = DEFAULT_PROMPT,
         hint_channels: int = 512,
+        image_size: int | None = None,
         store_classifier: bool = True,
         seed: int = 0,
     ) -> FeatInvModel:
         """A new FeatInv model on a diffusers base (a local folder, or a hub id the user gives).
 
-        The base's text encoder, if it has one, encodes ``prompt`` and the empty prompt once; it is
-        not kept. The ControlNet copies the base UNet's encoder weights; the hint encoder's last
-        convolution starts at zero.
+        The base's text encoder, if it has one, encodes ``prompt`` and the empty prompt once, as
+        ``StableDiffusionPipeline.encode_prompt`` does; it is not kept. ``image_size`` (pixels)
+        sets the training and output resolution (e.g. 256 for SD1.5, as the paper's miniSD
+        setup); default: the base's. The ControlNet copies the base UNet's encoder weights; the
+        hint encoder's last convolution starts at zero. The model refers to ``base`` (see
+        :meth:`save_pretrained`).
         """
         base = str(base)
-        unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet")
-        vae = _maybe(lambda: AutoencoderKL.from_pretrained(base, subfolder="vae"))
-        scheduler_config = _maybe(lambda: _read_scheduler_config(base))
-        schedule = NoiseSchedule.from_dict(scheduler_config) if scheduler_config else NoiseSchedule()
-        contexts = _encode_prompts(base, [prompt, ""])
+        loaded = load_base(base)
+        fingerprint = weights_fingerprint(loaded.unet, loaded.vae)
+        unet, vae = loaded.unet, loaded.vae
+        if image_size is not None:
+            unet.register_to_config(sample_size=_latent_side(image_size, vae))
+        schedule = NoiseSchedule.from_dict(loaded.scheduler_config) if loaded.scheduler_config else NoiseSchedule()
+        contexts = encode_prompts(base, [prompt, ""])
         encoded_prompt = prompt if contexts is not None else None
         dim = unet.config.cross_attention_dim
         if contexts is None:
@@ -230,7 +248,7 @@ class FeatInvModel(nn.Module):
                 f"{base} has no text encoder: using a seeded random context and a zero null context", stacklevel=2
             )
             generator = torch.Generator().manual_seed(seed)
-            contexts = (torch.randn(1, 77, dim, generator=generator), torch.zeros(1, 77, dim))
+            contexts = [torch.randn(1, 77, dim, generator=generator), torch.zeros(1, 77, dim)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             controlnet = FeatInvControlNet.from_unet(unet, extractor.spec.channels, hint_channels=hint_channels)
@@ -244,19 +262,30 @@ class FeatInvModel(nn.Module):
             vae=vae,
             classifier=extractor if store_classifier else None,
             prompt=encoded_prompt,
+            base=base,
+            base_fingerprint=fingerprint,
         )
 
     # ----- saving and loading -----------------------------------------------------------------
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the model folder atomically: into a temporary sibling folder, then renamed."""
+    def save_pretrained(self, path: str | Path, *, bundle: bool = False) -> None:
+        """Write the model folder atomically: into a temporary sibling folder, then renamed.
+
+        A model made on a base (``self.base``) refers to it: the folder holds no copy of the base's
+        UNet or VAE unless ``bundle`` (a self-contained folder, for offline use). A model without a
+        base (from a preset, or one whose UNet was trained) is always bundled.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
-            self.unet.save_pretrained(staging / "unet", safe_serialization=True)
+            reference = None
+            if self.base is not None and not bundle:
+                reference = BaseReference.to_base(self.base, path, self.base_fingerprint)
+            else:
+                self.unet.save_pretrained(staging / "unet", safe_serialization=True)
+                if self.vae is not None:
+                    self.vae.save_pretrained(staging / "vae", safe_serialization=True)
             self.controlnet.save_pretrained(staging / "controlnet", safe_serialization=True)
-            if self.vae is not None:
-                self.vae.save_pretrained(staging / "vae", safe_serialization=True)
             save_state_dict_atomic(
                 {"context": self.context, "null_context": self.null_context}, staging / "contexts.safetensors"
             )
@@ -269,33 +298,79 @@ class FeatInvModel(nn.Module):
                 "prompt": self.prompt,
                 "has_vae": self.vae is not None,
                 "has_classifier": self.classifier is not None,
+                "image_size": list(self.image_size),
+                "latent_shape": list(self.latent_shape),
+                "base": reference.to_dict() if reference is not None else None,
             }
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             _drop_source_paths(staging)
+            publish(staging)
             _replace_folder(staging, path)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
+    def save_base(self, folder: str | Path) -> None:
+        """Write the model's UNet and VAE as a diffusers base folder (``unet/``, ``vae/``,
+        ``scheduler/``, ``model_index.json``), atomically, and make the model refer to it: models
+        saved afterwards (this one, or others given the same base) share it instead of copying it."""
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            index = {"_class_name": "FeatInvBase", "unet": ["diffusers", type(self.unet).__name__]}
+            self.unet.save_pretrained(staging / "unet", safe_serialization=True)
+            if self.vae is not None:
+                self.vae.save_pretrained(staging / "vae", safe_serialization=True)
+                index["vae"] = ["diffusers", type(self.vae).__name__]
+            (staging / "scheduler").mkdir()
+            scheduler = {"_class_name": "DDIMScheduler", **self.noise_schedule.to_dict()}
+            (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
+            (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            _drop_source_paths(staging)
+            publish(staging)
+            _replace_folder(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self.base = str(folder.resolve())
+        self.base_fingerprint = weights_fingerprint(self.unet, self.vae)
+
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> FeatInvModel:
-        """Load a model folder written by :meth:`save_pretrained`.
+        """Load a model folder written by :meth:`save_pretrained` (its base too, when it refers to one).
 
         Raises:
-            FeatInvError: the folder is missing, or a file in it is missing, truncated or corrupt.
+            FeatInvError: the folder is missing, a file in it is missing, truncated or corrupt, or
+                its base is gone or is not the one it was made on.
         """
         path = Path(path)
         if not path.is_dir():
             raise FeatInvError(f"model folder not found: {path}")
+        if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise FeatInvError(f"dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
         config = read_model_config(path)
-        spec = FeatureSpec.from_dict(config["feature_spec"])
-        unet = _load_submodel(UNet2DConditionModel, path / "unet", "unet", dtype)
-        controlnet = _load_submodel(FeatInvControlNet, path / "controlnet", "controlnet", dtype)
-        vae = _load_submodel(AutoencoderKL, path / "vae", "vae", dtype) if config.get("has_vae") else None
+        where = str(path / CONFIG_NAME)
+        spec = FeatureSpec.from_dict(config["feature_spec"], f"{where}: feature_spec")
+        schedule = NoiseSchedule.from_dict(config["noise_schedule"], f"{where}: noise_schedule")
+        base, fingerprint = None, None
+        if config.get("base") is not None:
+            reference = BaseReference.from_dict(config["base"], str(path / CONFIG_NAME))
+            loaded = reference.load(path)
+            unet, vae = loaded.unet, loaded.vae
+            latent = config.get("latent_shape")
+            if isinstance(latent, list) and len(latent) == 3:  # the resolution chosen at creation
+                unet.register_to_config(sample_size=list(latent[1:]) if latent[1] != latent[2] else latent[1])
+            base, fingerprint = reference.locate(path), reference.fingerprint
+        else:
+            unet = _load_submodel(UNet2DConditionModel, path / "unet", "unet", None)
+            vae = _load_submodel(AutoencoderKL, path / "vae", "vae", None) if config.get("has_vae") else None
+        controlnet = _load_submodel(FeatInvControlNet, path / "controlnet", "controlnet", None)
         _check_safetensors(path / "contexts.safetensors", "contexts file")
         contexts = load_state_dict(path / "contexts.safetensors", what="contexts")
         if set(contexts) != {"context", "null_context"}:
             raise FeatInvError(f"contexts file {path / 'contexts.safetensors'} must hold context and null_context")
+        _check_contexts(contexts, unet.config.cross_attention_dim, path / "contexts.safetensors")
         classifier = None
         if config.get("has_classifier"):
             classifier = FeatureExtractor.from_spec(spec)
@@ -306,17 +381,20 @@ class FeatInvModel(nn.Module):
             spec,
             contexts["context"],
             contexts["null_context"],
-            noise_schedule=NoiseSchedule.from_dict(config["noise_schedule"]),
+            noise_schedule=schedule,
             vae=vae,
             classifier=classifier,
             prompt=config.get("prompt"),
+            base=base,
+            base_fingerprint=fingerprint,
         )
         model.eval()
         return model.to(dtype) if dtype is not None else model
 
 
 def read_model_config(path: str | Path) -> dict[str, Any]:
-    """The parsed ``featinv.json`` of a model folder, checked for the keys we need."""
+    """The parsed ``featinv.json`` of a model folder, its top-level fields checked (the feature spec
+    and the noise schedule are checked by their own ``from_dict``)."""
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FeatInvError(f"{path} is not a featinv model folder: {CONFIG_NAME} is missing")
@@ -324,12 +402,32 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise FeatInvError(f"{file} is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise FeatInvError(f"{file} must hold a JSON object, got {type(config).__name__}")
     missing = [k for k in ("format_version", "feature_spec", "noise_schedule") if k not in config]
     if missing:
         raise FeatInvError(f"{file} lacks {', '.join(missing)}")
     if config["format_version"] != FORMAT_VERSION:
-        raise FeatInvError(f"{file} has format_version {config['format_version']}, expected {FORMAT_VERSION}")
+        raise FeatInvError(f"{file} has format_version {config['format_version']!r}, expected {FORMAT_VERSION}")
+    checks = {
+        "prompt": (lambda v: v is None or isinstance(v, str), "a string or null"),
+        "has_vae": (lambda v: isinstance(v, bool), "true or false"),
+        "has_classifier": (lambda v: isinstance(v, bool), "true or false"),
+        "image_size": (lambda v: _int_list(v, 2), "[H, W] of positive integers"),
+        "latent_shape": (lambda v: _int_list(v, 3), "[C, H, W] of positive integers"),
+    }
+    for key, (ok, expected) in checks.items():
+        if key in config and not ok(config[key]):
+            raise FeatInvError(f"{file}: {key} must be {expected}, got {config[key]!r}")
     return config
+
+
+def _int_list(value: Any, length: int) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == length
+        and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in value)
+    )
 
 
 def _drop_source_paths(folder: Path) -> None:
@@ -356,39 +454,26 @@ def _replace_folder(staging: Path, target: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _maybe(load: Any) -> Any:
-    """``load()``, or None when the part does not exist (OSError/EnvironmentError from diffusers)."""
-    try:
-        return load()
-    except (OSError, ValueError):
-        return None
+def _check_contexts(contexts: dict[str, torch.Tensor], dim: int, file: Path) -> None:
+    """Both contexts (1, L, dim) of one shape, finite: anything else would fail in the UNet or give
+    black images."""
+    shapes = {name: tuple(tensor.shape) for name, tensor in contexts.items()}
+    for name, tensor in contexts.items():
+        if tensor.ndim != 3 or tensor.shape[0] != 1 or tensor.shape[2] != dim or tensor.shape[1] < 1:
+            raise FeatInvError(f"{file}: {name} has shape {shapes[name]}, expected (1, L, {dim}) for this UNet")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise FeatInvError(
+                f"{file}: {name} holds NaN or Inf values (or is not a float tensor): the file is corrupt"
+            )
+    if shapes["context"] != shapes["null_context"]:
+        raise FeatInvError(f"{file}: context {shapes['context']} and null_context {shapes['null_context']} differ")
 
 
-def _read_scheduler_config(base: str) -> dict[str, Any]:
-    from diffusers import DDIMScheduler
-
-    return dict(DDIMScheduler.load_config(base, subfolder="scheduler"))
-
-
-def _encode_prompts(base: str, prompts: list[str]) -> tuple[torch.Tensor, ...] | None:
-    """Encode prompts with the base's CLIP text encoder; None if the base has none."""
-    local = Path(base)
-    if local.is_dir() and not (local / "text_encoder").is_dir():
-        return None
-    try:
-        from transformers import CLIPTextModel, CLIPTokenizer
-    except ImportError as error:
-        raise FeatInvError(
-            f"{base} has a text encoder; encoding the fixed prompt needs transformers (pip install transformers)"
-        ) from error
-    try:
-        tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer")
-        encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder").eval()
-    except OSError:
-        return None
-    with torch.no_grad():
-        tokens = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        )
-        states = encoder(tokens.input_ids)[0]
-    return tuple(states[i : i + 1] for i in range(len(prompts)))
+def _latent_side(image_size: int, vae: nn.Module | None) -> int:
+    """The latent side for ``image_size`` pixels: the VAE's downsampling divides it exactly."""
+    if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1:
+        raise FeatInvError(f"image_size must be a positive integer of pixels, got {image_size!r}")
+    factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+    if image_size % factor:
+        raise FeatInvError(f"image_size must be a multiple of the VAE's downsampling factor {factor}, got {image_size}")
+    return image_size // factor

@@ -11,6 +11,9 @@ from typing import Any
 from featinv._native import schedule_tables
 from featinv.errors import FeatInvError
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
 
 @dataclass(frozen=True)
 class SamplerSchedule:
@@ -59,20 +62,40 @@ class NoiseSchedule:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> NoiseSchedule:
-        """From our own dict or a diffusers scheduler config (unknown keys are ignored)."""
+    def from_dict(cls, config: Any, where: str = "noise_schedule") -> NoiseSchedule:
+        """From our own dict or a diffusers scheduler config (unknown keys are ignored), each known
+        field checked: a FeatInvError naming ``where``, the field, its value and what was expected."""
+        if not isinstance(config, dict):
+            raise FeatInvError(f"{where} must be an object, got {type(config).__name__}")
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in config.items() if k in names})
+        values = {k: v for k, v in config.items() if k in names}
+        for name, value in values.items():
+            expected = _FIELD_CHECKS[name]
+            if not expected[0](value):
+                raise FeatInvError(f"{where}: {name} must be {expected[1]}, got {value!r}")
+        schedule = cls(**values)
+        if schedule.beta_schedule != "squaredcos_cap_v2" and not schedule.beta_start < schedule.beta_end:
+            raise FeatInvError(
+                f"{where}: beta_start must be below beta_end, got {schedule.beta_start}, {schedule.beta_end}"
+            )
+        if schedule.steps_offset >= schedule.num_train_timesteps:
+            raise FeatInvError(f"{where}: steps_offset must be below num_train_timesteps, got {schedule.steps_offset}")
+        return schedule
 
     def alphas_cumprod(self, impl: str | None = None) -> list[float]:
         tables = schedule_tables(impl)
         betas = tables.betas(self.num_train_timesteps, self.beta_start, self.beta_end, self.beta_schedule)
         return list(tables.alphas_cumprod(betas))
 
+    @property
+    def max_steps(self) -> int:
+        """The most sampler steps this schedule gives distinct timesteps for (both samplers)."""
+        return max(1, self.num_train_timesteps - 1)
+
     def check_steps(self, num_steps: int) -> None:
-        """Raise ``FeatInvError`` unless ``num_steps`` is an integer in [1, num_train_timesteps]."""
-        if not isinstance(num_steps, int) or not 1 <= num_steps <= self.num_train_timesteps:
-            raise FeatInvError(f"steps must be an integer in [1, {self.num_train_timesteps}], got {num_steps!r}")
+        """Raise ``FeatInvError`` unless ``num_steps`` is an integer in [1, :attr:`max_steps`]."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= self.max_steps:
+            raise FeatInvError(f"steps must be an integer in [1, {self.max_steps}], got {num_steps!r}")
 
     def ddim(self, num_steps: int, eta: float = 0.0, impl: str | None = None) -> SamplerSchedule:
         """DDIM tables: ``(sqrt(1-a_t), sqrt(a_t), sqrt(a_prev), sqrt(1-a_prev-std^2), std)`` per step."""
@@ -105,6 +128,28 @@ class NoiseSchedule:
         except ValueError as error:
             raise FeatInvError(f"steps={num_steps}: {error}") from error
         return _schedule("dpmpp_2m", steps, flat, 5, alphas)
+
+
+def _is_int(low: int, high: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _is_probability(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v < 1.0
+
+
+_FIELD_CHECKS = {
+    "num_train_timesteps": (_is_int(1, 100_000), "an integer in [1, 100000]"),
+    "beta_start": (_is_probability, "a number in (0, 1)"),
+    "beta_end": (_is_probability, "a number in (0, 1)"),
+    "beta_schedule": (lambda v: v in BETA_SCHEDULES, f"one of {', '.join(BETA_SCHEDULES)}"),
+    "set_alpha_to_one": (lambda v: isinstance(v, bool), "true or false"),
+    "steps_offset": (_is_int(0, 99_999), "an integer >= 0"),
+    "timestep_spacing": (lambda v: v in TIMESTEP_SPACINGS, f"one of {', '.join(TIMESTEP_SPACINGS)}"),
+    "prediction_type": (lambda v: v == "epsilon", "'epsilon'"),
+    "clip_sample": (lambda v: v is False, "false (latent diffusion samples are unbounded)"),
+    "thresholding": (lambda v: v is False, "false"),
+}
 
 
 def _schedule(name: str, steps: list[int], flat: list[float], width: int, alphas: list[float]) -> SamplerSchedule:

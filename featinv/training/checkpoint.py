@@ -1,10 +1,12 @@
 """Training checkpoints that a crash cannot corrupt.
 
 A checkpoint is a folder ``<root>/step-0000500/`` holding safetensors files (weights, optimizer
-state, EMA) and ``manifest.json`` (the step, JSON-able trainer state and each file's sha256). It is
-written into a temporary folder beside it and renamed into place, so a folder with the final name
-is always complete; loading verifies every hash and falls back to the previous checkpoint when one
-does not verify. Nothing is pickled.
+state, EMA) and ``manifest.json`` (the step, JSON-able trainer state, each file's sha256, and the
+sha256 of all of that: the manifest's own digest). It is written into a temporary folder beside it
+and renamed into place, so a folder with the final name is always complete; loading verifies the
+manifest's digest and every file's hash, and falls back to the previous checkpoint when anything
+does not verify or parse (a file edited together with its hash fails the manifest's digest).
+Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from featinv.files import publish
 from featinv.weights import file_sha256
 
 PREFIX = "step-"
@@ -50,7 +53,9 @@ def save_checkpoint(root: str | Path, checkpoint: Checkpoint, *, keep: int = 2) 
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
             hashes[path.name] = file_sha256(path)
         manifest = {"step": checkpoint.step, "state": checkpoint.state, "sha256": hashes}
+        manifest["digest"] = manifest_digest(manifest)
         (temp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        publish(temp)
         for path in temp.iterdir():  # on disk before the rename makes the checkpoint visible
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
@@ -74,25 +79,43 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of a manifest's step, state and file hashes (canonical JSON): the manifest's own check."""
+    import hashlib
+
+    covered = {key: manifest[key] for key in ("step", "state", "sha256")}
+    return hashlib.sha256(json.dumps(covered, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load one checkpoint folder, verifying every file's sha256.
+    """Load one checkpoint folder, verifying the manifest's digest and every file's sha256.
 
     Raises:
-        ValueError: the manifest is missing or unreadable, or a file is missing or altered.
+        ValueError: the manifest is missing, unreadable, malformed or altered, or a file is
+            missing, altered or unreadable.
     """
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        hashes = manifest["sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"checkpoint {path} has no readable {MANIFEST} ({error})") from error
+        hashes, step, state = manifest["sha256"], manifest["step"], manifest.get("state", {})
+        if manifest.get("digest") != manifest_digest(manifest):
+            raise ValueError("its digest does not match its content")
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0 or not isinstance(state, dict):
+            raise ValueError(f"step must be an integer >= 0 and state an object, got {step!r}")
+        if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+            raise ValueError("sha256 must map file names to hex digests")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"checkpoint {path} has no valid {MANIFEST} ({error})") from error
     tensors = {}
     for name, expected in hashes.items():
         file = path / name
-        if not file.is_file() or file_sha256(file) != expected:
+        if Path(name).name != name or not file.is_file() or file_sha256(file) != expected:
             raise ValueError(f"checkpoint {path}: {name} is missing or does not match its sha256")
-        tensors[name.removesuffix(".safetensors")] = load_file(str(file))
-    return Checkpoint(int(manifest["step"]), tensors, manifest.get("state", {}), path)
+        try:
+            tensors[name.removesuffix(".safetensors")] = load_file(str(file))
+        except Exception as error:  # safetensors raises its own types for a bad file
+            raise ValueError(f"checkpoint {path}: {name} cannot be read ({error})") from error
+    return Checkpoint(step, tensors, state, path)
 
 
 def load_latest_checkpoint(root: str | Path) -> Checkpoint | None:

@@ -31,6 +31,7 @@ from featinv.weights import load_state_dict, save_state_dict_atomic
 
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
 SPATIAL_DIR, POOLED_DIR = "shapes-demo", "shapes-demo-pooled"
+BASE_DIR = "shapes-base"  # the base UNet both demo models refer to
 TRAIN_SEED = 1  # the held-out demo images use another seed (featinv.demo.DEMO_SEED)
 
 CLASSIFIER = "convnext_atto"
@@ -68,6 +69,7 @@ def train_shapes_demo(
     ema_decay: float | None = None,
     features_cache: str | Path | None = None,
     batch_size: int | None = None,
+    mixed_precision: str = "auto",
 ) -> None:
     """Train the classifier, the base UNet, and spatial and pooled FeatInv ControlNets; write both
     model folders into ``out``. ``scale`` multiplies the step counts and ``batch_size`` replaces
@@ -103,6 +105,7 @@ def train_shapes_demo(
             grad_accum=grad_accum,
             ema_decay=ema_decay if base != "classifier" else None,
             batch_size=batch_size or STAGES[base].batch_size,
+            mixed_precision=mixed_precision,
         )
 
     def stage(name: str, module: torch.nn.Module, run: Callable[..., TrainResult]) -> None:
@@ -139,7 +142,8 @@ def train_shapes_demo(
     run = partial(train_controlnet, model, spatial_features, stream, spatial_config, seed=TRAIN_SEED)
     stage("controlnet-spatial", model.controlnet, partial(run, name="controlnet-spatial"))
     if accelerator.is_main_process:
-        model.to("cpu").save_pretrained(out / SPATIAL_DIR)
+        model.to("cpu").save_base(out / BASE_DIR)
+        model.save_pretrained(out / SPATIAL_DIR)
         model.to(device)
 
     pooled_extractor = demo_extractor("pooled").to(device)
@@ -157,6 +161,8 @@ def train_shapes_demo(
             model.null_context,
             noise_schedule=model.noise_schedule,
             classifier=pooled_extractor,
+            base=model.base,
+            base_fingerprint=model.base_fingerprint,
         )
         pooled.to("cpu").save_pretrained(out / POOLED_DIR)
         loss_curve_png(log, out / "loss_curve.png")

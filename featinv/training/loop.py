@@ -1,7 +1,8 @@
 """The one training loop: AdamW, warm-up + cosine learning rate, gradient accumulation, clipping,
-optional EMA (diffusers' ``EMAModel``), multi-process data parallelism through ``accelerate``
-(DDP; the same code runs alone or under ``accelerate launch`` / ``torchrun``), atomic checkpoints
-every N steps and an exact ``resume``.
+optional EMA (diffusers' ``EMAModel``), mixed precision (accelerate's choices: no, fp16 with a
+gradient scaler, bf16), multi-process data parallelism through ``accelerate`` (DDP; the same code
+runs alone or under ``accelerate launch`` / ``torchrun``), atomic checkpoints every N steps and at
+the end, an exact ``resume``, and extending a finished run with more ``steps``.
 
 Exactness: the loss function receives the batch *key* (``step * grad_accum + micro``) and draws
 its data, noise and dropout from generators seeded by it, so step k is the same computation
@@ -34,6 +35,7 @@ from featinv.training.checkpoint import (
 )
 from featinv.training.distributed import get_accelerator
 
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LossFn = Callable[[torch.nn.Module, int, slice], torch.Tensor]
 """(the prepared module, batch key, this process's rows of the batch) -> scalar loss."""
 
@@ -54,6 +56,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 50
     time_budget_s: float | None = None
+    mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,10 +67,21 @@ class TrainConfig:
             ("ema_decay", self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "in (0, 1) or None"),
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0 (0: only when stopping)"),
             ("warmup_fraction", 0.0 <= self.warmup_fraction < 1.0, "in [0, 1)"),
+            ("mixed_precision", self.mixed_precision in MIXED_PRECISION, f"one of {', '.join(MIXED_PRECISION)}"),
+            ("time_budget_s", self.time_budget_s is None or self.time_budget_s >= 0, "a number of seconds >= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise FeatInvError(f"{name} must be {expected}, got {getattr(self, name)}")
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The forward pass's autocast: ``auto`` is bf16 on CUDA and full precision elsewhere."""
+        kind = self.mixed_precision
+        if kind == "auto":
+            kind = "bf16" if device.type == "cuda" else "no"
+        if kind == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16 if kind == "bf16" else torch.float16)
 
     def learning_rate(self, step: int) -> float:
         """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to zero."""
@@ -100,8 +114,12 @@ class Trainer:
         checkpoint_dir: str | Path | None = None,
         log_path: str | Path | None = None,
         accelerator: Any = None,
+        after_step: Callable[[int], None] | None = None,
     ) -> None:
+        """``after_step(step)`` runs on every process after each optimizer step (e.g. validation
+        pictures every N steps; the module is in training mode again afterwards)."""
         self.name, self.module, self.loss_fn, self.config = name, module, loss_fn, config
+        self.after_step = after_step
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.log_path = None if log_path is None else Path(log_path)
         if self.log_path is not None:
@@ -115,6 +133,9 @@ class Trainer:
         if not self.params:
             raise FeatInvError(f"{name}: the module has no parameter that requires grad")
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        device = self.accelerator.device
+        fp16 = config.mixed_precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16) if fp16 else None
         self.ema = None
         if config.ema_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -146,10 +167,20 @@ class Trainer:
         found = None if self.checkpoint_dir is None else load_latest_checkpoint(self.checkpoint_dir)
         if found is None:
             return 0, [], 0.0
-        saved = {k: v for k, v in found.state["config"].items() if k in ("steps", "batch_size", "grad_accum", "lr")}
+        saved = {k: v for k, v in found.state["config"].items() if k in ("batch_size", "grad_accum", "lr")}
         current = {k: getattr(self.config, k) for k in saved}
         if saved != current:
             raise FeatInvError(f"{self.name}: cannot resume {found.path} made with {saved} under {current}")
+        if found.step > self.config.steps:
+            raise FeatInvError(
+                f"{self.name}: {found.path} is at step {found.step}, past --steps {self.config.steps}: give --steps "
+                f">= {found.step} to continue (a larger --steps extends a finished run)"
+            )
+        if found.state["config"].get("steps", self.config.steps) != self.config.steps:
+            print(
+                f"{self.name}: extending the run of {found.state['config']['steps']} steps to {self.config.steps} "
+                "(the learning-rate schedule now spans the new length)"
+            )
         self.module.load_state_dict(found.tensors["model"])
         optimizer_from_checkpoint(self.optimizer, found.tensors["optimizer"], found.state["optimizer"])
         if self.ema is not None and "ema" in found.tensors:
@@ -164,6 +195,12 @@ class Trainer:
         if self.log_path is not None and self.accelerator.is_main_process:
             with self.log_path.open("a") as log:
                 log.write(json.dumps(row) + "\n")
+
+    def _mean_over_processes(self, loss: torch.Tensor) -> float:
+        """The step's loss averaged over every process's rows (each process saw its part)."""
+        if self.accelerator.num_processes > 1:
+            loss = self.accelerator.reduce(loss.reshape(1), reduction="mean")
+        return float(loss)
 
     def _should_stop(self, elapsed: float) -> bool:
         budget = self.config.time_budget_s
@@ -199,16 +236,22 @@ class Trainer:
             while step < config.steps:
                 for group in self.optimizer.param_groups:
                     group["lr"] = config.learning_rate(step)
-                total = 0.0
+                total = torch.zeros((), device=accelerator.device)  # read on the host only when logged
                 for micro in range(config.grad_accum):
                     key = step * config.grad_accum + micro
                     last = micro == config.grad_accum - 1
                     with contextlib.nullcontext() if last else accelerator.no_sync(wrapped):
                         loss = self.loss_fn(wrapped, key, self.part) / config.grad_accum
-                        accelerator.backward(loss)
-                    total += float(loss.detach())
+                        accelerator.backward(self.scaler.scale(loss) if self.scaler else loss)
+                    total += loss.detach().float()
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
                 accelerator.clip_grad_norm_(self.params, config.clip_norm)
-                self.optimizer.step()
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.ema is not None:
                     self.ema.step(self.params)
@@ -217,14 +260,18 @@ class Trainer:
                 rate = (step - start_step) * images_per_step / max(1e-9, time.perf_counter() - started)
                 bar.update(1)
                 if step % config.log_every == 0 or step == config.steps or step == start_step + 1:
+                    total = self._mean_over_processes(total)
                     losses.append(total)
                     bar.set_postfix(loss=f"{total:.4f}", img_s=f"{rate:.0f}")
                     self._log(
                         {"stage": self.name, "step": step, "loss": total, "lr": config.learning_rate(step - 1)}
                         | {"seconds": round(elapsed, 2), "images_per_s": round(rate, 1)}
                     )
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
-                    self._checkpoint(step, losses, elapsed)
+                if self.after_step is not None:
+                    self.after_step(step)
+                    self.module.train()
+                if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    self._checkpoint(step, losses, elapsed)  # the last one lets a larger --steps extend the run
                 if step < config.steps and self._should_stop(elapsed):
                     print(f"{self.name}: time budget of {config.time_budget_s:.0f} s reached after {step} steps")
                     self._checkpoint(step, losses, elapsed)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from featinv.errors import FeatInvError
+from featinv.errors import FeatInvError, require_seed
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "star")
 SUPERSAMPLE = 4
@@ -47,6 +47,10 @@ def _inside(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tens
         ]
     )
     return inside.gather(0, label.view(1, -1, 1, 1).expand(1, *u.shape))[0]
+
+
+MAX_SIZE = 1024  # pixels: shapes images are procedural, larger only costs memory
+MAX_POOL_BYTES = 8 << 30  # a pool is generated in memory before it is written
 
 
 def generate_shapes(n: int, seed: int, size: int = 32, device: torch.device | str = "cpu") -> ShapesBatch:
@@ -112,8 +116,14 @@ def shapes_pool(
 def write_shapes(out: str | Path, n: int, seed: int, size: int = 32) -> None:
     """Write the pool ``shapes_pool(n, seed, size)`` in ImageNet layout: ``images/<class>/NNNNN.png``
     and the masks as ``masks/<class>/NNNNN.png`` (grey levels = mask coverage)."""
-    if n < 1 or size < 8:
-        raise FeatInvError(f"need --n >= 1 and --size >= 8, got n={n}, size={size}")
+    if n < 1 or not 8 <= size <= MAX_SIZE:
+        raise FeatInvError(f"need --n >= 1 and --size in [8, {MAX_SIZE}], got n={n}, size={size}")
+    if n * size * size * 3 * 4 > MAX_POOL_BYTES:
+        raise FeatInvError(
+            f"--n {n} images of --size {size} px would take {n * size * size * 12 / 2**30:.1f} GiB in memory; "
+            f"at most {MAX_POOL_BYTES / 2**30:.0f} GiB (fewer or smaller images)"
+        )
+    require_seed("--seed", seed)
     from featinv.images import save_image
 
     out = Path(out)

@@ -14,6 +14,7 @@ import base64
 import io
 import itertools
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -27,7 +28,7 @@ from featinv.analysis.compose import lerp
 from featinv.analysis.metrics import SPREAD_MAX, sample_spread
 from featinv.analysis.steering import Concept, class_concept, steer
 from featinv.errors import FeatInvError
-from featinv.images import from_pil, heatmap, to_pil
+from featinv.images import from_pil, heatmap, load_image, resize_and_crop, to_pil
 from featinv.models.featinv_model import FeatInvModel
 from featinv.serving import RealtimeReconstructor, RequestCancelled
 
@@ -58,19 +59,37 @@ class ReconstructQuery(BaseModel):
 
 
 class Session:
-    """Uploaded images' feature maps by id (one per model, by feature mode), and each client's
-    request in flight."""
+    """Uploaded images' feature maps by id (one per model, by feature mode), the most recently used
+    ``max_images`` of them (older ones are dropped: their id then answers 404), and each client's
+    request in flight (dropped when it ends)."""
 
-    def __init__(self) -> None:
-        self.features: dict[str, dict[str, torch.Tensor]] = {}
-        self.thumbnails: dict[str, str] = {}
+    def __init__(self, max_images: int = 256) -> None:
+        self.max_images = max_images
+        self.features: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
         self.in_flight: dict[str, Any] = {}
         self.lock = threading.Lock()
         self.ids = itertools.count(1)
 
+    def add(self, features: dict[str, torch.Tensor]) -> str:
+        """Keep an image's feature maps; returns its id. Call with ``lock`` held."""
+        key = str(next(self.ids))
+        self.features[key] = features
+        while len(self.features) > self.max_images:
+            self.features.popitem(last=False)
+        return key
 
-def decode_upload(data: bytes, size: tuple[int, int]) -> torch.Tensor:
-    """An uploaded file as (1, 3, H, W) in [0, 1] at ``size``; FeatInvError for anything else."""
+    def get(self, key: str | None, mode: str) -> torch.Tensor | None:
+        """An image's ``mode`` feature map, marked as recently used; None when unknown or dropped.
+        Call with ``lock`` held."""
+        if key not in self.features:
+            return None
+        self.features.move_to_end(key)
+        return self.features[key].get(mode)
+
+
+def decode_upload(data: bytes, size: tuple[int, int], crop_pct: float = 1.0) -> torch.Tensor:
+    """An uploaded file as (1, 3, H, W) in [0, 1] at ``size``, resized and centre-cropped as the
+    classifier's eval transform does (``crop_pct``); FeatInvError for anything else."""
     if len(data) > MAX_UPLOAD_BYTES:
         raise FeatInvError(f"the file is {len(data) / 1e6:.1f} MB; the limit is {MAX_UPLOAD_BYTES / 1e6:.0f} MB")
     if data[:8] == b"\x93NUMPY\x01\x00" or data[8:9] == b"{" and b'"dtype"' in data[:4096]:
@@ -81,7 +100,7 @@ def decode_upload(data: bytes, size: tuple[int, int]) -> torch.Tensor:
                 raise FeatInvError(
                     f"the image is {image.width}x{image.height}; at most {MAX_PIXELS} pixels are accepted"
                 )
-            return from_pil(image.convert("RGB").resize(size[::-1], Image.BICUBIC))[None]
+            return from_pil(resize_and_crop(image.convert("RGB"), size, crop_pct))[None]
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as error:
         raise FeatInvError(f"not an image this app can read ({type(error).__name__})") from error
 
@@ -95,13 +114,24 @@ def create_app(
     seeds: int = 3,
     backend: str = "eager",
     fast_options: dict[str, Any] | None = None,
+    examples: str | Path | None = None,
+    max_images: int = 256,
+    api_docs: bool = False,
+    batching: bool = True,
 ):
     """The FastAPI app serving ``model`` (a model or its folder; ``backend`` and ``fast_options`` as
     ``Reconstructor``'s: ``fast`` on a GPU), and ``pooled_model`` beside it when given: a model of
     the same classifier and layer trained on pooled maps, which the page offers as a switch. Every
     tensor operation runs on the servers' one shared thread (``server.call``): the request
-    handlers' threads only decode, encode and wait."""
-    options = dict(device=device, steps=steps, backend=backend, warmup_batch=seeds, fast_options=fast_options)
+    handlers' threads only decode, encode and wait. ``examples``: a folder of images (searched
+    recursively, e.g. ImageNet layout) for the page's example picker; without it, the shapes models
+    get held-out shapes images and other models no picker. ``max_images``: how many uploaded or
+    picked images' feature maps the server keeps (the most recently used; memory stays bounded).
+    ``api_docs``: serve FastAPI's ``/docs`` and ``/openapi.json`` (off by default). ``batching``:
+    reconstruct the requests of different clients queued together as one denoiser batch."""
+    options = dict(
+        device=device, steps=steps, backend=backend, warmup_batch=seeds, fast_options=fast_options, batching=batching
+    )
     server = RealtimeReconstructor(model, **options)
     servers = {server.spec.mode: server}
     if pooled_model is not None:
@@ -125,25 +155,31 @@ def create_app(
         if problem:
             server.close()
             raise FeatInvError(problem)
-    session = Session()
+    session = Session(max_images)
     extractor = server.reconstructor.extractor
     size = server.reconstructor.model.image_size
-    classes = extractor.classifier.get_classifier().out_features
-    app = FastAPI(title="featinv")
+    crop_pct = server.spec.crop_pct
+    head = extractor.classifier.get_classifier()
+    classes = head.out_features if isinstance(head, torch.nn.Linear) else 0
+    class_names = _class_names(server.spec, classes)
+    steer_note = _steering_note(extractor)
+    example_files = _example_files(examples)
+    shapes_examples = example_files is None and _is_shapes_model(server.spec, classes)
+    example_count = len(example_files) if example_files is not None else (100 if shapes_examples else 0)
+    docs = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="featinv", **docs)
 
     def error(message: str, status: int = 400) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
 
     def remember(image: torch.Tensor) -> dict[str, Any]:
         features, picture = server.call(
-            lambda: ({mode: s.reconstructor.features(image) for mode, s in servers.items()}, to_pil(image[0]))
+            lambda: ({mode: s.reconstructor.features(image) for mode, s in servers.items()}, to_pil(image[0])),
+            urgent=True,  # between two steps of the reconstruction running, not after the whole queue
         )
-        thumbnail = _png_data_url(picture)
         with session.lock:
-            key = str(next(session.ids))
-            session.features[key] = features
-            session.thumbnails[key] = thumbnail
-        return {"id": key, "thumbnail": thumbnail}
+            key = session.add(features)
+        return {"id": key, "thumbnail": _png_data_url(picture)}
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -151,14 +187,13 @@ def create_app(
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        from featinv.training.shapes import CLASSES
-
-        names = list(CLASSES) if server.spec.model == "convnext_atto" and classes == len(CLASSES) else None
-        names = names or [f"class {k}" for k in range(classes)]
         return {
             "model": server.spec.describe(),
             "classes": classes,
-            "class_names": names,
+            "class_names": class_names,
+            "steerable": steer_note is None,
+            "steer_note": steer_note,
+            "examples": example_count,
             "seeds": seeds,
             "steps": steps,
             "modes": list(servers),
@@ -166,20 +201,30 @@ def create_app(
 
     @app.post("/api/example/{index}")
     def example(index: int) -> Any:
+        if example_count == 0:
+            return error("this app has no examples (start it with --examples DIR): upload an image", 404)
+        if not 0 <= index < example_count:
+            return error(f"example index must be in [0, {example_count - 1}]")
+        if example_files is not None:
+            path = example_files[index]
+            try:
+                image = server.call(lambda: load_image(path, size, crop_pct)[None], urgent=True)
+            except FeatInvError as message:
+                return error(str(message))
+            return {**remember(image), "label": path.parent.name if path.parent != Path(examples) else path.stem}
         from featinv.demo import DEMO_SEED
         from featinv.training.shapes import CLASSES, generate_shapes
 
-        if not 0 <= index < 100:
-            return error("example index must be in [0, 99]")
-        sample = server.call(generate_shapes, index + 1, DEMO_SEED + 7, size=size[0])
-        name = CLASSES[int(sample.labels[index])] if len(CLASSES) == classes else str(int(sample.labels[index]))
-        return {**remember(sample.images[index : index + 1]), "label": name}
+        sample = server.call(generate_shapes, index + 1, DEMO_SEED + 7, size=size[0], urgent=True)
+        return {**remember(sample.images[index : index + 1]), "label": CLASSES[int(sample.labels[index])]}
 
     @app.post("/api/upload")
-    async def upload(file: Annotated[UploadFile, File()]) -> Any:
-        data = await file.read(MAX_UPLOAD_BYTES + 1)
+    def upload(file: Annotated[UploadFile, File()]) -> Any:
+        # A plain def: FastAPI runs it on its thread pool, so waiting for the serving thread never
+        # blocks the event loop (and with it every other route) while reconstructions are queued.
+        data = file.file.read(MAX_UPLOAD_BYTES + 1)
         try:
-            return remember(server.call(decode_upload, data, size))
+            return remember(server.call(decode_upload, data, size, crop_pct, urgent=True))
         except FeatInvError as message:
             return error(str(message))
 
@@ -189,21 +234,26 @@ def create_app(
             return error(f"mode must be one of {list(servers)}, got {query.mode!r}")
         chosen = servers[query.mode]
         with session.lock:
-            features = session.features.get(query.id, {}).get(query.mode)
-            other = session.features.get(query.other, {}).get(query.mode) if query.other else None
+            features = session.get(query.id, query.mode)
+            other = session.get(query.other, query.mode) if query.other else None
             stale = session.in_flight.get(query.client)
-        if features is None:
-            return error("unknown image: upload or pick one first", 404)
+        if features is None or (query.other and other is None):
+            return error(
+                f"unknown image: upload or pick it (again; the server keeps the {session.max_images} most recent)", 404
+            )
         if not -5.0 <= query.strength <= 5.0 or not 0.0 <= query.mix <= 1.0:
             return error("strength must be in [-5, 5] and mix in [0, 1]")
-        if not 0 <= query.concept < classes:
+        if query.strength != 0 and steer_note is not None:
+            return error(steer_note)
+        if steer_note is None and not 0 <= query.concept < classes:
             return error(f"concept must be a class in [0, {classes - 1}]")
         if stale is not None:
             stale.cancel()  # a newer slider value makes the request in flight stale
 
-        def slider_state() -> tuple[Concept, torch.Tensor]:
-            """The concept, and (seeds, C, h, w): A's map moved toward B and along the concept."""
-            concept = class_concept(extractor, query.concept)
+        def slider_state() -> tuple[Concept | None, torch.Tensor]:
+            """The concept (None where this map has no class directions), and (seeds, C, h, w): A's
+            map moved toward B and along the concept."""
+            concept = class_concept(extractor, query.concept) if steer_note is None else None
             moved = lerp(features, other, query.mix) if other is not None and query.mix > 0 else features
             if query.strength != 0:
                 moved = steer(moved, concept, [query.strength])[0]
@@ -222,12 +272,17 @@ def create_app(
             return error("superseded by a newer request", 409)
         except FeatInvError as message:
             return error(str(message))
+        finally:
+            with session.lock:
+                if session.in_flight.get(query.client) is request:
+                    del session.in_flight[query.client]
 
-        def pictures_and_probability() -> tuple[list[Image.Image], Image.Image | None, float]:
-            probability = concept.probability(extractor, images.to(server.reconstructor.device))
+        def pictures_and_probability() -> tuple[list[Image.Image], Image.Image | None, float | None]:
+            device = server.reconstructor.device
+            probability = concept.probability(extractor, images.to(device)).mean() if concept else None
             # what the seeds disagree on: the per-pixel spread over them (what the map leaves open)
             spread = to_pil(heatmap(sample_spread(images[:, None]), high=SPREAD_MAX)[0]) if len(images) > 1 else None
-            return [to_pil(image) for image in images], spread, float(probability.mean())
+            return [to_pil(image) for image in images], spread, None if probability is None else float(probability)
 
         pictures, spread, probability = server.call(pictures_and_probability)
         return {
@@ -238,7 +293,59 @@ def create_app(
 
     app.state.server = server
     app.state.servers = servers
+    app.state.session = session
     return app
+
+
+def _class_names(spec: Any, classes: int) -> list[str]:
+    """The classes' names: the shapes for the shapes models, ImageNet's (timm's ``ImageNetInfo``)
+    for 1000-class classifiers, else ``class k``."""
+    from featinv.training.shapes import CLASSES
+
+    if _is_shapes_model(spec, classes):
+        return list(CLASSES)
+    if classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(k).split(",")[0] for k in range(classes)]
+    return [f"class {k}" for k in range(classes)]
+
+
+def _is_shapes_model(spec: Any, classes: int) -> bool:
+    from featinv.training.demo_preset import CLASSIFIER
+    from featinv.training.shapes import CLASSES
+
+    return spec.model == CLASSIFIER and classes == len(CLASSES)
+
+
+def _steering_note(extractor: Any) -> str | None:
+    """None when the map has class directions (a linear head over its channels), else why not."""
+    try:
+        class_concept(extractor, 0)
+    except FeatInvError:
+        head = extractor.classifier.get_classifier()
+        over = f"{head.in_features} channels" if isinstance(head, torch.nn.Linear) else "no linear head"
+        return (
+            f"steering is off: class directions live in the classifier's linear head ({over}), and this model "
+            f"inverts {extractor.spec.describe()}, a layer the head does not read"
+        )
+    return None
+
+
+def _example_files(folder: str | Path | None) -> list[Path] | None:
+    """The image files of ``--examples DIR`` (recursively, sorted), or None without it."""
+    if folder is None:
+        return None
+    from featinv.training.image_folder import EXTENSIONS
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FeatInvError(f"--examples folder not found: {root}")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
+    if not files:
+        raise FeatInvError(f"--examples {root} holds no images ({', '.join(sorted(EXTENSIONS))})")
+    return files[:1000]
 
 
 def serve(
@@ -249,6 +356,10 @@ def serve(
     backend: str = "eager",
     fast_options: dict[str, Any] | None = None,
     pooled_model_dir: str | Path | None = None,
+    examples: str | Path | None = None,
+    api_docs: bool = False,
+    max_images: int = 256,
+    batching: bool = True,
 ) -> None:
     """Run the app with uvicorn (blocking). Without ``model_dir``: the shipped demo models, spatial
     and pooled."""
@@ -260,7 +371,15 @@ def serve(
         model_dir, pooled_model_dir = PRETRAINED / SPATIAL_DIR, pooled_model_dir or PRETRAINED / POOLED_DIR
     # Folders, not loaded models: the server loads them on its own thread (see create_app).
     app = create_app(
-        model_dir, pooled_model=pooled_model_dir, device=device, backend=backend, fast_options=fast_options
+        model_dir,
+        pooled_model=pooled_model_dir,
+        device=device,
+        backend=backend,
+        fast_options=fast_options,
+        examples=examples,
+        api_docs=api_docs,
+        max_images=max_images,
+        batching=batching,
     )
     print(f"serving on http://{host}:{port}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

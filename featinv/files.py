@@ -1,0 +1,30 @@
+"""File modes for what featinv writes: files staged in temporary folders (``mkdtemp`` is 0700,
+``mkstemp`` 0600) get the modes any other file would, 0666/0777 less the process's umask, so that
+model folders, outputs and checkpoints are readable by others as usual."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish(path: str | Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the umask's usual modes."""
+    path = Path(path)
+    mask = current_umask()
+    if path.is_dir():
+        for root, dirs, files in os.walk(path):
+            os.chmod(root, 0o777 & ~mask)
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    elif path.exists():
+        os.chmod(path, 0o666 & ~mask)
