@@ -14,7 +14,7 @@ $(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH)
 	$(PIP) install --quiet setuptools wheel "pybind11>=2.12" "cmake>=3.18"
-	$(PIP) install --quiet --no-build-isolation -e ".[test,dev,sd]"
+	$(PIP) install --quiet --no-build-isolation -e ".[test,dev,sd,metrics]"
 	touch $(STAMP)
 
 install: $(STAMP)

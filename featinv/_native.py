@@ -71,13 +71,36 @@ def schedule_tables(impl: str | None = None) -> ModuleType:
 
 
 def _load_sampler() -> ModuleType | None:
+    """The extension, if it loads and was built against the running torch (a wheel built against
+    another torch would crash or misbehave in libtorch's C++ API): otherwise None, with one warning
+    saying why, and the Python loops (the same numbers) run instead."""
     try:
-        import torch  # noqa: F401  (the extension links against the loaded torch)
+        import torch  # the extension links against the loaded torch
 
         from featinv import _sampler
-    except ImportError:
+    except ImportError as error:
+        if not isinstance(error, ModuleNotFoundError) and "cannot import name" not in str(error):  # built, broken
+            _warn_once(f"featinv._sampler does not load with torch here ({error}); the Python sampler loops run")
+        return None
+    built = getattr(_sampler, "built_with_torch", None)
+    if built is not None and built != torch.__version__:
+        _warn_once(
+            f"featinv._sampler was built against torch {built}, this is torch {torch.__version__}: the Python "
+            "sampler loops run instead (the same numbers); reinstall featinv to rebuild it"
+        )
         return None
     return _sampler
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import warnings
+
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def native_sampler_available() -> bool:

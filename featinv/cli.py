@@ -14,13 +14,22 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
+    import torch
 
 from featinv.errors import FeatInvError, require_positive_int
 from featinv.files import publish
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "fp16", "bf16")  # --dtype choices; torch loads only when a command runs
+
+
+def torch_dtype(name: str):
+    """The torch dtype of a ``--dtype`` choice."""
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
 class Parser(argparse.ArgumentParser):
@@ -105,7 +114,7 @@ def _reconstructor(args: argparse.Namespace):
     from featinv.pipeline import Reconstructor, resolve_device
 
     device = resolve_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32"))
     model = load_model(args)
     return Reconstructor(
         model,
@@ -191,6 +200,8 @@ def _read_features(path: str) -> torch.Tensor:
 def cmd_reconstruct(args: argparse.Namespace) -> int:
     """Reconstruct images from the feature maps of image files (or a features file), one or
     several samples each (with the samples' per-pixel spread)."""
+    import torch
+
     from featinv.analysis.metrics import SPREAD_MAX, sample_spread
     from featinv.images import heatmap, load_images, make_grid, save_image
 
@@ -272,6 +283,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 def _optimize(extractor, maps: torch.Tensor, args: argparse.Namespace, seed: int) -> torch.Tensor:
     """The optimisation baseline at the classifier's input size, with a progress bar; prints the
     final feature cosine of the images it found."""
+    import torch
+
     from featinv.analysis.metrics import feature_cosine
     from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
 
@@ -292,6 +305,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     """``reconstruct --method optimize --classifier NAME``: the optimisation baseline on any timm
     classifier and layer, no FeatInv model: images are brought to the classifier's input by its own
     eval transform, and optimised at that size."""
+    import torch
+
     from featinv.features import FeatureExtractor
     from featinv.images import load_images, make_grid, save_image
     from featinv.pipeline import resolve_device
@@ -342,6 +357,8 @@ def _sample_names(stems: Sequence[str], samples: int) -> dict[str, list[str]]:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     """Write the feature maps of image files to a safetensors file (key ``features``)."""
+    import torch
+
     from featinv.images import load_images
     from featinv.weights import save_state_dict_atomic
 
@@ -368,7 +385,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         require_tensorrt()  # one clear line, before anything is written
     model = load_model(args)
-    manifest = export_onnx(model, args.out, dtype=DTYPES[args.dtype], opset=args.opset, exporter=args.exporter)
+    manifest = export_onnx(model, args.out, dtype=torch_dtype(args.dtype), opset=args.opset, exporter=args.exporter)
     files = ", ".join(sorted(manifest["sha256"]))
     print(f"wrote {files} (ONNX opset {manifest['opset']}, {args.exporter} exporter, checked) to {args.out}")
     if args.format == "tensorrt":
@@ -450,7 +467,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import featinv
+
     parser = Parser(prog="featinv", description="See what an image classifier sees: invert its feature maps.")
+    parser.add_argument("--version", action="version", version=f"featinv {featinv.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     info = commands.add_parser("info", help="print a model's feature spec")

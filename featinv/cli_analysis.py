@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
+    import torch
 
 from featinv.cli import load_model, required_extractor
 from featinv.errors import FeatInvError
@@ -198,6 +200,8 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """FeatInv spatial, FeatInv pooled and the optimisation baseline side by side."""
+    import torch
+
     from featinv.analysis.optimize import OptimizeConfig
     from featinv.analysis.studies import evaluate_study
     from featinv.training.demo_preset import POOLED_DIR, PRETRAINED, SPATIAL_DIR
@@ -272,7 +276,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _add_analysis_args(parser: argparse.ArgumentParser, *, model_required: bool = True, images: bool = True) -> None:
-    from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
+    from featinv.paths import PRETRAINED, SPATIAL_DIR
 
     default = None if not model_required else str(PRETRAINED / SPATIAL_DIR)
     parser.add_argument("--model", default=default, help="FeatInv model folder (default: the shipped demo model)")
@@ -320,5 +324,9 @@ def add_analysis_commands(commands) -> None:
     evaluate.add_argument("--pooled-model", help="a FeatInv model trained on pooled maps of the same classifier")
     evaluate.add_argument("--data", default="shapes", help="shapes (held-out), or an ImageNet-layout folder")
     evaluate.add_argument("--n", "--num-images", dest="n", type=int, default=64, help="images to evaluate (default 64)")
-    evaluate.add_argument("--fid-weights", help="timm inception_v3 weights for FID proper (default: the classifier)")
+    evaluate.add_argument(
+        "--fid-weights",
+        help="pytorch-fid's FID Inception weights file (pt_inception-2015-12-05-6726825d.pth) for FID proper "
+        "(default: the classifier's space)",
+    )
     evaluate.set_defaults(func=cmd_evaluate)

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
+    import torch
 
 from featinv.cli import Parser, add_model_args, load_model, required_extractor
 from featinv.errors import FeatInvError, require_positive_int, require_seed
@@ -15,6 +17,8 @@ from featinv.errors import FeatInvError, require_positive_int, require_seed
 def _stream(data: str, size: int, *, pool: int, seed: int, augment: bool):
     """The training stream for ``--data``: ``shapes`` (a seeded pool) or an ImageNet-layout folder."""
     if data == "shapes":
+        import torch
+
         from featinv.training.train import ShapesStream
 
         if pool < 1:

@@ -108,14 +108,18 @@ def test_cav_separates_concepts_and_steering_moves_along_it():
 
 
 def test_corruptions_and_ood_inputs_stay_images():
-    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     for name in CORRUPTIONS:
+        if name == "glass_blur":  # numba compiles it on first use: ~7 s, for one more of the 19
+            continue
         out = corrupt(images, name, 3)
         assert out.shape == images.shape and float(out.min()) >= 0 and float(out.max()) <= 1
         assert not torch.equal(out, images), name
     assert all(v.shape == (2, 3, 16, 16) for v in ood_inputs(2, 16).values())
     with pytest.raises(FeatInvError, match="severity"):
         corrupt(images, "jpeg", 9)
+    with pytest.raises(FeatInvError, match="at least 32x32 pixels"):
+        corrupt(images[..., :16, :16], "jpeg", 3)
 
 
 FAST = ["--steps", "2", "--opt-steps", "5", "--device", "cpu"]
@@ -242,30 +246,103 @@ def test_topk_agreement_with_fewer_classes_than_k():
     assert topk_agreement(a, b, k=5).tolist() == [True, True]  # 3 classes: all are in the top 5
 
 
-def test_inception_fid_features_from_a_local_file(tmp_path):
+def _random_fid_inception_weights() -> dict[str, torch.Tensor]:
+    """Random weights of pytorch-fid's FID Inception (the real file cannot be downloaded here): the
+    architecture and the formula are what the test checks."""
+    from unittest import mock
+
+    from pytorch_fid import inception as fid_inception
+
+    torch.manual_seed(0)
+    with (
+        mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *args, **kwargs: None),
+        mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *args, **kwargs: {}),
+    ):
+        return fid_inception.fid_inception_v3().state_dict()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Matrix is singular")  # pytorch-fid's scipy call
+def test_inception_fid_equals_pytorch_fid_from_a_local_file(tmp_path):
+    """featinv's FID in Inception space is pytorch-fid's: its network's pool features and its
+    Frechet distance (pytorch_fid.fid_score.calculate_frechet_distance), from a local weights file."""
     import timm
+    from pytorch_fid import fid_score
+    from pytorch_fid import inception as fid_inception
     from safetensors.torch import save_file
 
     from featinv.analysis.fid import fid, inception_features
 
-    torch.manual_seed(0)
-    reference = timm.create_model("inception_v3", pretrained=False).eval()
-    weights = tmp_path / "inception.safetensors"
-    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(weights))
+    pytest.importorskip("pytorch_fid")
+    state = _random_fid_inception_weights()
+    weights = tmp_path / "pt_inception.pth"
+    torch.save(state, weights)
     features = inception_features(weights)
-    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    got = features(images)
+    generator = torch.Generator().manual_seed(1)
+    real, fake = torch.rand(12, 3, 48, 48, generator=generator), torch.rand(12, 3, 48, 48, generator=generator) ** 2
+    got_real, got_fake = features(real), features(fake)
+    assert got_real.shape == (12, 2048)
+    with mock_fid_weights(fid_inception, state):
+        network = fid_inception.InceptionV3([3]).eval()
     with torch.no_grad():
-        x = torch.nn.functional.interpolate(images, size=(299, 299), mode="bilinear", antialias=True)
-        want = reference.forward_head(reference.forward_features(x * 2 - 1), pre_logits=True)
-    assert got.shape == (3, 2048)
-    torch.testing.assert_close(got, want)
-    assert fid(images, images, features) < 1e-3 < fid(images, images.flip(-2) * 0.5, features)
+        want_real, want_fake = (network(x)[0].flatten(1) for x in (real, fake))
+    torch.testing.assert_close(got_real, want_real)
+    torch.testing.assert_close(got_fake, want_fake)
+    stats = [(x.double().numpy().mean(0), np.cov(x.double().numpy(), rowvar=False)) for x in (want_real, want_fake)]
+    expected = fid_score.calculate_frechet_distance(*stats[0], *stats[1])
+    assert fid(real, fake, features) == pytest.approx(expected, rel=1e-4)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "fid.safetensors"))
+    torch.testing.assert_close(inception_features(tmp_path / "fid.safetensors")(real), got_real)  # safetensors too
 
     wrong = tmp_path / "resnet.safetensors"
     save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(wrong))
-    with pytest.raises(FeatInvError, match="do not fit inception_v3"):
+    with pytest.raises(FeatInvError, match="do not fit pytorch-fid's InceptionV3"):
         inception_features(wrong)
+
+
+def mock_fid_weights(fid_inception, state):
+    from unittest import mock
+
+    return mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *args, **kwargs: state)
+
+
+def test_ssim_is_the_standard_one_skimage_computes():
+    """11x11 Gaussian window, sigma 1.5, population covariance, data range 1: scikit-image's SSIM."""
+    from skimage.metrics import structural_similarity
+
+    generator = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 3, 40, 36, generator=generator)
+    b = (a + 0.2 * torch.randn(a.shape, generator=generator)).clamp(0, 1)
+    got = ssim(a, b)
+    for i in range(2):
+        want = structural_similarity(
+            a[i].permute(1, 2, 0).double().numpy(),
+            b[i].permute(1, 2, 0).double().numpy(),
+            channel_axis=2,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=1.0,
+        )
+        assert float(got[i]) == pytest.approx(want, abs=5e-3)  # border handling differs by ~0.003
+
+
+def test_corruptions_are_imagecorruptions_own():
+    """Each corruption is the imagecorruptions package's output (numpy's generator seeded seed + i),
+    and numpy's global generator is left as it was."""
+    from imagecorruptions import corrupt as imagenet_c
+
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for name in ("gaussian_noise", "motion_blur", "jpeg", "fog", "frost", "contrast"):
+        np.random.seed(123)
+        before = np.random.get_state()[1].copy()
+        got = corrupt(images, name, 4, seed=7)
+        assert np.array_equal(np.random.get_state()[1], before)  # the caller's generator, untouched
+        for i in range(2):
+            np.random.seed(7 + i)
+            want = imagenet_c(pixels[i], corruption_name={"jpeg": "jpeg_compression"}.get(name, name), severity=4)
+            want = torch.from_numpy(np.asarray(want, dtype=np.uint8)).permute(2, 0, 1).float() / 255
+            torch.testing.assert_close(got[i], want, rtol=0, atol=0)
 
 
 def test_evaluate_embeds_the_references_once(tmp_path, tiny_model, tiny_extractor):

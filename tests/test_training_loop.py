@@ -198,4 +198,15 @@ def test_train_config_rejects_bad_values():
         TrainConfig(steps=1, lr=1e-3, batch_size=2, ema_decay=1.5)
     config = TrainConfig(steps=100, lr=1.0, batch_size=2, warmup_fraction=0.1)
     rates = [config.learning_rate(s) for s in range(100)]
-    assert rates[9] == 1.0 and rates[0] == 0.1 and rates[-1] < 0.01 and rates == sorted(rates[:10]) + rates[10:]
+    assert rates[10] == 1.0 and rates[0] == 0.0 and rates[5] == 0.5 and rates[-1] < 0.01
+    assert rates[:11] == sorted(rates[:11]) and rates[10:] == sorted(rates[10:], reverse=True)
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(optimizer, 10, 100)
+    expected = []
+    for _ in range(100):
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        reference.step()
+    assert rates == pytest.approx(expected, abs=1e-12)

@@ -1,7 +1,8 @@
-"""Frechet distance between two image sets in the feature space of a pluggable network: Inception-v3
-pool features when you supply its weights (FID proper), otherwise the classifier's own penultimate
-(pre-logits) features. The matrix square root is an eigendecomposition in float64 (checked against
-``scipy.linalg.sqrtm`` in the tests)."""
+"""Frechet distance between two image sets in the feature space of a pluggable network: the FID
+Inception (pytorch-fid's architecture, the port of TensorFlow's that published FIDs use, with its
+weights file ``pt_inception-2015-12-05-6726825d.pth`` given locally) for FID proper, otherwise the
+classifier's own penultimate (pre-logits) features. The matrix square root is an eigendecomposition
+in float64 (checked against ``scipy.linalg.sqrtm`` in the tests)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from featinv.analysis.intervals import LEVEL, percentile_interval
 from featinv.errors import FeatInvError
@@ -84,25 +84,31 @@ def classifier_features(extractor: FeatureExtractor) -> FeatureFn:
     return features
 
 
-def inception_features(weights: str | Path) -> FeatureFn:
-    """Inception-v3 pool features (2048) from a local weights file for timm's ``inception_v3``."""
-    import timm
+def inception_features(weights: str | Path | dict[str, torch.Tensor]) -> FeatureFn:
+    """pytorch-fid's FID Inception pool features (2048): its ``InceptionV3`` (resize to 299,
+    inputs scaled to [-1, 1], the TensorFlow graph's blocks), with its weights from a local file
+    (the ``.pth`` pytorch-fid downloads, read with ``weights_only``, or the same tensors as
+    safetensors) instead of the URL it would fetch. Needs ``pytorch-fid`` (``featinv[metrics]``)."""
+    from unittest import mock
 
+    try:
+        from pytorch_fid import inception as fid_inception
+    except ImportError as error:
+        raise FeatInvError("FID in Inception space needs pytorch-fid: pip install 'featinv[metrics]'") from error
     from featinv.weights import load_state_dict
 
-    model = timm.create_model("inception_v3", pretrained=False).eval()
-    try:
-        missing = model.load_state_dict(load_state_dict(weights, what="Inception weights"), strict=False)
-    except RuntimeError as error:  # a tensor of another shape under one of inception_v3's names
-        first = str(error).splitlines()[1].strip() if "\n" in str(error) else str(error)
-        raise FeatInvError(f"Inception weights {weights} do not fit inception_v3 ({first[:200]})") from error
-    if missing.missing_keys:
-        raise FeatInvError(f"Inception weights {weights} do not fit inception_v3 ({missing.missing_keys[:3]} missing)")
+    state = weights if isinstance(weights, dict) else load_state_dict(weights, what="FID Inception weights")
+    try:  # pytorch-fid fetches its weights from a URL: hand it the local file's tensors instead
+        with mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *args, **kwargs: state):
+            model = fid_inception.InceptionV3([fid_inception.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    except (RuntimeError, KeyError) as error:  # missing, unexpected or misshapen tensors
+        first = str(error).strip().splitlines()[0][:200]
+        raise FeatInvError(f"FID Inception weights {weights} do not fit pytorch-fid's InceptionV3 ({first})") from error
 
     @torch.no_grad()
     def features(images: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(images, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
-        return model.forward_head(model.forward_features(x * 2 - 1), pre_logits=True).flatten(1).float()
+        device = next(model.parameters()).device
+        return model(images.to(device, torch.float32))[0].flatten(1).float().cpu()
 
     return features
 

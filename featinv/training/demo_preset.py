@@ -16,6 +16,7 @@ from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
 from featinv.models.controlnet import FeatInvControlNet
 from featinv.models.featinv_model import FeatInvModel
+from featinv.paths import BASE_DIR, POOLED_DIR, PRETRAINED, SPATIAL_DIR  # noqa: F401  (re-exported)
 from featinv.training.distributed import get_accelerator
 from featinv.training.feature_cache import load_cache
 from featinv.training.loop import TrainConfig, TrainResult
@@ -29,9 +30,6 @@ from featinv.training.train import (
 )
 from featinv.weights import load_state_dict, save_state_dict_atomic
 
-PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
-SPATIAL_DIR, POOLED_DIR = "shapes-demo", "shapes-demo-pooled"
-BASE_DIR = "shapes-base"  # the base UNet both demo models refer to
 TRAIN_SEED = 1  # the held-out demo images use another seed (featinv.demo.DEMO_SEED)
 
 CLASSIFIER = "convnext_atto"

@@ -13,8 +13,8 @@ global batch; DDP averages the gradients, so the update is the single-process on
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -84,12 +84,21 @@ class TrainConfig:
         return torch.autocast(device.type, dtype=torch.bfloat16 if kind == "bf16" else torch.float16)
 
     def learning_rate(self, step: int) -> float:
-        """Linear warm-up over ``warmup_fraction`` of the steps, then cosine decay to zero."""
+        """diffusers' ``get_cosine_schedule_with_warmup``: linear warm-up from 0 over
+        ``warmup_fraction`` of the steps, then cosine decay to zero (a pure function of the step)."""
         warmup = max(1, int(self.warmup_fraction * self.steps))
-        if step < warmup:
-            return self.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, self.steps - warmup)
-        return self.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.lr * _cosine_with_warmup(warmup, self.steps)(step)
+
+
+@functools.lru_cache(maxsize=16)
+def _cosine_with_warmup(warmup: int, steps: int) -> Callable[[int], float]:
+    """The multiplier diffusers' ``get_cosine_schedule_with_warmup`` applies at each step (taken
+    from the scheduler it builds, on a one-parameter optimizer: the trainer sets the rate of its
+    own optimizer per step, which keeps resuming and extending a run exact)."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    return get_cosine_schedule_with_warmup(dummy, warmup, steps).lr_lambdas[0]
 
 
 @dataclass

@@ -1,0 +1,10 @@
+"""Where the shipped demo models live: plain paths, importable without torch (the CLI's --help
+shows them as defaults)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PRETRAINED = Path(__file__).resolve().parent / "pretrained"
+SPATIAL_DIR, POOLED_DIR = "shapes-demo", "shapes-demo-pooled"
+BASE_DIR = "shapes-base"  # the base UNet both demo models refer to
