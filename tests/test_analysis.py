@@ -341,7 +341,7 @@ def test_corruptions_are_imagecorruptions_own():
         for i in range(2):
             np.random.seed(7 + i)
             want = imagenet_c(pixels[i], corruption_name={"jpeg": "jpeg_compression"}.get(name, name), severity=4)
-            want = torch.from_numpy(np.asarray(want, dtype=np.uint8)).permute(2, 0, 1).float() / 255
+            want = torch.from_numpy(np.array(want, dtype=np.uint8)).permute(2, 0, 1).float() / 255
             torch.testing.assert_close(got[i], want, rtol=0, atol=0)
 
 
