@@ -210,6 +210,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     if args.model is None:
         if args.method != "optimize" or args.classifier is None:
             raise FeatInvError("give --model DIR, or --method optimize --classifier NAME (no FeatInv model needed)")
+        from featinv.cli_optimize import cmd_optimize
+
         return cmd_optimize(args)
     if args.classifier is not None:
         raise FeatInvError("--classifier goes without --model (the model names its classifier)")
@@ -239,7 +241,9 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     for k in range(samples if stems else 0):
         seed = args.seed + k * len(every_stem)
         if args.method == "optimize":  # at the classifier's own input size, not the model's image size
-            runs.append(_optimize(reconstructor.extractor, maps, args, seed))
+            from featinv.cli_optimize import optimize_images
+
+            runs.append(optimize_images(reconstructor.extractor, maps, args, seed))
         else:
             result = reconstructor.reconstruct(
                 features=maps,
@@ -277,66 +281,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         if samples > 1:
             what += f", {samples} samples each, their spread maps (per-pixel std over the samples, 0 to 0.5)"
         print(f"wrote {what} and grid.png to {args.out}")
-    return 0
-
-
-def _optimize(extractor, maps: torch.Tensor, args: argparse.Namespace, seed: int) -> torch.Tensor:
-    """The optimisation baseline at the classifier's input size, with a progress bar; prints the
-    final feature cosine of the images it found."""
-    import torch
-
-    from featinv.analysis.metrics import feature_cosine
-    from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
-
-    steps = None if args.opt_steps is None else require_positive_int("--opt-steps", args.opt_steps)
-    config = OptimizeConfig.for_input(max(extractor.spec.input_size[1:]), steps)
-    images = invert_by_optimization(extractor, maps, config=config, seed=seed, progress=not args.quiet)
-    device = next(extractor.classifier.parameters()).device
-    with torch.no_grad():
-        cosine = feature_cosine(extractor(images.to(device)).float(), maps.to(device).float())
-    print(
-        f"optimised {len(images)} image(s) at {images.shape[-2]}x{images.shape[-1]} px: feature cosine "
-        + ", ".join(f"{float(c):.3f}" for c in cosine)
-    )
-    return images
-
-
-def cmd_optimize(args: argparse.Namespace) -> int:
-    """``reconstruct --method optimize --classifier NAME``: the optimisation baseline on any timm
-    classifier and layer, no FeatInv model: images are brought to the classifier's input by its own
-    eval transform, and optimised at that size."""
-    import torch
-
-    from featinv.features import FeatureExtractor
-    from featinv.images import load_images, make_grid, save_image
-    from featinv.pipeline import resolve_device
-
-    extractor = FeatureExtractor(
-        args.classifier,
-        _parse_layer(args.layer),
-        mode="pooled" if args.pooled else "spatial",
-        weights=args.classifier_weights,
-        input_size=(3, args.input_size, args.input_size) if args.input_size else None,
-    ).to(resolve_device(args.device))
-    size, samples = extractor.spec.input_size[1:], require_positive_int("--samples", args.samples)
-    if args.images:
-        stems = _unique_stems(args.images)
-        originals = load_images(args.images, size, extractor.spec.crop_pct)
-        with torch.no_grad():
-            maps = extractor(originals.to(next(extractor.parameters()).device)).cpu()
-    else:
-        maps = _read_features(args.features)
-        extractor.spec.check_features(maps, "--features")
-        stems, originals = [f"features_{i:03d}" for i in range(len(maps))], None
-    names = _sample_names(stems, samples)
-    runs = [_optimize(extractor, maps, args, args.seed + k * len(stems)) for k in range(samples)]
-    with staged_output(args.out) as staging:
-        for k, images in enumerate(runs):
-            for stem, image in zip(stems, images, strict=True):
-                save_image(image, staging / names[stem][k])
-        columns = ([originals[:16]] if originals is not None else []) + [images[:16] for images in runs]
-        save_image(make_grid(columns), staging / "grid.png")
-    print(f"wrote {len(stems)} optimisation inversion(s) of {extractor.spec.describe()} and grid.png to {args.out}")
     return 0
 
 

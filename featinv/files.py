@@ -4,8 +4,10 @@ model folders, outputs and checkpoints are readable by others as usual."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def current_umask() -> int:
@@ -28,3 +30,17 @@ def publish(path: str | Path) -> None:
                 os.chmod(os.path.join(root, name), 0o666 & ~mask)
     elif path.exists():
         os.chmod(path, 0o666 & ~mask)
+
+
+def read_json_object(file: str | Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (a config); FeatInvError naming the file otherwise."""
+    from featinv.errors import FeatInvError
+
+    file = Path(file)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise FeatInvError(f"{file} is not valid JSON ({error})") from error
+    if not isinstance(data, dict):
+        raise FeatInvError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data

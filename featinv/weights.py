@@ -6,6 +6,7 @@ import hashlib
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -66,3 +67,12 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def update_digest(digest: Any, prefix: str, state: dict[str, torch.Tensor]) -> None:
+    """Feed ``prefix.name:shape:dtype`` and the bytes of each tensor (in logical order whatever the
+    layout: a channels-last (C, K, 1, 1) weight counts as contiguous yet has a last-dim stride > 1,
+    which a byte view refuses) into ``digest`` (a hashlib object): the weights' fingerprints."""
+    for name, tensor in state.items():
+        digest.update(f"{prefix}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().flatten().contiguous().view(torch.uint8).numpy().tobytes())

@@ -29,7 +29,7 @@ import torch
 
 from featinv.errors import FeatInvError
 from featinv.models.featinv_model import FeatInvModel
-from featinv.weights import file_sha256
+from featinv.weights import file_sha256, update_digest
 
 MANIFEST = "manifest.json"
 DENOISER_FILE, HINT_FILE = "denoiser.onnx", "hint_encoder.onnx"
@@ -66,11 +66,7 @@ def model_fingerprint(model: FeatInvModel) -> str:
     parts = {"unet": model.unet.state_dict(), "controlnet": model.controlnet.state_dict()}
     parts["contexts"] = {"context": model.context, "null_context": model.null_context}
     for part, state in parts.items():
-        for name, tensor in state.items():
-            digest.update(f"{part}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            # flatten: the bytes in logical order whatever the layout (a channels-last (C, K, 1, 1)
-            # weight counts as contiguous yet has a last-dim stride > 1, which a byte view refuses)
-            digest.update(tensor.detach().cpu().flatten().contiguous().view(torch.uint8).numpy().tobytes())
+        update_digest(digest, part, state)
     return digest.hexdigest()
 
 

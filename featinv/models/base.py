@@ -14,7 +14,6 @@ its UNet and VAE weights, checked when the model is loaded.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ import torch
 from torch import nn
 
 from featinv.errors import FeatInvError
+from featinv.files import read_json_object
+from featinv.weights import update_digest
 
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -52,12 +53,7 @@ def _components(folder: Path) -> dict[str, Any]:
     index = folder / "model_index.json"
     if not index.is_file():
         return {}
-    try:
-        data = json.loads(index.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FeatInvError(f"{index} is not valid JSON ({error})") from error
-    if not isinstance(data, dict):
-        raise FeatInvError(f"{index} must hold a JSON object")
+    data = read_json_object(index)
     return {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 2 and v[1] is not None}
 
 
@@ -138,10 +134,7 @@ def load_base(base: str | Path) -> LoadedBase:
     scheduler_config = None
     scheduler_file = folder / "scheduler" / "scheduler_config.json"
     if kind == "folder" and scheduler_file.is_file():
-        try:
-            scheduler_config = json.loads(scheduler_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise FeatInvError(f"{scheduler_file} is not valid JSON ({error})") from error
+        scheduler_config = read_json_object(scheduler_file)
     elif kind == "hub":
         scheduler_config = _maybe_hub_scheduler(base)
     return LoadedBase(unet, vae, scheduler_config)
@@ -203,11 +196,8 @@ def weights_fingerprint(*modules: nn.Module | None) -> str:
     """sha256 over the names, shapes, dtypes and bytes (in logical order) of the modules' state."""
     digest = hashlib.sha256()
     for index, module in enumerate(modules):
-        if module is None:
-            continue
-        for name, tensor in module.state_dict().items():
-            digest.update(f"{index}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-            digest.update(tensor.detach().cpu().flatten().contiguous().view(torch.uint8).numpy().tobytes())
+        if module is not None:
+            update_digest(digest, str(index), module.state_dict())
     return digest.hexdigest()
 
 

@@ -22,6 +22,8 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from torch import nn
 
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor, FeatureSpec
-from featinv.files import publish
+from featinv.files import publish, read_json_object
 from featinv.models.base import HAS_ACCELERATE, BaseReference, encode_prompts, load_base, weights_fingerprint
 from featinv.models.controlnet import FeatInvControlNet
 from featinv.models.presets import get_preset
@@ -275,9 +277,7 @@ class FeatInvModel(nn.Module):
         base (from a preset, or one whose UNet was trained) is always bundled.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with _staged_folder(path) as staging:
             reference = None
             if self.base is not None and not bundle:
                 reference = BaseReference.to_base(self.base, path, self.base_fingerprint)
@@ -303,21 +303,13 @@ class FeatInvModel(nn.Module):
                 "base": reference.to_dict() if reference is not None else None,
             }
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-            _drop_source_paths(staging)
-            publish(staging)
-            _replace_folder(staging, path)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
 
     def save_base(self, folder: str | Path) -> None:
         """Write the model's UNet and VAE as a diffusers base folder (``unet/``, ``vae/``,
         ``scheduler/``, ``model_index.json``), atomically, and make the model refer to it: models
         saved afterwards (this one, or others given the same base) share it instead of copying it."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with _staged_folder(folder) as staging:
             index = {"_class_name": "FeatInvBase", "unet": ["diffusers", type(self.unet).__name__]}
             self.unet.save_pretrained(staging / "unet", safe_serialization=True)
             if self.vae is not None:
@@ -327,12 +319,6 @@ class FeatInvModel(nn.Module):
             scheduler = {"_class_name": "DDIMScheduler", **self.noise_schedule.to_dict()}
             (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
             (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-            _drop_source_paths(staging)
-            publish(staging)
-            _replace_folder(staging, folder)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         self.base = str(folder.resolve())
         self.base_fingerprint = weights_fingerprint(self.unet, self.vae)
 
@@ -398,12 +384,7 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     file = Path(path) / CONFIG_NAME
     if not file.is_file():
         raise FeatInvError(f"{path} is not a featinv model folder: {CONFIG_NAME} is missing")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise FeatInvError(f"{file} is not valid JSON ({error})") from error
-    if not isinstance(config, dict):
-        raise FeatInvError(f"{file} must hold a JSON object, got {type(config).__name__}")
+    config = read_json_object(file)
     missing = [k for k in ("format_version", "feature_spec", "noise_schedule") if k not in config]
     if missing:
         raise FeatInvError(f"{file} lacks {', '.join(missing)}")
@@ -428,6 +409,22 @@ def _int_list(value: Any, length: int) -> bool:
         and len(value) == length
         and all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1 << 16 for v in value)
     )
+
+
+@contextmanager
+def _staged_folder(target: Path) -> Iterator[Path]:
+    """A temporary sibling of ``target`` to write into; when the block succeeds it loses the parts'
+    source paths, gets the usual modes and replaces ``target`` atomically; otherwise it is removed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        _drop_source_paths(staging)
+        publish(staging)
+        _replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _drop_source_paths(folder: Path) -> None:
