@@ -204,9 +204,14 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from featinv.analysis.metrics import SPREAD_MAX, sample_spread
     from featinv.images import heatmap, load_images, make_grid, save_image
+    from featinv.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     if args.images is None and args.features is None:
         raise FeatInvError("give --images FILES... or --features FILE")
+    if args.method == "guided":
+        from featinv.cli_guided import cmd_guided
+
+        return cmd_guided(args)
     if args.model is None:
         if args.method != "optimize" or args.classifier is None:
             raise FeatInvError("give --model DIR, or --method optimize --classifier NAME (no FeatInv model needed)")
@@ -247,8 +252,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         else:
             result = reconstructor.reconstruct(
                 features=maps,
-                steps=args.steps,
-                guidance_scale=args.guidance,
+                steps=DEFAULT_STEPS if args.steps is None else args.steps,
+                guidance_scale=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
                 sampler=args.sampler,
                 eta=args.eta,
                 seed=seed,
@@ -425,14 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
     rec = commands.add_parser("reconstruct", help="reconstruct images from feature maps")
     rec.add_argument("--model", help="FeatInv model folder (not needed with --method optimize --classifier NAME)")
     rec.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
-    rec.add_argument("--classifier", help="with --method optimize and no --model: a timm model name")
+    rec.add_argument("--classifier", help="a timm model name: with --method optimize (no --model) or --method guided")
     rec.add_argument("--layer", help="with --classifier: forward_features (default), a feature_info index or a module")
     rec.add_argument("--input-size", type=int, help="with --classifier: its input side in pixels (default: its own)")
     rec.add_argument("--images", nargs="+", help="image files whose feature maps to invert")
     rec.add_argument("--features", help="a safetensors file with a 'features' tensor (B, C, h, w)")
     rec.add_argument("--out", required=True, help="output folder (one PNG per input and grid.png)")
-    rec.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
-    rec.add_argument("--guidance", type=float, default=1.75, help="classifier-free guidance scale (default 1.75)")
+    rec.add_argument("--steps", type=int, help="sampler steps (default 50; 20 with --method guided)")
+    rec.add_argument(
+        "--guidance", type=float, help="classifier-free guidance scale (default 1.75; 1, off, with --method guided)"
+    )
     rec.add_argument("--sampler", choices=["ddim", "dpmpp"], default="ddim")
     rec.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
     rec.add_argument("--seed", type=int, default=0)
@@ -450,9 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
     rec.add_argument(
         "--method",
-        choices=["featinv", "optimize"],
+        choices=["featinv", "optimize", "guided"],
         default="featinv",
-        help="featinv (diffusion) or optimize (the Mahendran-Vedaldi baseline, no training needed)",
+        help="featinv (diffusion), optimize (the Mahendran-Vedaldi baseline) or guided (the model's base alone, "
+        "steered by the classifier's gradients); the last two need no training",
     )
     rec.add_argument("--opt-steps", type=int, help="with --method optimize: Adam steps (default 300; 800 above 160 px)")
     rec.add_argument(
@@ -463,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("--engine-dir", help="ONNX export / TensorRT engine cache (default: under ~/.cache/featinv)")
     add_twin_encoder_arg(rec)
+    from featinv.cli_guided import add_guided_args
+
+    add_guided_args(rec)
     rec.set_defaults(func=cmd_reconstruct)
 
     create = commands.add_parser("create", help="create an untrained FeatInv model for a classifier and layer")

@@ -199,15 +199,20 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """FeatInv spatial, FeatInv pooled and the optimisation baseline side by side."""
+    """FeatInv spatial, FeatInv pooled, the optimisation baseline and guided sampling side by side."""
     import torch
 
+    from featinv.analysis.guided import GuidanceConfig
     from featinv.analysis.optimize import OptimizeConfig
     from featinv.analysis.studies import evaluate_study
     from featinv.training.demo_preset import POOLED_DIR, PRETRAINED, SPATIAL_DIR
 
     if args.n < 2:
         raise FeatInvError(f"--n must be >= 2 (FID needs two images), got {args.n}")
+    guided = None
+    if not args.no_guided:
+        given = {"steps": args.guided_steps, "strength": args.guided_strength}
+        guided = GuidanceConfig(**{key: value for key, value in given.items() if value is not None})
     model_path = args.model or str(PRETRAINED / SPATIAL_DIR)
     pooled_path = args.pooled_model or (str(PRETRAINED / POOLED_DIR) if args.model is None else None)
     spatial = _analysis_reconstructor(args, model_path)
@@ -246,6 +251,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         steps=args.steps,
         sampler=args.sampler,
         optimize=OptimizeConfig(steps=args.opt_steps),
+        guided=guided,
         seed=args.seed,
         fid_features=fid_features,
     )
@@ -284,7 +290,12 @@ def _add_analysis_args(parser: argparse.ArgumentParser, *, model_required: bool 
     if images:
         parser.add_argument("--images", nargs="+", help="image files (default: --shapes held-out shapes images)")
         parser.add_argument("--shapes", type=int, default=4, help="without --images: this many held-out shapes images")
-    parser.add_argument("--method", choices=["featinv", "optimize"], default="featinv")
+    parser.add_argument(
+        "--method",
+        choices=["featinv", "optimize", "guided"],
+        default="featinv",
+        help="featinv, optimize (the Mahendran-Vedaldi baseline) or guided (the base alone, training-free)",
+    )
     parser.add_argument("--steps", type=int, default=10, help="sampler steps (default 10)")
     parser.add_argument("--sampler", choices=["ddim", "dpmpp"], default="dpmpp")
     parser.add_argument("--opt-steps", type=int, default=300, help="steps of the optimisation baseline")
@@ -319,7 +330,9 @@ def add_analysis_commands(commands) -> None:
     robust.add_argument("--severity", type=int, default=3, help="corruption severity 1-5")
     robust.set_defaults(func=cmd_robustness)
 
-    evaluate = commands.add_parser("evaluate", help="FeatInv spatial vs pooled vs the optimisation baseline")
+    evaluate = commands.add_parser(
+        "evaluate", help="FeatInv spatial vs pooled vs the optimisation baseline vs guided sampling"
+    )
     _add_analysis_args(evaluate, model_required=False, images=False)
     evaluate.add_argument("--pooled-model", help="a FeatInv model trained on pooled maps of the same classifier")
     evaluate.add_argument("--data", default="shapes", help="shapes (held-out), or an ImageNet-layout folder")
@@ -329,4 +342,9 @@ def add_analysis_commands(commands) -> None:
         help="pytorch-fid's FID Inception weights file (pt_inception-2015-12-05-6726825d.pth) for FID proper "
         "(default: the classifier's space)",
     )
+    evaluate.add_argument(
+        "--no-guided", action="store_true", help="leave out training-free guided sampling (the slowest column)"
+    )
+    evaluate.add_argument("--guided-steps", type=int, help="guided sampling's sampler steps (default 20)")
+    evaluate.add_argument("--guided-strength", type=float, help="guided sampling's forward strength (default 0.3)")
     evaluate.set_defaults(func=cmd_evaluate)

@@ -39,36 +39,58 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     """``reconstruct --method optimize --classifier NAME``: the optimisation baseline on any timm
     classifier and layer, no FeatInv model: images are brought to the classifier's input by its own
     eval transform, and optimised at that size."""
-    import torch
-
-    from featinv.features import FeatureExtractor
-    from featinv.images import load_images, make_grid, save_image
     from featinv.pipeline import resolve_device
 
-    extractor = FeatureExtractor(
+    extractor = classifier_from_args(args).to(resolve_device(args.device))
+    stems, originals, maps = classifier_inputs(extractor, args)
+    samples = require_positive_int("--samples", args.samples)
+    runs = [optimize_images(extractor, maps, args, args.seed + k * len(stems)) for k in range(samples)]
+    write_inversions(args, stems, originals, runs)
+    print(f"wrote {len(stems)} optimisation inversion(s) of {extractor.spec.describe()} and grid.png to {args.out}")
+    return 0
+
+
+def classifier_from_args(args: argparse.Namespace, mode: str | None = None):
+    """The ``--classifier NAME [--layer] [--input-size] [--classifier-weights]`` feature extractor."""
+    from featinv.features import FeatureExtractor
+
+    return FeatureExtractor(
         args.classifier,
         _parse_layer(args.layer),
-        mode="pooled" if args.pooled else "spatial",
+        mode=mode or ("pooled" if args.pooled else "spatial"),
         weights=args.classifier_weights,
         input_size=(3, args.input_size, args.input_size) if args.input_size else None,
-    ).to(resolve_device(args.device))
-    size, samples = extractor.spec.input_size[1:], require_positive_int("--samples", args.samples)
+    )
+
+
+def classifier_inputs(extractor, args: argparse.Namespace) -> tuple[list[str], torch.Tensor | None, torch.Tensor]:
+    """(stems, originals (B, 3, H, W) at the classifier's input or None, feature maps (B, C, h, w))
+    of ``--images`` (by the classifier's eval transform) or ``--features``."""
+    import torch
+
+    from featinv.images import load_images
+
     if args.images:
-        stems = _unique_stems(args.images)
-        originals = load_images(args.images, size, extractor.spec.crop_pct)
+        originals = load_images(args.images, extractor.spec.input_size[1:], extractor.spec.crop_pct)
         with torch.no_grad():
             maps = extractor(originals.to(next(extractor.parameters()).device)).cpu()
-    else:
-        maps = _read_features(args.features)
-        extractor.spec.check_features(maps, "--features")
-        stems, originals = [f"features_{i:03d}" for i in range(len(maps))], None
-    names = _sample_names(stems, samples)
-    runs = [optimize_images(extractor, maps, args, args.seed + k * len(stems)) for k in range(samples)]
+        return _unique_stems(args.images), originals, maps
+    maps = _read_features(args.features)
+    extractor.spec.check_features(maps, "--features")
+    return [f"features_{i:03d}" for i in range(len(maps))], None, maps
+
+
+def write_inversions(
+    args: argparse.Namespace, stems: list[str], originals: torch.Tensor | None, runs: list[torch.Tensor]
+) -> None:
+    """Write sample k of input ``stem`` as its :func:`featinv.cli._sample_names` file, and grid.png
+    (originals, then one column per sample, the first 16 inputs) into ``--out``, atomically."""
+    from featinv.images import make_grid, save_image
+
+    names = _sample_names(stems, len(runs))
     with staged_output(args.out) as staging:
         for k, images in enumerate(runs):
             for stem, image in zip(stems, images, strict=True):
                 save_image(image, staging / names[stem][k])
         columns = ([originals[:16]] if originals is not None else []) + [images[:16] for images in runs]
-        save_image(make_grid(columns), staging / "grid.png")
-    print(f"wrote {len(stems)} optimisation inversion(s) of {extractor.spec.describe()} and grid.png to {args.out}")
-    return 0
+        save_image(make_grid(columns, scale=max(1, 128 // columns[0].shape[-1])), staging / "grid.png")

@@ -133,7 +133,7 @@ def test_steer_compose_robustness_and_evaluate_write_their_reports(capsys, tmp_p
         "steer": ["steer", "--class", 1, "--shapes", 2, "--strengths", "0,1"],
         "compose": ["compose", "--images", a, b, "--mode", "slerp", "--ts", "0,0.5,1"],
         "robustness": ["robustness", "--shapes", 2, "--corruptions", "jpeg,contrast"],
-        "evaluate": ["evaluate", "--n", 6],
+        "evaluate": ["evaluate", "--n", 6, "--guided-steps", 2],
     }
     expected = {
         "steer": {"strip.png", "probability.png"},
@@ -149,16 +149,18 @@ def test_steer_compose_robustness_and_evaluate_write_their_reports(capsys, tmp_p
         assert "<img" in (out / "report.html").read_text()
         if name == "evaluate":  # a table: a row per metric, a column per method, intervals in brackets
             rows = {line.split()[0]: line for line in printed.splitlines() if line[:1].isalpha()}
-            assert rows["feature_cosine"].count("[") == 3 and rows["fid_vs_real"].count("[") == 0
+            assert rows["feature_cosine"].count("[") == 4 and rows["fid_vs_real"].count("[") == 0
     evaluation = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
-    assert set(evaluation["methods"]) == {"featinv spatial", "featinv pooled", "optimisation"}
+    assert list(evaluation["methods"]) == ["featinv spatial", "featinv pooled", "optimisation", "guided"]
     assert {"feature_cosine", "top1_agreement", "fid_vs_real", "mask_iou"} <= set(evaluation["methods"]["optimisation"])
     for method, row in evaluation["ci95"].items():
         for name, (low, high) in row.items():
             assert low <= evaluation["methods"][method][name] <= high, (method, name)
     assert "95% CI" in evaluation["verdicts"][0] and "same images" in evaluation["verdicts"][0]
     low, high = evaluation["fid_spatial_minus_optimisation"]["ci95"]  # the classifier's space: small enough
-    assert low <= high and "images resampled" in evaluation["verdicts"][-1]
+    (fid_line,) = [line for line in evaluation["verdicts"] if "the optimisation baseline on FID" in line]
+    assert low <= high and "images resampled" in fid_line
+    assert evaluation["verdicts"][-1].startswith("Cost: guided sampling took")
 
 
 def test_evaluate_verdicts_follow_the_paired_interval():

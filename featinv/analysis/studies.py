@@ -4,6 +4,7 @@ commands ``featinv steer|compose|robustness|evaluate`` are thin wrappers around 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 
 from featinv.analysis.compose import lerp, mix_by_mask, select_channels, slerp
 from featinv.analysis.fid import classifier_features, embed_images, fid_difference_interval, frechet_distance
+from featinv.analysis.guided import GuidanceConfig, GuidedReconstructor
 from featinv.analysis.intervals import difference_interval, mean_interval
 from featinv.analysis.metrics import classifier_outputs, reconstruction_metrics
 from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
@@ -22,7 +24,7 @@ from featinv.errors import FeatInvError
 from featinv.images import make_grid, save_image
 from featinv.pipeline import Reconstructor
 
-METHODS = ("featinv", "optimize")
+METHODS = ("featinv", "optimize", "guided")
 # The FID difference's interval costs 400 Frechet distances: cheap while the sets are no larger than
 # the embedding is wide (an SVD of the (N, M) cross products) or the embedding is narrow.
 FID_INTERVAL_MAX_DIM = 512
@@ -37,8 +39,11 @@ def make_inverter(
     sampler: str = "dpmpp",
     seed: int = 0,
     optimize: OptimizeConfig | None = None,
+    guided: GuidanceConfig | None = None,
 ) -> Inverter:
-    """features (B, C, h, w) -> images (B, 3, H, W): FeatInv sampling or the optimisation baseline."""
+    """features (B, C, h, w) -> images (B, 3, H, W): FeatInv sampling, the optimisation baseline, or
+    training-free guided sampling on the model's base (``guided`` settings; ``steps`` and
+    ``sampler`` are FeatInv's)."""
     if method == "featinv":
         return lambda f: (
             reconstructor.reconstruct(
@@ -51,6 +56,16 @@ def make_inverter(
         config = optimize or OptimizeConfig()
         size = reconstructor.model.image_size
         return lambda f: invert_by_optimization(reconstructor.extractor, f, size=size, config=config, seed=seed)
+    if method == "guided":
+        if reconstructor.extractor is None:
+            raise FeatInvError("guided inversion needs the classifier: pass --classifier-weights")
+        guided_sampler = GuidedReconstructor(
+            reconstructor.model,
+            extractor=reconstructor.extractor,
+            device=reconstructor.device,
+            config=guided or GuidanceConfig(),
+        )
+        return lambda f: guided_sampler.reconstruct(features=f, seed=seed, batch_size=64, progress=False).images
     raise FeatInvError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
 
 
@@ -211,27 +226,37 @@ def evaluate_study(
     steps: int = 10,
     sampler: str = "dpmpp",
     optimize: OptimizeConfig | None = None,
+    guided: GuidanceConfig | None = None,
     seed: int = 0,
     fid_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """FeatInv from spatial maps, FeatInv from pooled maps and the optimisation baseline side by side:
-    feature cosine, top-1 agreement, object location (with masks) and FID against ``real`` images
-    in the classifier's penultimate feature space (or ``fid_features``, e.g. Inception's)."""
+    """FeatInv from spatial maps, FeatInv from pooled maps, the optimisation baseline and (with
+    ``guided`` settings) training-free guided sampling on the base, side by side: feature cosine,
+    top-1 agreement, object location (with masks), FID against ``real`` images in the classifier's
+    penultimate feature space (or ``fid_features``, e.g. Inception's), and each method's seconds
+    per image in this run."""
     extractor = spatial.extractor
     methods: dict[str, torch.Tensor] = {}
-    methods["featinv spatial"] = make_inverter(spatial, steps=steps, sampler=sampler, seed=seed)(
-        spatial.features(images)
-    )
+    seconds: dict[str, float] = {}
+
+    def run(name: str, invert: Inverter, features: torch.Tensor) -> None:
+        start = time.perf_counter()
+        methods[name] = invert(features)
+        seconds[name] = (time.perf_counter() - start) / len(features)
+
+    maps = spatial.features(images)
+    run("featinv spatial", make_inverter(spatial, steps=steps, sampler=sampler, seed=seed), maps)
     if pooled is not None:
         if not pooled.model.feature_spec.same_source(spatial.model.feature_spec):
             raise FeatInvError(
                 f"the pooled model was trained for {pooled.model.feature_spec.describe()}, "
                 f"the spatial one for {spatial.model.feature_spec.describe()}"
             )
-        methods["featinv pooled"] = make_inverter(pooled, steps=steps, sampler=sampler, seed=seed)(
-            pooled.features(images, pooled=True)
-        )
-    methods["optimisation"] = make_inverter(spatial, "optimize", optimize=optimize, seed=seed)(spatial.features(images))
+        pooled_maps = pooled.features(images, pooled=True)
+        run("featinv pooled", make_inverter(pooled, steps=steps, sampler=sampler, seed=seed), pooled_maps)
+    run("optimisation", make_inverter(spatial, "optimize", optimize=optimize, seed=seed), maps)
+    if guided is not None:
+        run("guided", make_inverter(spatial, "guided", guided=guided, seed=seed), maps)
     embed = fid_features or classifier_features(extractor)
     # What every method is compared with is computed once: the originals' classifier outputs, the
     # real images' embedding.
@@ -249,7 +274,8 @@ def evaluate_study(
         }
         embeddings[name] = embed_images(recon, embed)
         fid_vs_real = frechet_distance(real_embedding, embeddings[name])
-        table[name] = {**agreement, "fid_vs_real": fid_vs_real, **means}  # the report's column order
+        # the report's column order
+        table[name] = {**agreement, "fid_vs_real": fid_vs_real, **means, "seconds_per_image": seconds[name]}
     reference = {"fid_real_vs_originals": frechet_distance(real_embedding, embed_images(images, embed))}
     out.mkdir(parents=True, exist_ok=True)
     shown = slice(0, min(12, len(images)))
@@ -260,13 +286,18 @@ def evaluate_study(
     metric_names = [name for name in headline if name in table["featinv spatial"]]
     bar_plot(out / "metrics.png", table, metric_names, intervals)
     # FID is one number per set: its verdict gets the bootstrap interval of the difference.
-    fid_interval = None
+    fid_intervals: dict[str, tuple[float, float]] = {}
     width, largest = real_embedding.shape[1], max(len(real), len(images))
     if largest <= width or width <= FID_INTERVAL_MAX_DIM:
-        fid_interval = fid_difference_interval(
-            real_embedding, embeddings["featinv spatial"], embeddings["optimisation"], seed=seed
-        )
+        for other in ("optimisation", "guided"):
+            if other in embeddings:
+                fid_intervals[other] = fid_difference_interval(
+                    real_embedding, embeddings["featinv spatial"], embeddings[other], seed=seed
+                )
+    fid_interval = fid_intervals.get("optimisation")
     verdicts = _verdicts(table, per_image, fid_interval)
+    if "guided" in table:
+        verdicts += _guided_verdicts(table, per_image, fid_intervals.get("guided"))
     data = {
         "images": len(images),
         "real_images": len(real),
@@ -276,6 +307,16 @@ def evaluate_study(
             "value": table["featinv spatial"]["fid_vs_real"] - table["optimisation"]["fid_vs_real"],
             "ci95": list(fid_interval) if fid_interval else None,
         },
+        **(
+            {
+                "fid_spatial_minus_guided": {
+                    "value": table["featinv spatial"]["fid_vs_real"] - table["guided"]["fid_vs_real"],
+                    "ci95": list(fid_intervals["guided"]) if "guided" in fid_intervals else None,
+                }
+            }
+            if "guided" in table
+            else {}
+        ),
         "reference": reference,
         "verdicts": verdicts,
     }
@@ -323,17 +364,58 @@ def _verdicts(
                 f"difference {spatial[key] - pooled[key]:.3f} (95% CI [{low:.3f}, {high:.3f}], same images)."
             )
     optimisation = table["optimisation"]
-    difference = spatial["fid_vs_real"] - optimisation["fid_vs_real"]
-    if fid_interval is None:
+    lines.append(
+        _fid_line(table, "optimisation", "the optimisation baseline", fid_interval)
+        + f"; the baseline matches features by construction (cosine {optimisation['feature_cosine']:.3f})."
+    )
+    return lines
+
+
+def _fid_line(table: dict[str, dict[str, float]], other: str, label: str, interval: tuple[float, float] | None) -> str:
+    """Spatial FeatInv against ``other`` on FID, judged by ``interval`` (of FID(spatial) - FID(other))."""
+    spatial = table["featinv spatial"]["fid_vs_real"]
+    difference = spatial - table[other]["fid_vs_real"]
+    if interval is None:
         verdict, evidence = ("beats" if difference < 0 else "does NOT beat"), "no interval in this space"
     else:
-        low, high = fid_interval
+        low, high = interval
         verdict = _verdict(-high, -low)  # lower FID is better
         evidence = f"difference {difference:.3f}, 95% CI [{low:.3f}, {high:.3f}], images resampled"
+    return f"Spatial FeatInv {verdict} {label} on FID ({spatial:.3f} vs {table[other]['fid_vs_real']:.3f}; {evidence})"
+
+
+GUIDED_METRICS = (
+    ("feature_cosine", "feature cosine", True),
+    ("top1_agreement", "top-1 agreement", True),
+    ("mask_iou", "object location (mask IoU)", True),
+    ("centroid_distance_px", "centroid distance (px, lower is better)", False),
+)
+
+
+def _guided_verdicts(
+    table: dict[str, dict[str, float]],
+    per_image: dict[str, dict[str, torch.Tensor]],
+    fid_interval: tuple[float, float] | None,
+) -> list[str]:
+    """Spatial FeatInv against training-free guided sampling, metric by metric (paired 95%
+    intervals of the per-image differences), on FID, and what each costs per image."""
+    spatial, guided = table["featinv spatial"], table["guided"]
+    lines = []
+    for key, what, higher_is_better in GUIDED_METRICS:
+        if key not in spatial:
+            continue
+        low, high = difference_interval(per_image["featinv spatial"][key], per_image["guided"][key])
+        verdict = _verdict(low, high) if higher_is_better else _verdict(-high, -low)
+        lines.append(
+            f"Spatial FeatInv {verdict} guided sampling on {what}: {spatial[key]:.3f} vs {guided[key]:.3f}, "
+            f"difference {spatial[key] - guided[key]:.3f} (95% CI [{low:.3f}, {high:.3f}], same images)."
+        )
+    lines.append(_fid_line(table, "guided", "guided sampling", fid_interval) + ".")
+    ratio = guided["seconds_per_image"] / max(spatial["seconds_per_image"], 1e-9)
     lines.append(
-        f"Spatial FeatInv {verdict} the optimisation baseline on FID "
-        f"({spatial['fid_vs_real']:.3f} vs {optimisation['fid_vs_real']:.3f}; {evidence}); the baseline matches "
-        f"features by construction (cosine {optimisation['feature_cosine']:.3f})."
+        f"Cost: guided sampling took {guided['seconds_per_image']:.3f} s per image, {ratio:.1f}x FeatInv's "
+        f"{spatial['seconds_per_image']:.3f} s in this run (a backward pass through the UNet, decoder and "
+        "classifier per step), with no training; FeatInv needs a ControlNet trained for the classifier and layer."
     )
     return lines
 
