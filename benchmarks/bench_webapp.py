@@ -9,6 +9,12 @@ sweep on the pooled one. Ratios are against the first backend listed. Writes JSO
     python benchmarks/bench_webapp.py --backends eager compiled --device cpu
     python benchmarks/bench_webapp.py --backends eager fast --device cuda      # on a GPU
 
+With ``--realtime``: the default server (10 DPM-Solver++ steps with guidance) against the real-time
+mode (``featinv serve --realtime``: the consistency-distilled model, 4 lcm steps), both eager, in one
+run; the spatial slider's rate is what the real-time mode is for.
+
+    python benchmarks/bench_webapp.py --realtime --device cpu
+
 With ``--clients N``: N users at once instead (each its own page: client id, image, slider moves
 one after another), against ``featinv serve`` with and without cross-client batching, in one run:
 throughput (requests/s) and median / p90 latency per mode, and the ratio batched / unbatched.
@@ -45,10 +51,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def measure(backend: str, device: str, strengths: list[float], extra: list[str]) -> dict:
+def measure(backend: str, device: str, strengths: list[float], extra: list[str], label: str | None = None) -> dict:
     """Start ``featinv serve`` on ``backend``, time its start-up and a slider sweep on each model."""
     with _serving(backend, device, extra) as (url, info, startup_s):
-        row = {"backend": backend, "device": device, "startup_s": startup_s}
+        row = {"backend": label or backend, "device": device, "startup_s": startup_s, "sampling": info.get("sampling")}
         image = _post(url + "example/0")["id"]
         for mode in info["modes"]:
             seconds = []
@@ -136,17 +142,21 @@ def main() -> None:
     parser.add_argument("--moves", type=int, default=11, help="slider positions per model (default 11)")
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--clients", type=int, help="N users at once, with and without cross-client batching")
+    parser.add_argument("--realtime", action="store_true", help="the default server against the real-time mode")
     parser.add_argument("serve_args", nargs="*", help="more arguments for featinv serve, after --")
     args = parser.parse_args()
     strengths = [round(-0.5 + 2.0 * i / max(args.moves - 1, 1), 3) for i in range(args.moves)]
     if args.clients:
         return main_clients(args, strengths)
     rows = []
-    for backend in args.backends:
+    runs = [(backend, backend, []) for backend in args.backends]
+    if args.realtime:
+        runs = [("eager", "default", []), ("eager", "realtime", ["--realtime"])]
+    for backend, label, flags in runs:
         try:
-            rows.append(measure(backend, args.device, strengths, args.serve_args))
+            rows.append(measure(backend, args.device, strengths, [*args.serve_args, *flags], label))
         except (RuntimeError, urllib.error.URLError) as error:  # recorded, the run goes on
-            rows.append({"backend": backend, "device": args.device, "error": str(error)})
+            rows.append({"backend": label, "device": args.device, "error": str(error)})
         print(json.dumps(rows[-1]), flush=True)
     base, nan = rows[0], float("nan")
     print(

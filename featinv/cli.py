@@ -166,6 +166,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"base:          {base['source'] + ' (referred to)' if isinstance(base, dict) else 'bundled in the folder'}")
     print(f"classifier:    {'stored' if config.get('has_classifier') else 'not stored (pass --classifier-weights)'}")
     print(f"prompt:        {config.get('prompt')!r}")
+    distilled = config.get("distillation")
+    if distilled:
+        print(
+            f"distilled:     consistency, guidance {distilled['guidance_scale']:g} folded in: sample with 1-4 lcm steps"
+        )
     print(f"schedule:      {config['noise_schedule']}")
     return 0
 
@@ -204,7 +209,6 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from featinv.analysis.metrics import SPREAD_MAX, sample_spread
     from featinv.images import heatmap, load_images, make_grid, save_image
-    from featinv.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     if args.images is None and args.features is None:
         raise FeatInvError("give --images FILES... or --features FILE")
@@ -223,6 +227,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     from featinv.training.distributed import barrier, shard
 
     reconstructor = _reconstructor(args)
+    reconstructor.sampling_defaults(args.steps, args.guidance, args.sampler)  # refuse a mismatch before any work
     size = reconstructor.spec.input_size[1:]
     # Under accelerate launch / torchrun each process takes a contiguous share, seeded by global index.
     if args.images:
@@ -252,8 +257,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         else:
             result = reconstructor.reconstruct(
                 features=maps,
-                steps=DEFAULT_STEPS if args.steps is None else args.steps,
-                guidance_scale=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+                steps=args.steps,
+                guidance_scale=args.guidance,
                 sampler=args.sampler,
                 eta=args.eta,
                 seed=seed,
@@ -399,13 +404,14 @@ def cmd_create(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The built-in default: reconstruct held-out shapes images from spatial and pooled features."""
     from featinv.analysis.report import text_table
-    from featinv.demo import metric_table, run_demo
+    from featinv.demo import metric_header, metric_table, run_demo
 
-    metrics = run_demo(args.out, device=args.device, n=args.n, steps=args.steps)
+    realtime = args.realtime_steps if args.realtime else None
+    metrics = run_demo(args.out, device=args.device, n=args.n, steps=args.steps, realtime_steps=realtime)
     if "seconds" not in metrics:  # another process of a multi-process run: the main one reports
         return 0
     print(f"{metrics['images']} held-out images; mean [95% confidence interval]")
-    print(text_table([["", "spatial features", "pooled features", "spatial - pooled"], *metric_table(metrics)]))
+    print(text_table([["", *metric_header(metrics)[1:]], *metric_table(metrics)]))
     print(f"wrote grid.png, metrics.png, metrics.json and report.html to {args.out} ({metrics['seconds']} s)")
     return 0
 
@@ -440,7 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument(
         "--guidance", type=float, help="classifier-free guidance scale (default 1.75; 1, off, with --method guided)"
     )
-    rec.add_argument("--sampler", choices=["ddim", "dpmpp"], default="ddim")
+    rec.add_argument(
+        "--sampler",
+        choices=["ddim", "dpmpp", "lcm"],
+        help="ddim (the default) or dpmpp; lcm, the few-step sampler, for a consistency-distilled model (its default)",
+    )
     rec.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
     rec.add_argument("--seed", type=int, default=0)
     rec.add_argument(
@@ -504,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
     demo.add_argument("--n", "--num-images", dest="n", type=int, default=200, help="held-out images (default 200)")
     demo.add_argument("--steps", type=int, default=10, help="DPM-Solver++ steps (default 10)")
+    demo.add_argument(
+        "--realtime",
+        action="store_true",
+        help="also the consistency-distilled model (shapes-demo-realtime) in --realtime-steps lcm steps, no guidance",
+    )
+    demo.add_argument("--realtime-steps", type=int, choices=[1, 2, 4], default=4, help="with --realtime (default 4)")
     demo.set_defaults(func=cmd_demo)
 
     from featinv.cli_training import add_training_commands

@@ -29,11 +29,11 @@ def guidance_from_args(args: argparse.Namespace):
     given (``--steps`` 20, ``--guidance`` 1: off)."""
     from featinv.analysis.guided import GuidanceConfig
 
-    options = {"strength", "inner_steps", "inner_step_size", "distance", "steps", "guidance"}
+    options = {"strength", "inner_steps", "inner_step_size", "distance", "steps", "guidance", "sampler"}
     given = {key: getattr(args, key) for key in options if getattr(args, key) is not None}
     if "guidance" in given:
         given["guidance_scale"] = given.pop("guidance")
-    return GuidanceConfig(**given, pooled=args.pooled, sampler=args.sampler)
+    return GuidanceConfig(**given, pooled=args.pooled)
 
 
 def cmd_guided(args: argparse.Namespace) -> int:

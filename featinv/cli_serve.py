@@ -19,6 +19,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for flag, folder in (("--model", args.model), ("--pooled-model", args.pooled_model), ("--examples", args.examples)):
         if folder is not None and not Path(folder).is_dir():
             raise FeatInvError(f"{flag} folder not found: {folder}")
+    if args.realtime and args.model is not None:
+        from featinv.models.featinv_model import read_model_config
+
+        if read_model_config(args.model).get("distillation") is None:
+            raise FeatInvError(
+                f"--realtime needs a consistency-distilled model (featinv train --model M --distill); "
+                f"{args.model} is not"
+            )
     _check_listen_address(args.host, args.port)
     fast_options = fast_options_from_args(args)
     print("loading and warming up the model(s)...", flush=True)
@@ -34,6 +42,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_docs=args.api_docs,
         max_images=require_positive_int("--max-images", args.max_images),
         batching=not args.no_batching,
+        realtime=args.realtime,
+        steps=args.steps,
     )
     return 0
 
@@ -70,6 +80,12 @@ def add_serve_command(commands) -> None:
     serve.add_argument(
         "--no-batching", action="store_true", help="one request at a time (default: queued clients share a batch)"
     )
+    serve.add_argument(
+        "--realtime",
+        action="store_true",
+        help="the real-time mode: the consistency-distilled demo model (or --model, if distilled), 4 lcm steps",
+    )
+    serve.add_argument("--steps", type=int, help="steps per reconstruction (default 10 dpmpp; realtime: 4 lcm)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto")

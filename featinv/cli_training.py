@@ -70,6 +70,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             **common,
         )
         return 0
+    if args.distill:
+        for flag in ("consistency_weight", "validate_every"):
+            if getattr(args, flag):
+                raise FeatInvError(f"--{flag.replace('_', '-')} does not go with --distill")
+        from featinv.training.distill import DistillConfig
+
+        distill = DistillConfig(  # checked before any work
+            guidance_scale=args.distill_guidance, target=args.distill_target, teacher_steps=args.teacher_steps
+        )
     from featinv.training.distributed import get_accelerator
     from featinv.training.feature_cache import load_cache
     from featinv.training.train import Consistency, OnlineFeatures, loss_curve_png, train_controlnet
@@ -108,19 +117,25 @@ def cmd_train(args: argparse.Namespace) -> int:
         )
         if accelerator.is_main_process:
             print(f"validation: {origin} every {args.validate_every} steps into {out / 'validation'}")
-    result = train_controlnet(
-        model,
-        features,
-        stream,
-        config,
-        seed=args.seed,
-        consistency=consistency,
-        checkpoint_dir=out / "checkpoints",
-        log_path=out / "train_log.jsonl",
-        resume=args.resume,
-        gradient_checkpointing=args.gradient_checkpointing,
-        after_step=after_step,
-    )
+    places = {"checkpoint_dir": out / "checkpoints", "log_path": out / "train_log.jsonl", "resume": args.resume}
+    if args.distill:
+        from featinv.training.distill import distill_consistency
+
+        if model.distillation is not None:
+            raise FeatInvError(f"{args.model} is distilled already: distil from the teacher's folder")
+        result = distill_consistency(model, features, stream, config, distill, seed=args.seed, **places)
+    else:
+        result = train_controlnet(
+            model,
+            features,
+            stream,
+            config,
+            seed=args.seed,
+            consistency=consistency,
+            gradient_checkpointing=args.gradient_checkpointing,
+            after_step=after_step,
+            **places,
+        )
     if accelerator.is_main_process:
         model.to("cpu").save_pretrained(out / "model")
         loss_curve_png(out / "train_log.jsonl", out / "loss_curve.png")
@@ -200,6 +215,24 @@ def add_training_commands(commands) -> None:
         help="with --validate-every: image files (default: held-out shapes images, or images of --data)",
     )
     train.add_argument("--validation-steps", type=int, default=20, help="sampler steps of the validation pictures")
+    train.add_argument(
+        "--distill",
+        action="store_true",
+        help="with --model: consistency-distil the (trained) model into a few-step one, its ControlNet the student "
+        "(sample it with 1-4 lcm steps and no guidance)",
+    )
+    train.add_argument(
+        "--distill-guidance", type=float, default=1.75, help="with --distill: the teacher's guidance, folded in"
+    )
+    train.add_argument(
+        "--distill-target",
+        choices=["consistency", "endpoint"],
+        default="endpoint",
+        help="with --distill: LCM's bootstrapped one-step target, or the teacher's ODE endpoint (default; fewer steps)",
+    )
+    train.add_argument(
+        "--teacher-steps", type=int, default=6, help="with --distill-target endpoint: the teacher's DPM-Solver++ steps"
+    )
     train.set_defaults(func=cmd_train)
 
     features = commands.add_parser("features", help="feature-map utilities")

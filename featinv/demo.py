@@ -17,13 +17,14 @@ from featinv.analysis.report import bar_plot
 from featinv.errors import FeatInvError
 from featinv.images import make_grid, save_image
 from featinv.models.featinv_model import FeatInvModel
+from featinv.paths import POOLED_DIR, PRETRAINED, REALTIME_DIR, SPATIAL_DIR
 from featinv.pipeline import DEFAULT_GUIDANCE, Reconstructor, resolve_device
-from featinv.training.demo_preset import POOLED_DIR, PRETRAINED, SPATIAL_DIR
 from featinv.training.distributed import gather, is_main_process, process_state, shard
 from featinv.training.shapes import generate_shapes
 
 DEMO_SEED = 20_261_126  # never used in training (featinv.training.demo_preset.TRAIN_SEED)
 DEMO_SAMPLER, DEMO_STEPS = "dpmpp", 10
+REALTIME_STEPS = (1, 2, 4)
 
 
 def _load(root: Path, name: str) -> FeatInvModel:
@@ -54,8 +55,13 @@ def run_demo(
     sampler: str = DEMO_SAMPLER,
     model_root: str | Path = PRETRAINED,
     batch_size: int = 50,
+    realtime_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Run the demo; write ``grid.png``, ``metrics.png``, ``metrics.json`` and ``report.html`` into ``out``."""
+    """Run the demo; write ``grid.png``, ``metrics.png``, ``metrics.json`` and ``report.html`` into ``out``.
+
+    ``realtime_steps`` (1, 2 or 4): also reconstruct with the consistency-distilled model in that
+    many lcm steps, beside the teacher (``spatial``) in the same run; each mode's seconds per image
+    are recorded."""
     if not isinstance(n, int) or n < 1:
         raise FeatInvError(f"n must be a positive number of images, got {n!r}")
     start = time.perf_counter()
@@ -63,6 +69,12 @@ def run_demo(
     device = resolve_device(device)
     spatial = Reconstructor(_load(model_root, SPATIAL_DIR), device=device)
     pooled = Reconstructor(_load(model_root, POOLED_DIR), device=device)
+    modes = {"spatial": (spatial, {}), "pooled": (pooled, {})}
+    if realtime_steps is not None:
+        if realtime_steps not in REALTIME_STEPS:
+            raise FeatInvError(f"realtime steps must be one of 1, 2, 4, got {realtime_steps!r}")
+        realtime = Reconstructor(_load(model_root, REALTIME_DIR), device=device)
+        modes["realtime"] = (realtime, {"steps": realtime_steps, "sampler": None})
     data = generate_shapes(n, DEMO_SEED)
     # Under accelerate launch / torchrun each process takes a share; the results are merged.
     first, rows = shard(range(n))
@@ -70,15 +82,16 @@ def run_demo(
     kwargs = {"steps": steps, "sampler": sampler, "seed": 0, "first_index": first, "batch_size": batch_size}
     shares = []
     if rows:
-        from_spatial = spatial.reconstruct(data.images[mine], **kwargs).images
-        from_pooled = pooled.reconstruct(data.images[mine], **kwargs).images
-        shares.append(
-            {
-                "spatial": _per_image(spatial, data.images[mine], data.masks[mine], from_spatial),
-                "pooled": _per_image(spatial, data.images[mine], data.masks[mine], from_pooled),
-                "shown": (from_spatial[:12], from_pooled[:12]) if first == 0 else None,
-            }
-        )
+        share: dict[str, Any] = {"seconds": {}}
+        shown = []
+        for mode, (reconstructor, options) in modes.items():
+            started = time.perf_counter()
+            images = reconstructor.reconstruct(data.images[mine], **{**kwargs, **options}).images
+            share["seconds"][mode] = time.perf_counter() - started
+            share[mode] = _per_image(spatial, data.images[mine], data.masks[mine], images)
+            shown.append(images[:12])
+        share["shown"] = shown if first == 0 else None
+        shares.append(share)
     shares = gather(shares)
     metrics: dict[str, Any] = {
         "images": n,
@@ -91,7 +104,17 @@ def run_demo(
     }
     # Per image (n, len(METRICS)), both modes in the same image order: means, their 95% intervals,
     # and the paired interval of the difference (featinv.analysis.intervals).
-    per_image = {mode: torch.cat([share[mode] for share in shares]) for mode in ("spatial", "pooled")}
+    per_image = {mode: torch.cat([share[mode] for share in shares]) for mode in modes}
+    metrics["seconds_per_image"] = {mode: sum(s["seconds"][mode] for s in shares) / n for mode in modes}
+    if realtime_steps is not None:
+        metrics["realtime_steps"] = realtime_steps
+        metrics["realtime_minus_spatial"] = {
+            name: {
+                "mean": float((per_image["realtime"][:, i] - per_image["spatial"][:, i]).mean()),
+                "ci95": list(difference_interval(per_image["realtime"][:, i], per_image["spatial"][:, i])),
+            }
+            for i, name in enumerate(METRICS)
+        }
     metrics["ci95"] = {}
     for mode, values in per_image.items():
         metrics[mode] = {name: float(v) for name, v in zip(METRICS, values.mean(0), strict=True)}
@@ -105,35 +128,63 @@ def run_demo(
     }
     if not is_main_process():
         return metrics
-    from_spatial, from_pooled = next(share["shown"] for share in shares if share["shown"] is not None)
+    columns = next(share["shown"] for share in shares if share["shown"] is not None)
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
-    shown = len(from_spatial)
-    save_image(make_grid([data.images[:shown], from_spatial, from_pooled], scale=4), out / "grid.png")
-    modes = {"spatial features": "spatial", "pooled features": "pooled"}
+    save_image(make_grid([data.images[: len(columns[0])], *columns], scale=4), out / "grid.png")
+    labels = {mode: _mode_label(metrics, mode) for mode in modes}
     bar_plot(
         out / "metrics.png",
-        {label: metrics[mode] for label, mode in modes.items()},
+        {labels[mode]: metrics[mode] for mode in modes},
         METRICS,
-        {label: metrics["ci95"][mode] for label, mode in modes.items()},
+        {labels[mode]: metrics["ci95"][mode] for mode in modes},
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "report.html").write_text(_report(metrics))
     return metrics
 
 
+def _mode_label(metrics: dict[str, Any], mode: str) -> str:
+    if mode == "realtime":
+        return f"real-time ({metrics['realtime_steps']} lcm steps)"
+    return f"{mode} features"
+
+
+def metric_header(metrics: dict[str, Any]) -> list[str]:
+    """The columns of :func:`metric_table`."""
+    header = ["metric", "spatial features", "pooled features", "spatial - pooled"]
+    if "realtime" in metrics:
+        header += [_mode_label(metrics, "realtime"), "real-time - spatial"]
+    return header
+
+
 def metric_table(metrics: dict[str, Any]) -> list[list[str]]:
-    """The headline table as text cells: a row per metric (label, spatial, pooled, spatial - pooled),
-    each a mean with its 95% interval."""
+    """The headline table as text cells: a row per metric (label, spatial, pooled, spatial - pooled,
+    and with the real-time mode: real-time, real-time - spatial), each a mean with its 95% interval,
+    and a last row of seconds per image."""
     rows = []
     for name, label in zip(METRICS, LABELS, strict=True):
         cells = [format_interval(metrics[mode][name], metrics["ci95"][mode][name]) for mode in ("spatial", "pooled")]
         difference = metrics["spatial_minus_pooled"][name]
-        rows.append([label, *cells, format_interval(difference["mean"], difference["ci95"])])
+        row = [label, *cells, format_interval(difference["mean"], difference["ci95"])]
+        if "realtime" in metrics:
+            faster = metrics["realtime_minus_spatial"][name]
+            row += [
+                format_interval(metrics["realtime"][name], metrics["ci95"]["realtime"][name]),
+                format_interval(faster["mean"], faster["ci95"]),
+            ]
+        rows.append(row)
+    seconds = metrics["seconds_per_image"]
+    row = ["seconds per image", f"{seconds['spatial']:.3f}", f"{seconds['pooled']:.3f}", ""]
+    if "realtime" in metrics:
+        row += [f"{seconds['realtime']:.3f}", f"{seconds['realtime'] / seconds['spatial']:.2f}x"]
+    rows.append(row)
     return rows
 
 
 def _report(metrics: dict[str, Any]) -> str:
+    header = "".join(f"<th>{html.escape(cell)}</th>" for cell in metric_header(metrics))
+    columns = " | ".join(["original", *(_mode_label(metrics, mode) for mode in metrics["seconds_per_image"])])
     rows = "".join(
         "<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in metric_table(metrics)
     )
@@ -143,8 +194,7 @@ def _report(metrics: dict[str, Any]) -> str:
 <p>{metrics["images"]} held-out <code>shapes</code> images (seed {metrics["held_out_seed"]}), reconstructed
 from the classifier's penultimate feature map with {html.escape(metrics["sampler"])}, {metrics["steps"]} steps,
 guidance {metrics["guidance_scale"]}, on {html.escape(metrics["device"])} in {metrics["seconds"]} s.</p>
-<table border="1" cellspacing="0"><tr><th>metric</th><th>spatial features</th><th>pooled features</th>
-<th>spatial - pooled (same images)</th></tr>
+<table border="1" cellspacing="0"><tr>{header}</tr>
 {rows}</table>
 <p>Each figure is a mean over the images with its 95% confidence interval in brackets: Wilson's for top-1
 agreement (a rate), the bootstrap's otherwise; the difference's interval is a paired bootstrap (the same
@@ -153,5 +203,5 @@ images resampled for both). An interval that excludes 0 is a difference this sam
 <p>Top-1 agreement: the classifier gives the reconstruction the original's class. Feature cosine: between the
 feature maps of reconstruction and original. Location: the reconstruction's object mask by colour (pixels nearer
 the original object's colour than its background's) against the true mask.</p>
-<h2>original | from spatial features | from pooled features</h2><img src="grid.png" width="420"></body></html>
+<h2>{html.escape(columns)}</h2><img src="grid.png"></body></html>
 """

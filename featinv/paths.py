@@ -7,4 +7,5 @@ from pathlib import Path
 
 PRETRAINED = Path(__file__).resolve().parent / "pretrained"
 SPATIAL_DIR, POOLED_DIR = "shapes-demo", "shapes-demo-pooled"
-BASE_DIR = "shapes-base"  # the base UNet both demo models refer to
+REALTIME_DIR = "shapes-demo-realtime"  # the spatial model consistency-distilled to 1-4 steps
+BASE_DIR = "shapes-base"  # the base UNet the demo models refer to

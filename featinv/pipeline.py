@@ -19,6 +19,7 @@ from featinv.sampling.noise import randn
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 1.75
+REALTIME_STEPS = 4  # a consistency-distilled model's default (lcm sampler, no guidance)
 
 
 @dataclass
@@ -144,9 +145,9 @@ class Reconstructor:
         images: torch.Tensor | None = None,
         *,
         features: torch.Tensor | None = None,
-        steps: int = DEFAULT_STEPS,
-        guidance_scale: float = DEFAULT_GUIDANCE,
-        sampler: str = "ddim",
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        sampler: str | None = None,
         eta: float = 0.0,
         seed: int = 0,
         first_index: int = 0,
@@ -162,9 +163,11 @@ class Reconstructor:
         Args:
             images: (B, 3, H, W) in [0, 1]; their feature maps are inverted.
             features: (B, C, h, w) feature maps of the model's spec (instead of ``images``).
-            steps: sampler steps (50 as published).
-            guidance_scale: classifier-free guidance scale (1.75 as published; <= 1 disables it).
-            sampler: ``ddim`` or ``dpmpp`` (DPM-Solver++ 2M).
+            steps: sampler steps (default 50 as published; 4 for a distilled model).
+            guidance_scale: classifier-free guidance scale (default 1.75 as published; <= 1
+                disables it; a distilled model has it folded in and takes none).
+            sampler: ``ddim`` or ``dpmpp`` (DPM-Solver++ 2M), default ``ddim``; a consistency-distilled
+                model (``model.distillation``) takes ``lcm`` only, its default.
             eta: DDIM stochasticity in [0, 1].
             seed: image i starts from noise seeded ``seed + first_index + i``, whatever the batch size.
             first_index: the global index of the first image (a shard of a multi-process run).
@@ -177,6 +180,7 @@ class Reconstructor:
         """
         features = self._input_features(images, features, pooled)
         n = features.shape[0]
+        steps, guidance_scale, sampler = self.sampling_defaults(steps, guidance_scale, sampler)
         self._check_options(steps, guidance_scale, sampler, eta, batch_size)
         generators = self._generators(n, seed, first_index, generator)
         if latents is not None:
@@ -184,8 +188,7 @@ class Reconstructor:
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
                 raise FeatInvError(f"latents must have shape {expected}, got {got}")
-        noise_schedule = self.model.noise_schedule
-        schedule = noise_schedule.ddim(steps, eta) if sampler == "ddim" else noise_schedule.dpmpp_2m(steps)
+        schedule = self.model.noise_schedule.for_sampler(sampler, steps, eta)
         sample_fn = SAMPLERS[sampler]
         outputs = []
         bar = tqdm(total=n * steps, desc="reconstructing", unit="step", disable=not progress, leave=False)
@@ -198,8 +201,9 @@ class Reconstructor:
                 else:
                     x = randn((stop - start, *self.model.latent_shape), batch_generators, device=self.device)
                 rows = stop - start
-                # eta > 0 draws per-image noise every step: padding rows would need generators of their own
-                chunk, x = _pad_rows(features[start:stop], x, self.pad_batches and eta == 0.0, self.exact_batches)
+                # eta > 0 and lcm draw per-image noise every step: padding rows would need generators of their own
+                deterministic = eta == 0.0 and sampler != "lcm"
+                chunk, x = _pad_rows(features[start:stop], x, self.pad_batches and deterministic, self.exact_batches)
 
                 def on_step(info: dict[str, Any], start: int = start, rows: int = rows) -> None:
                     bar.update(rows)
@@ -222,6 +226,30 @@ class Reconstructor:
         images_out = torch.cat([self.model.decode(s.to(self.model.unet.dtype)) for s in samples.split(batch_size)])
         self._check_finite(images_out, features, "the decoded images")
         return Reconstruction(images=images_out.float().cpu(), features=features.cpu(), samples=samples.cpu())
+
+    def sampling_defaults(
+        self, steps: int | None, guidance_scale: float | None, sampler: str | None
+    ) -> tuple[int, float, str]:
+        """(steps, guidance_scale, sampler) with the model's defaults filled in: DDIM, 50 steps,
+        guidance 1.75, or for a consistency-distilled model the lcm sampler, 4 steps, no guidance.
+        A distilled model with another sampler or guidance, or lcm on a model that is not, raises."""
+        distilled = self.model.distillation is not None
+        sampler = sampler if sampler is not None else ("lcm" if distilled else "ddim")
+        if sampler == "lcm" and not distilled:
+            raise FeatInvError(
+                "the lcm sampler needs a consistency-distilled model (featinv train --model M --distill), "
+                "and this one is not: use ddim or dpmpp"
+            )
+        if distilled and sampler != "lcm":
+            raise FeatInvError(f"this model is consistency-distilled: sample it with the lcm sampler, not {sampler!r}")
+        if distilled and guidance_scale is not None and guidance_scale > 1.0:
+            raise FeatInvError(
+                f"this model is consistency-distilled with guidance {self.model.distillation['guidance_scale']} "
+                f"folded in: guidance_scale must be <= 1, got {guidance_scale}"
+            )
+        steps = steps if steps is not None else (REALTIME_STEPS if distilled else DEFAULT_STEPS)
+        guidance_scale = guidance_scale if guidance_scale is not None else (1.0 if distilled else DEFAULT_GUIDANCE)
+        return steps, guidance_scale, sampler
 
     # ----- helpers ----------------------------------------------------------------------------
     def _check_finite(self, values: torch.Tensor, features: torch.Tensor, what: str) -> None:
@@ -254,7 +282,7 @@ class Reconstructor:
             raise FeatInvError(f"guidance_scale must be in [0, 50], got {guidance_scale}")
         if sampler != "ddim" and eta != 0.0:
             raise FeatInvError(f"eta applies to the ddim sampler only, got eta={eta} with sampler={sampler!r}")
-        self.model.noise_schedule.check_steps(steps)
+        self.model.noise_schedule.for_sampler(sampler, steps, eta)  # checks steps for the sampler
 
     @staticmethod
     def _generators(

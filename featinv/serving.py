@@ -21,11 +21,14 @@ import torch
 
 from featinv.errors import FeatInvError, require_positive_int, require_seed
 from featinv.models.featinv_model import FeatInvModel
-from featinv.pipeline import DEFAULT_GUIDANCE, Reconstructor, resolve_device
+from featinv.pipeline import Reconstructor, resolve_device
 
 Preview = Callable[[int, torch.Tensor], None]
 """(step index, predicted images (B, 3, H, W) in [0, 1]) -> None."""
 T = TypeVar("T")
+
+
+SERVER_STEPS, SERVER_SAMPLER = 10, "dpmpp"  # a server's default for a model that is not distilled
 
 
 class RequestCancelled(Exception):
@@ -94,9 +97,9 @@ class RealtimeReconstructor:
         *,
         device: str | torch.device = "auto",
         backend: str = "eager",
-        steps: int = 10,
-        sampler: str = "dpmpp",
-        guidance_scale: float = DEFAULT_GUIDANCE,
+        steps: int | None = None,
+        sampler: str | None = None,
+        guidance_scale: float | None = None,
         warmup: bool = True,
         warmup_batch: int = 1,
         fast_options: dict[str, Any] | None = None,
@@ -113,7 +116,6 @@ class RealtimeReconstructor:
                 f"share_thread_with must be a RealtimeReconstructor, got {type(share_thread_with).__name__}"
             )
         device = resolve_device(device)
-        self.steps, self.sampler, self.guidance_scale = steps, sampler, guidance_scale
         # Servers of several models in one process share one thread (one OpenMP pool, see above); the
         # thread's first owner shuts it down.
         self._owns_worker = share_thread_with is None
@@ -124,6 +126,13 @@ class RealtimeReconstructor:
             self._worker, self._urgent = share_thread_with._worker, share_thread_with._urgent
         try:
             self.reconstructor = self.call(self._build, model, device, backend, fast_options, warmup_batch)
+            # 10 DPM-Solver++ steps with guidance; a consistency-distilled model: 4 lcm steps, none
+            distilled = self.reconstructor.model.distillation is not None
+            if not distilled:
+                steps, sampler = steps or SERVER_STEPS, sampler or SERVER_SAMPLER
+            self.steps, self.guidance_scale, self.sampler = self.reconstructor.sampling_defaults(
+                steps, guidance_scale, sampler
+            )
         except BaseException:
             if self._owns_worker:
                 self._worker.shutdown(wait=False)
@@ -158,6 +167,18 @@ class RealtimeReconstructor:
             exact_batches=(warmup_batch,),  # the caller's usual batch: warmed up as it is, run unpadded
             fast_options=fast_options,
         )
+
+    @property
+    def realtime(self) -> bool:
+        """Whether this server samples a consistency-distilled model (the few-step mode)."""
+        return self.reconstructor.model.distillation is not None
+
+    def describe_sampling(self) -> str:
+        """What each reconstruction runs, in words (the web page shows it)."""
+        if self.realtime:
+            return f"real-time mode: {self.steps} lcm step{'s' * (self.steps != 1)} of a consistency-distilled model"
+        guidance = f", guidance {self.guidance_scale:g}" if self.guidance_scale > 1 else ""
+        return f"{self.steps} {self.sampler} steps{guidance}"
 
     @property
     def spec(self):

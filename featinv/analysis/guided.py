@@ -42,6 +42,7 @@ from featinv.sampling.guidance import Denoise
 from featinv.sampling.noise import randn
 
 DISTANCES = ("cosine", "l2")
+GUIDED_SAMPLERS = ("ddim", "dpmpp")  # the ODE samplers of the base (lcm is a distilled model's)
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,8 @@ class GuidanceConfig:
         if self.distance not in DISTANCES:
             raise FeatInvError(f"distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
         require_positive_int("steps", self.steps)
-        if self.sampler not in SAMPLERS:
-            raise FeatInvError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.sampler not in GUIDED_SAMPLERS:
+            raise FeatInvError(f"sampler must be one of {', '.join(GUIDED_SAMPLERS)}, got {self.sampler!r}")
         if not 0.0 <= float(self.guidance_scale) <= 50.0:
             raise FeatInvError(f"guidance_scale must be in [0, 50], got {self.guidance_scale}")
 
@@ -252,8 +253,7 @@ class GuidedReconstructor:
         config, n = self.config, len(features)
         self.model.noise_schedule.check_steps(config.steps)
         generators = Reconstructor._generators(n, seed, first_index, generator)
-        schedule = self.model.noise_schedule
-        schedule = schedule.ddim(config.steps) if config.sampler == "ddim" else schedule.dpmpp_2m(config.steps)
+        schedule = self.model.noise_schedule.for_sampler(config.sampler, config.steps)
         outputs = []
         bar = tqdm(total=n * config.steps, desc="guided sampling", unit="step", disable=not progress, leave=False)
         try:

@@ -83,6 +83,9 @@ class FeatInvModel(nn.Module):
         base: the base's folder or hub id, when the UNet and VAE are its unchanged weights: the
             model folder then refers to it instead of copying them (see :meth:`save_pretrained`).
         base_fingerprint: :func:`featinv.models.base.weights_fingerprint` of that base.
+        distillation: for a consistency-distilled model (:mod:`featinv.training.distill`), what it
+            was distilled with (``{"method": "consistency", "guidance_scale", "skip"}``): it is then
+            sampled with the few-step ``lcm`` sampler and no classifier-free guidance.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class FeatInvModel(nn.Module):
         prompt: str | None = None,
         base: str | None = None,
         base_fingerprint: str | None = None,
+        distillation: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if controlnet.config.feature_channels != feature_spec.channels:
@@ -118,6 +122,7 @@ class FeatInvModel(nn.Module):
         self.noise_schedule = noise_schedule or NoiseSchedule()
         self.prompt = prompt
         self.base, self.base_fingerprint = (base, base_fingerprint) if base is not None else (None, None)
+        self.distillation = distillation
         self.register_buffer("context", context.detach().clone())
         self.register_buffer("null_context", null_context.detach().clone())
 
@@ -301,6 +306,7 @@ class FeatInvModel(nn.Module):
                 "image_size": list(self.image_size),
                 "latent_shape": list(self.latent_shape),
                 "base": reference.to_dict() if reference is not None else None,
+                "distillation": self.distillation,
             }
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -373,6 +379,7 @@ class FeatInvModel(nn.Module):
             prompt=config.get("prompt"),
             base=base,
             base_fingerprint=fingerprint,
+            distillation=config.get("distillation"),
         )
         model.eval()
         return model.to(dtype) if dtype is not None else model
@@ -396,11 +403,32 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         "has_classifier": (lambda v: isinstance(v, bool), "true or false"),
         "image_size": (lambda v: _int_list(v, 2), "[H, W] of positive integers"),
         "latent_shape": (lambda v: _int_list(v, 3), "[C, H, W] of positive integers"),
+        "distillation": (
+            _is_distillation,
+            'null or {"method": "consistency", "guidance_scale": a number in [1, 50], "skip": a positive integer}',
+        ),
     }
     for key, (ok, expected) in checks.items():
         if key in config and not ok(config[key]):
             raise FeatInvError(f"{file}: {key} must be {expected}, got {config[key]!r}")
     return config
+
+
+def _is_distillation(value: Any) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, dict) or set(value) != {"method", "guidance_scale", "skip"}:
+        return False
+    scale, skip = value["guidance_scale"], value["skip"]
+    return (
+        value["method"] == "consistency"
+        and isinstance(scale, (int, float))
+        and not isinstance(scale, bool)
+        and 1 <= scale <= 50
+        and isinstance(skip, int)
+        and not isinstance(skip, bool)
+        and 1 <= skip <= 1000
+    )
 
 
 def _int_list(value: Any, length: int) -> bool:

@@ -32,8 +32,8 @@ def sample_ddim(
         generator: for the eta > 0 noise z (one generator, or one per sample).
         callback: called after each step with ``{"i", "t", "x", "denoised"}``.
     """
-    if schedule.name != "ddim":
-        raise ValueError(f"sample_ddim needs a DDIM schedule, got {schedule.name!r}")
+    if schedule.name not in ("ddim", "lcm"):
+        raise ValueError(f"sample_ddim needs a DDIM (or LCM) schedule, got {schedule.name!r}")
     native = sampler_loop()
     if native is not None and all(row[4] == 0.0 for row in schedule.coefficients):  # eta = 0: C++ loop
         return _run_native(native, "ddim", denoise, x, schedule, callback)

@@ -5,12 +5,14 @@ Tables are computed in double precision by ``featinv._C`` or its Python twin (``
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from featinv._native import schedule_tables
 from featinv.errors import FeatInvError
 
+LCM_SKIP = 20  # the consistency-distillation grid: T / 20 = 50 timesteps, as LCM's
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
@@ -20,7 +22,7 @@ class SamplerSchedule:
     """Timesteps and update coefficients for one sampler run.
 
     Attributes:
-        name: ``"ddim"`` or ``"dpmpp_2m"``.
+        name: ``"ddim"``, ``"lcm"`` or ``"dpmpp_2m"``.
         timesteps: descending diffusion timesteps, one per step.
         coefficients: one tuple per step; its meaning is the sampler's (see ``schedule_tables``).
         alphas: alpha-bar at each step's timestep.
@@ -112,6 +114,46 @@ class NoiseSchedule:
         except ValueError as error:
             raise FeatInvError(f"steps={num_steps}: {error}") from error
         return _schedule("ddim", steps, flat, 5, alphas)
+
+    def for_sampler(self, sampler: str, num_steps: int, eta: float = 0.0) -> SamplerSchedule:
+        """The tables of ``sampler`` (``ddim``, ``dpmpp`` or ``lcm``) for ``num_steps`` steps."""
+        if sampler == "ddim":
+            return self.ddim(num_steps, eta)
+        if sampler == "dpmpp":
+            return self.dpmpp_2m(num_steps)
+        if sampler == "lcm":
+            return self.lcm(num_steps)
+        raise FeatInvError(f"sampler must be one of ddim, dpmpp, lcm, got {sampler!r}")
+
+    def lcm(self, num_steps: int, skip: int = LCM_SKIP) -> SamplerSchedule:
+        """The few-step sampler of a consistency-distilled model (latent consistency models, Luo et al.
+        2023; diffusers' ``LCMScheduler``): at each timestep predict x0, then noise it afresh to the
+        next timestep, ``x_next = sqrt(a_next) x0 + sqrt(1 - a_next) z``; the last step returns x0.
+
+        Timesteps are those of ``LCMScheduler`` over the distillation's grid of ``skip``-apart
+        timesteps (``skip - 1, 2 skip - 1, ..., T - 1``): every ``len(grid) // num_steps``-th from the
+        top (4 steps: 999, 759, 499, 259). The rows are DDIM's layout ``(sqrt(1-a_t), sqrt(a_t),
+        sqrt(a_next), 0, sqrt(1-a_next))``, so the DDIM loop runs them (``z`` per image, seeded).
+        """
+        grid = list(range(skip - 1, self.num_train_timesteps, skip))
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= len(grid):
+            raise FeatInvError(f"steps must be an integer in [1, {len(grid)}] for the lcm sampler, got {num_steps!r}")
+        steps = [grid[::-1][len(grid) * i // num_steps] for i in range(num_steps)]
+        alphas = self.alphas_cumprod()
+        rows = []
+        for i, t in enumerate(steps):
+            alpha, alpha_next = alphas[t], alphas[steps[i + 1]] if i + 1 < len(steps) else 1.0
+            rows.append((math.sqrt(1 - alpha), math.sqrt(alpha), math.sqrt(alpha_next), 0.0, math.sqrt(1 - alpha_next)))
+        return SamplerSchedule("lcm", tuple(steps), tuple(rows), tuple(alphas[t] for t in steps))
+
+    def dpmpp_2m_at(self, timesteps: list[int]) -> SamplerSchedule:
+        """DPM-Solver++(2M) over the given strictly decreasing ``timesteps``, ending at the clean
+        image (e.g. the rest of a trajectory from an intermediate t)."""
+        try:
+            flat = schedule_tables().dpmpp_2m_coefficients(self.alphas_cumprod(), list(timesteps))
+        except ValueError as error:
+            raise FeatInvError(f"timesteps {list(timesteps)}: {error}") from error
+        return _schedule("dpmpp_2m", list(timesteps), flat, 5, self.alphas_cumprod())
 
     def dpmpp_2m(self, num_steps: int, timestep_spacing: str = "linspace", impl: str | None = None) -> SamplerSchedule:
         """DPM-Solver++(2M) tables: ``(a_x, a_eps, c_x, c_d0, c_d1)`` per step.

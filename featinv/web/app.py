@@ -110,7 +110,7 @@ def create_app(
     *,
     pooled_model: FeatInvModel | str | Path | None = None,
     device: str = "auto",
-    steps: int = 10,
+    steps: int | None = None,
     seeds: int = 3,
     backend: str = "eager",
     fast_options: dict[str, Any] | None = None,
@@ -128,15 +128,16 @@ def create_app(
     get held-out shapes images and other models no picker. ``max_images``: how many uploaded or
     picked images' feature maps the server keeps (the most recently used; memory stays bounded).
     ``api_docs``: serve FastAPI's ``/docs`` and ``/openapi.json`` (off by default). ``batching``:
-    reconstruct the requests of different clients queued together as one denoiser batch."""
-    options = dict(
-        device=device, steps=steps, backend=backend, warmup_batch=seeds, fast_options=fast_options, batching=batching
-    )
-    server = RealtimeReconstructor(model, **options)
+    reconstruct the requests of different clients queued together as one denoiser batch. ``steps``:
+    per reconstruction (default: 10 DPM-Solver++ steps, or 4 lcm steps for a consistency-distilled
+    ``model``, the real-time mode; its pooled model, not distilled, keeps 10)."""
+    options = dict(device=device, backend=backend, warmup_batch=seeds, fast_options=fast_options, batching=batching)
+    server = RealtimeReconstructor(model, steps=steps, **options)
     servers = {server.spec.mode: server}
     if pooled_model is not None:
         try:
-            pooled = RealtimeReconstructor(pooled_model, **options, share_thread_with=server)
+            pooled_steps = None if server.realtime else steps
+            pooled = RealtimeReconstructor(pooled_model, steps=pooled_steps, **options, share_thread_with=server)
         except BaseException:
             server.close()
             raise
@@ -195,7 +196,9 @@ def create_app(
             "steer_note": steer_note,
             "examples": example_count,
             "seeds": seeds,
-            "steps": steps,
+            "steps": server.steps,
+            "sampling": server.describe_sampling(),
+            "realtime": server.realtime,
             "modes": list(servers),
         }
 
@@ -360,15 +363,18 @@ def serve(
     api_docs: bool = False,
     max_images: int = 256,
     batching: bool = True,
+    realtime: bool = False,
+    steps: int | None = None,
 ) -> None:
     """Run the app with uvicorn (blocking). Without ``model_dir``: the shipped demo models, spatial
-    and pooled."""
+    (with ``realtime``: its consistency-distilled version) and pooled."""
     import uvicorn
 
-    from featinv.training.demo_preset import POOLED_DIR, PRETRAINED, SPATIAL_DIR
+    from featinv.paths import POOLED_DIR, PRETRAINED, REALTIME_DIR, SPATIAL_DIR
 
     if model_dir is None:
-        model_dir, pooled_model_dir = PRETRAINED / SPATIAL_DIR, pooled_model_dir or PRETRAINED / POOLED_DIR
+        spatial = PRETRAINED / (REALTIME_DIR if realtime else SPATIAL_DIR)
+        model_dir, pooled_model_dir = spatial, pooled_model_dir or PRETRAINED / POOLED_DIR
     # Folders, not loaded models: the server loads them on its own thread (see create_app).
     app = create_app(
         model_dir,
@@ -380,6 +386,7 @@ def serve(
         api_docs=api_docs,
         max_images=max_images,
         batching=batching,
+        steps=steps,
     )
     print(f"serving on http://{host}:{port}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
