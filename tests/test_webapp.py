@@ -113,7 +113,7 @@ def test_upload_reconstruct_steer_and_bad_uploads(app_url, browser, tmp_path):
     latency = time.monotonic() - moved_at
     changed = _results(browser)
     assert changed != first
-    assert latency < 2.0, f"the slider move took {latency:.2f} s to show"
+    assert latency < 3.0, f"the slider move took {latency:.2f} s to show"
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "webapp.png"))
 
