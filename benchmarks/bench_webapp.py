@@ -10,7 +10,7 @@ sweep on the pooled one. Ratios are against the first backend listed. Writes JSO
     python benchmarks/bench_webapp.py --backends eager fast --device cuda      # on a GPU
 
 With ``--realtime``: the default server (10 DPM-Solver++ steps with guidance) against the real-time
-mode (``featinv serve --realtime``: the consistency-distilled model, 4 lcm steps), both eager, in one
+mode (``featinv serve --realtime``: the distilled model, 4 steps, no guidance), both eager, in one
 run; the spatial slider's rate is what the real-time mode is for.
 
     python benchmarks/bench_webapp.py --realtime --device cpu

@@ -139,7 +139,7 @@ def _unique_stems(paths: Sequence[str]) -> list[str]:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a model's feature spec and configuration."""
-    from featinv.models.featinv_model import read_model_config
+    from featinv.models.featinv_model import FEW_STEP_SAMPLERS, read_model_config
 
     if not Path(args.model).is_dir():
         raise FeatInvError(f"model folder not found: {args.model}")
@@ -168,8 +168,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"prompt:        {config.get('prompt')!r}")
     distilled = config.get("distillation")
     if distilled:
+        sampler = FEW_STEP_SAMPLERS[distilled["method"]]
         print(
-            f"distilled:     consistency, guidance {distilled['guidance_scale']:g} folded in: sample with 1-4 lcm steps"
+            f"distilled:     {distilled['method']}, guidance {distilled['guidance_scale']:g} folded in: "
+            f"sample with 1-4 {sampler} steps"
         )
     print(f"schedule:      {config['noise_schedule']}")
     return 0
@@ -449,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument(
         "--sampler",
         choices=["ddim", "dpmpp", "lcm"],
-        help="ddim (the default) or dpmpp; lcm, the few-step sampler, for a consistency-distilled model (its default)",
+        help="ddim (the default) or dpmpp; lcm for a consistency-distilled model (a distilled model's default: "
+        "its own few-step sampler)",
     )
     rec.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
     rec.add_argument("--seed", type=int, default=0)
@@ -517,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--realtime",
         action="store_true",
-        help="also the consistency-distilled model (shapes-demo-realtime) in --realtime-steps lcm steps, no guidance",
+        help="also the distilled model (shapes-demo-realtime) in --realtime-steps of its sampler, no guidance",
     )
     demo.add_argument("--realtime-steps", type=int, choices=[1, 2, 4], default=4, help="with --realtime (default 4)")
     demo.set_defaults(func=cmd_demo)

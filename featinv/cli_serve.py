@@ -24,8 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         if read_model_config(args.model).get("distillation") is None:
             raise FeatInvError(
-                f"--realtime needs a consistency-distilled model (featinv train --model M --distill); "
-                f"{args.model} is not"
+                f"--realtime needs a distilled model (featinv train --model M --distill); {args.model} is not"
             )
     _check_listen_address(args.host, args.port)
     fast_options = fast_options_from_args(args)
@@ -83,9 +82,9 @@ def add_serve_command(commands) -> None:
     serve.add_argument(
         "--realtime",
         action="store_true",
-        help="the real-time mode: the consistency-distilled demo model (or --model, if distilled), 4 lcm steps",
+        help="the real-time mode: the distilled demo model (or --model, if distilled), 4 steps of its sampler",
     )
-    serve.add_argument("--steps", type=int, help="steps per reconstruction (default 10 dpmpp; realtime: 4 lcm)")
+    serve.add_argument("--steps", type=int, help="steps per reconstruction (default 10 dpmpp; realtime: 4)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="auto")

@@ -35,6 +35,23 @@ def _model_and_extractor(args: argparse.Namespace, device: torch.device):
     return model, extractor.to(device)
 
 
+# Flags that one way of training does not take: (their argparse names, why), checked before any work.
+REFUSED_FLAGS = {
+    "preset": (
+        ("consistency_weight", "validate_every", "validation_images", "gradient_checkpointing"),
+        "applies to --model training, not to --preset",
+    ),
+    "distill": (("validate_every",), "does not go with --distill"),
+}
+
+
+def _refuse_flags(args: argparse.Namespace, mode: str) -> None:
+    flags, why = REFUSED_FLAGS[mode]
+    for flag in flags:
+        if getattr(args, flag):
+            raise FeatInvError(f"--{flag.replace('_', '-')} {why}")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train the shapes-demo preset, or the ControlNet of a model folder on shapes or an image folder."""
     from featinv.training.loop import TrainConfig
@@ -55,11 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if args.preset != "shapes-demo":
             raise FeatInvError(f"--preset must be shapes-demo, got {args.preset!r}")
-        for flag in ("consistency_weight", "validate_every", "validation_images"):
-            if getattr(args, flag):
-                raise FeatInvError(f"--{flag.replace('_', '-')} applies to --model training, not to --preset")
-        if args.gradient_checkpointing:
-            raise FeatInvError("--gradient-checkpointing applies to --model training, not to --preset")
+        _refuse_flags(args, "preset")
         train_shapes_demo(
             args.out,
             device=args.device,
@@ -70,10 +83,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             **common,
         )
         return 0
+    if args.student is not None and not args.distill:
+        raise FeatInvError("--student goes with --distill")
     if args.distill:
-        for flag in ("consistency_weight", "validate_every"):
-            if getattr(args, flag):
-                raise FeatInvError(f"--{flag.replace('_', '-')} does not go with --distill")
+        _refuse_flags(args, "distill")
+        if args.consistency_weight is not None and args.distill_target != "trajectory":
+            raise FeatInvError("--consistency-weight goes with --distill only with --distill-target trajectory")
         from featinv.training.distill import DistillConfig
 
         distill = DistillConfig(  # checked before any work
@@ -123,7 +138,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         if model.distillation is not None:
             raise FeatInvError(f"{args.model} is distilled already: distil from the teacher's folder")
-        result = distill_consistency(model, features, stream, config, distill, seed=args.seed, **places)
+        student = None
+        if args.student is not None:
+            if not Path(args.student).is_dir():
+                raise FeatInvError(f"--student folder not found: {args.student}")
+            from featinv.models.featinv_model import FeatInvModel
+
+            student = FeatInvModel.from_pretrained(args.student)
+        result = distill_consistency(
+            model, features, stream, config, distill, seed=args.seed, student=student, consistency=consistency, **places
+        )
     else:
         result = train_controlnet(
             model,
@@ -218,20 +242,31 @@ def add_training_commands(commands) -> None:
     train.add_argument(
         "--distill",
         action="store_true",
-        help="with --model: consistency-distil the (trained) model into a few-step one, its ControlNet the student "
-        "(sample it with 1-4 lcm steps and no guidance)",
+        help="with --model: distil the (trained) model into a few-step one, its ControlNet the student "
+        "(sampled with 4 steps and no guidance)",
     )
     train.add_argument(
         "--distill-guidance", type=float, default=1.75, help="with --distill: the teacher's guidance, folded in"
     )
     train.add_argument(
         "--distill-target",
-        choices=["consistency", "endpoint"],
-        default="endpoint",
-        help="with --distill: LCM's bootstrapped one-step target, or the teacher's ODE endpoint (default; fewer steps)",
+        choices=["consistency", "endpoint", "guidance", "trajectory"],
+        default="guidance",
+        help="with --distill: the teacher's guided noise in one branch (default; sampled by 4 DPM-Solver++ "
+        "steps); trajectory: the student's 4-step solve fitted to the teacher's (with --student, a second stage); "
+        "or a consistency model (lcm sampler) fitted to LCM's bootstrapped one-step target or to the teacher's "
+        "ODE endpoint",
     )
     train.add_argument(
-        "--teacher-steps", type=int, default=6, help="with --distill-target endpoint: the teacher's DPM-Solver++ steps"
+        "--teacher-steps",
+        type=int,
+        default=6,
+        help="with --distill-target endpoint or trajectory: the teacher's DPM-Solver++ steps",
+    )
+    train.add_argument(
+        "--student",
+        help="with --distill: start the student from this model folder, distilled from the same teacher "
+        "(e.g. --distill-target trajectory after guidance)",
     )
     train.set_defaults(func=cmd_train)
 

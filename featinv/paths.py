@@ -7,5 +7,5 @@ from pathlib import Path
 
 PRETRAINED = Path(__file__).resolve().parent / "pretrained"
 SPATIAL_DIR, POOLED_DIR = "shapes-demo", "shapes-demo-pooled"
-REALTIME_DIR = "shapes-demo-realtime"  # the spatial model consistency-distilled to 1-4 steps
+REALTIME_DIR = "shapes-demo-realtime"  # the spatial model distilled to 4 steps, guidance folded in
 BASE_DIR = "shapes-base"  # the base UNet the demo models refer to

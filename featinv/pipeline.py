@@ -19,7 +19,7 @@ from featinv.sampling.noise import randn
 
 DEFAULT_STEPS = 50
 DEFAULT_GUIDANCE = 1.75
-REALTIME_STEPS = 4  # a consistency-distilled model's default (lcm sampler, no guidance)
+REALTIME_STEPS = 4  # a distilled model's default (its few-step sampler, no guidance)
 
 
 @dataclass
@@ -48,6 +48,40 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FeatInvError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu")
     return device
+
+
+def features_to_invert(
+    images: torch.Tensor | None,
+    features: torch.Tensor | None,
+    features_of: Callable[[torch.Tensor], torch.Tensor],
+    spec: Any,
+    device: torch.device,
+) -> torch.Tensor:
+    """The (B, C, h, w) float32 feature maps on ``device`` that a reconstruction inverts: those of
+    ``images`` by ``features_of``, or ``features`` checked against ``spec``; exactly one is given."""
+    if (images is None) == (features is None):
+        raise FeatInvError("pass exactly one of images or features")
+    if images is not None:
+        return features_of(images)
+    spec.check_features(features)
+    return features.to(device, torch.float32)
+
+
+def batch_noise(
+    generators: torch.Generator | list[torch.Generator],
+    start: int,
+    stop: int,
+    shape: tuple[int, ...],
+    device: torch.device,
+    latents: torch.Tensor | None = None,
+) -> tuple[torch.Generator | list[torch.Generator], torch.Tensor]:
+    """Rows ``start:stop`` of a reconstruction: their generators (one per image, or one shared) and
+    their starting noise (stop - start, *shape), so image i's noise never depends on the batch; or
+    rows of the given ``latents`` (the generators then untouched, for the sampler's own noise)."""
+    batch_generators = generators[start:stop] if isinstance(generators, list) else generators
+    if latents is not None:
+        return batch_generators, latents[start:stop].to(device, torch.float32)
+    return batch_generators, randn((stop - start, *shape), batch_generators, device=device)
 
 
 def _pad_rows(
@@ -166,8 +200,9 @@ class Reconstructor:
             steps: sampler steps (default 50 as published; 4 for a distilled model).
             guidance_scale: classifier-free guidance scale (default 1.75 as published; <= 1
                 disables it; a distilled model has it folded in and takes none).
-            sampler: ``ddim`` or ``dpmpp`` (DPM-Solver++ 2M), default ``ddim``; a consistency-distilled
-                model (``model.distillation``) takes ``lcm`` only, its default.
+            sampler: ``ddim`` or ``dpmpp`` (DPM-Solver++ 2M), default ``ddim``; a distilled model
+                (``model.distillation``) defaults to its own (``model.few_step_sampler``), and a
+                consistency-distilled one takes ``lcm`` only.
             eta: DDIM stochasticity in [0, 1].
             seed: image i starts from noise seeded ``seed + first_index + i``, whatever the batch size.
             first_index: the global index of the first image (a shard of a multi-process run).
@@ -178,7 +213,9 @@ class Reconstructor:
             progress: show a progress bar.
             callback: called after every step with ``{"i", "t", "x", "denoised", "batch"}``.
         """
-        features = self._input_features(images, features, pooled)
+        features = features_to_invert(
+            images, features, lambda x: self.features(x, pooled=pooled), self.spec, self.device
+        )
         n = features.shape[0]
         steps, guidance_scale, sampler = self.sampling_defaults(steps, guidance_scale, sampler)
         self._check_options(steps, guidance_scale, sampler, eta, batch_size)
@@ -195,11 +232,8 @@ class Reconstructor:
         try:
             for start in range(0, n, batch_size):
                 stop = min(start + batch_size, n)
-                batch_generators = generators[start:stop] if isinstance(generators, list) else generators
-                if latents is not None:
-                    x = latents[start:stop].to(self.device, torch.float32)
-                else:
-                    x = randn((stop - start, *self.model.latent_shape), batch_generators, device=self.device)
+                shape = self.model.latent_shape
+                batch_generators, x = batch_noise(generators, start, stop, shape, self.device, latents)
                 rows = stop - start
                 # eta > 0 and lcm draw per-image noise every step: padding rows would need generators of their own
                 deterministic = eta == 0.0 and sampler != "lcm"
@@ -231,24 +265,26 @@ class Reconstructor:
         self, steps: int | None, guidance_scale: float | None, sampler: str | None
     ) -> tuple[int, float, str]:
         """(steps, guidance_scale, sampler) with the model's defaults filled in: DDIM, 50 steps,
-        guidance 1.75, or for a consistency-distilled model the lcm sampler, 4 steps, no guidance.
-        A distilled model with another sampler or guidance, or lcm on a model that is not, raises."""
-        distilled = self.model.distillation is not None
-        sampler = sampler if sampler is not None else ("lcm" if distilled else "ddim")
-        if sampler == "lcm" and not distilled:
+        guidance 1.75, or for a distilled model its few-step sampler (``lcm`` after consistency
+        distillation, ``dpmpp`` after guidance distillation), 4 steps, no guidance. Guidance on a
+        distilled model, lcm on a model that is not consistency-distilled, or another sampler on one
+        that is, raise."""
+        few_step = self.model.few_step_sampler
+        sampler = sampler if sampler is not None else (few_step or "ddim")
+        if sampler == "lcm" and few_step != "lcm":
             raise FeatInvError(
-                "the lcm sampler needs a consistency-distilled model (featinv train --model M --distill), "
-                "and this one is not: use ddim or dpmpp"
+                "the lcm sampler needs a consistency-distilled model (featinv train --model M --distill "
+                "--distill-target endpoint), and this one is not: use ddim or dpmpp"
             )
-        if distilled and sampler != "lcm":
+        if few_step == "lcm" and sampler != "lcm":
             raise FeatInvError(f"this model is consistency-distilled: sample it with the lcm sampler, not {sampler!r}")
-        if distilled and guidance_scale is not None and guidance_scale > 1.0:
+        if few_step and guidance_scale is not None and guidance_scale > 1.0:
             raise FeatInvError(
-                f"this model is consistency-distilled with guidance {self.model.distillation['guidance_scale']} "
+                f"this model is distilled with guidance {self.model.distillation['guidance_scale']} "
                 f"folded in: guidance_scale must be <= 1, got {guidance_scale}"
             )
-        steps = steps if steps is not None else (REALTIME_STEPS if distilled else DEFAULT_STEPS)
-        guidance_scale = guidance_scale if guidance_scale is not None else (1.0 if distilled else DEFAULT_GUIDANCE)
+        steps = steps if steps is not None else (REALTIME_STEPS if few_step else DEFAULT_STEPS)
+        guidance_scale = guidance_scale if guidance_scale is not None else (1.0 if few_step else DEFAULT_GUIDANCE)
         return steps, guidance_scale, sampler
 
     # ----- helpers ----------------------------------------------------------------------------
@@ -265,14 +301,6 @@ class Reconstructor:
             causes.append(f"the feature maps are extreme (largest |value| {largest:.3g})")
         causes.append("the model's contexts or weights are corrupt")
         raise FeatInvError(f"{what} hold NaN or Inf values, so no image is returned: likely " + ", or ".join(causes))
-
-    def _input_features(self, images: torch.Tensor | None, features: torch.Tensor | None, pooled: bool) -> torch.Tensor:
-        if (images is None) == (features is None):
-            raise FeatInvError("pass exactly one of images or features")
-        if images is not None:
-            return self.features(images, pooled=pooled)
-        self.spec.check_features(features)
-        return features.to(self.device, torch.float32)
 
     def _check_options(self, steps: int, guidance_scale: float, sampler: str, eta: float, batch_size: int) -> None:
         if sampler not in SAMPLERS:

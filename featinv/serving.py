@@ -126,9 +126,8 @@ class RealtimeReconstructor:
             self._worker, self._urgent = share_thread_with._worker, share_thread_with._urgent
         try:
             self.reconstructor = self.call(self._build, model, device, backend, fast_options, warmup_batch)
-            # 10 DPM-Solver++ steps with guidance; a consistency-distilled model: 4 lcm steps, none
-            distilled = self.reconstructor.model.distillation is not None
-            if not distilled:
+            # 10 DPM-Solver++ steps with guidance; a distilled model: 4 steps of its sampler, none
+            if not self.realtime:
                 steps, sampler = steps or SERVER_STEPS, sampler or SERVER_SAMPLER
             self.steps, self.guidance_scale, self.sampler = self.reconstructor.sampling_defaults(
                 steps, guidance_scale, sampler
@@ -170,13 +169,15 @@ class RealtimeReconstructor:
 
     @property
     def realtime(self) -> bool:
-        """Whether this server samples a consistency-distilled model (the few-step mode)."""
+        """Whether this server samples a distilled model (the few-step mode)."""
         return self.reconstructor.model.distillation is not None
 
     def describe_sampling(self) -> str:
         """What each reconstruction runs, in words (the web page shows it)."""
         if self.realtime:
-            return f"real-time mode: {self.steps} lcm step{'s' * (self.steps != 1)} of a consistency-distilled model"
+            method = self.reconstructor.model.distillation["method"]
+            steps = f"{self.steps} {self.sampler} step{'s' * (self.steps != 1)}"
+            return f"real-time mode: {steps} of a {method}-distilled model"
         guidance = f", guidance {self.guidance_scale:g}" if self.guidance_scale > 1 else ""
         return f"{self.steps} {self.sampler} steps{guidance}"
 

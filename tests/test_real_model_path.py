@@ -204,6 +204,30 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_the_real_time_model_distilled_in_two_stages_on_the_latent_model(capsys, world, trained, tmp_path):
+    """Guidance, then trajectory distillation (through the VAE decoder for its consistency term) of
+    the layer3 model, then a default reconstruction: 4 dpmpp steps, no guidance."""
+    from featinv.models import FeatInvModel
+
+    model_dir, _ = trained
+    common = ["train", "--model", model_dir, "--data", world / "images", "--batch-size", 2, "--steps", 1]
+    common += ["--distill", "--checkpoint-every", 0]
+    code, _, err = run_cli(capsys, *common, "--distill-target", "guidance", "--out", tmp_path / "g")
+    assert code == 0, err
+    second = ["--distill-target", "trajectory", "--teacher-steps", 2, "--student", tmp_path / "g" / "model"]
+    code, _, err = run_cli(capsys, *common, *second, "--consistency-weight", 0.1, "--out", tmp_path / "rt")
+    assert code == 0, err
+    distilled = FeatInvModel.from_pretrained(tmp_path / "rt" / "model")
+    assert distilled.distillation == {"method": "guidance", "guidance_scale": 1.75} and distilled.vae is not None
+    photos = sorted(str(p) for p in (world / "images").rglob("*.png"))[:2]
+    out = tmp_path / "rec"
+    code, _, err = run_cli(
+        capsys, "reconstruct", "--model", tmp_path / "rt" / "model", "--images", *photos, "--out", out, "--quiet"
+    )
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "grid.png"]
+
+
 def test_the_web_app_serves_a_layer3_model(world, trained, tmp_path):
     from test_webapp_threads import _post, _upload
 

@@ -36,10 +36,9 @@ from tqdm.auto import tqdm
 from featinv.errors import FeatInvError, require_positive_int
 from featinv.features import FeatureExtractor, check_images
 from featinv.models.featinv_model import FeatInvModel
-from featinv.pipeline import Reconstruction, Reconstructor, resolve_device
+from featinv.pipeline import Reconstruction, Reconstructor, batch_noise, features_to_invert, resolve_device
 from featinv.sampling import SAMPLERS, classifier_free_guidance
 from featinv.sampling.guidance import Denoise
-from featinv.sampling.noise import randn
 
 DISTANCES = ("cosine", "l2")
 GUIDED_SAMPLERS = ("ddim", "dpmpp")  # the ODE samplers of the base (lcm is a distilled model's)
@@ -208,10 +207,7 @@ class GuidedReconstructor:
     def _features_of(self, x0: torch.Tensor) -> torch.Tensor:
         """The classifier's maps of the images x0 decodes to, differentiably; the [0, 1] clamp passes
         gradients straight through (an early, out-of-range estimate still gets a direction)."""
-        model = self.model
-        raw = x0 if model.vae is None else model.vae.decode(x0 / model.vae.config.scaling_factor, return_dict=False)[0]
-        images = (raw.float() + 1.0) / 2.0
-        images = images + (images.clamp(0.0, 1.0) - images).detach()
+        images = self.model.decode(x0, straight_through=True)
         features = self.extractor._features(self.extractor.normalize(images))
         if not features.requires_grad:
             raise FeatInvError(
@@ -242,13 +238,7 @@ class GuidedReconstructor:
             batch_size: images per batch (each guided step holds their activations for a backward pass).
             callback: called after every step with ``{"i", "t", "x", "denoised", "batch"}``.
         """
-        if (images is None) == (features is None):
-            raise FeatInvError("pass exactly one of images or features")
-        if images is not None:
-            features = self.features(images)
-        else:
-            self.spec.check_features(features)
-            features = features.to(self.device, torch.float32)
+        features = features_to_invert(images, features, self.features, self.spec, self.device)
         require_positive_int("batch_size", batch_size)
         config, n = self.config, len(features)
         self.model.noise_schedule.check_steps(config.steps)
@@ -259,10 +249,9 @@ class GuidedReconstructor:
         try:
             for start in range(0, n, batch_size):
                 chunk = features[start : start + batch_size]
-                batch_generators = (
-                    generators[start : start + batch_size] if isinstance(generators, list) else generators
+                batch_generators, x = batch_noise(
+                    generators, start, start + len(chunk), self.model.latent_shape, self.device
                 )
-                x = randn((len(chunk), *self.model.latent_shape), batch_generators, device=self.device)
 
                 def on_step(info: dict, start: int = start, rows: int = len(chunk)) -> None:
                     bar.update(rows)

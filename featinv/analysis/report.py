@@ -68,9 +68,13 @@ def bar_plot(
 
 def text_table(rows: Sequence[Sequence[str]], width: int = 24) -> str:
     """Rows of text cells as aligned terminal lines: the first column as wide as its longest cell,
-    the others ``width`` characters."""
-    first = max(len(row[0]) for row in rows) + 1
-    return "\n".join((f"{row[0]:<{first}}" + "".join(f"{cell:<{width}}" for cell in row[1:])).rstrip() for row in rows)
+    the others ``width`` characters, or wider where a cell is (always one space between columns)."""
+    columns = max(len(row) for row in rows)
+    widths = [max(len(row[0]) for row in rows) + 1] + [
+        max([width] + [len(row[i]) + 1 for row in rows if i < len(row)]) for i in range(1, columns)
+    ]
+    lines = ("".join(f"{cell:<{w}}" for cell, w in zip(row, widths[: len(row)], strict=True)) for row in rows)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def write_report(out: Path, title: str, intro: str, blocks: Sequence[tuple[str, Any]], data: dict[str, Any]) -> None:

@@ -83,9 +83,10 @@ class FeatInvModel(nn.Module):
         base: the base's folder or hub id, when the UNet and VAE are its unchanged weights: the
             model folder then refers to it instead of copying them (see :meth:`save_pretrained`).
         base_fingerprint: :func:`featinv.models.base.weights_fingerprint` of that base.
-        distillation: for a consistency-distilled model (:mod:`featinv.training.distill`), what it
-            was distilled with (``{"method": "consistency", "guidance_scale", "skip"}``): it is then
-            sampled with the few-step ``lcm`` sampler and no classifier-free guidance.
+        distillation: for a distilled model (:mod:`featinv.training.distill`), what it was distilled
+            with: ``{"method": "consistency", "guidance_scale", "skip"}`` (sampled with the few-step
+            ``lcm`` sampler) or ``{"method": "guidance", "guidance_scale"}`` (DPM-Solver++, 4 steps);
+            either way without classifier-free guidance (:attr:`few_step_sampler`).
     """
 
     def __init__(
@@ -143,17 +144,28 @@ class FeatInvModel(nn.Module):
         factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         return (h * factor, w * factor)
 
+    @property
+    def few_step_sampler(self) -> str | None:
+        """A distilled model's sampler (``lcm`` after consistency distillation, ``dpmpp`` after
+        guidance distillation), or None for a model that is not distilled."""
+        return None if self.distillation is None else FEW_STEP_SAMPLERS[self.distillation["method"]]
+
     def guidance_contexts(self, batch: int) -> torch.Tensor:
         """(2B, L, D): the null context B times, then the stored context B times: the order of the
         two classifier-free-guidance branches (unconditional first) everywhere in featinv."""
         return torch.cat([self.null_context.expand(batch, -1, -1), self.context.expand(batch, -1, -1)])
 
     # ----- image space <-> diffusion space ----------------------------------------------------
-    def decode(self, samples: torch.Tensor) -> torch.Tensor:
-        """Diffusion samples (B, C, H, W) -> images (B, 3, H', W') in [0, 1]."""
+    def decode(self, samples: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+        """Diffusion samples (B, C, H, W) -> images (B, 3, H', W') in [0, 1]. ``straight_through``:
+        the [0, 1] clamp passes gradients through unchanged (guided sampling differentiates an
+        early, out-of-range estimate too)."""
         if self.vae is not None:
             samples = self.vae.decode(samples / self.vae.config.scaling_factor, return_dict=False)[0]
-        return ((samples.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+        images = (samples.float() + 1.0) / 2.0
+        if straight_through:
+            return images + (images.clamp(0.0, 1.0) - images).detach()
+        return images.clamp(0.0, 1.0)
 
     def predict_noise(
         self,
@@ -405,7 +417,8 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
         "latent_shape": (lambda v: _int_list(v, 3), "[C, H, W] of positive integers"),
         "distillation": (
             _is_distillation,
-            'null or {"method": "consistency", "guidance_scale": a number in [1, 50], "skip": a positive integer}',
+            'null, {"method": "consistency", "guidance_scale": a number in [1, 50], "skip": a positive integer} '
+            'or {"method": "guidance", "guidance_scale": a number in [1, 50]}',
         ),
     }
     for key, (ok, expected) in checks.items():
@@ -414,15 +427,18 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
     return config
 
 
+DISTILLATION_KEYS = {"consistency": {"method", "guidance_scale", "skip"}, "guidance": {"method", "guidance_scale"}}
+FEW_STEP_SAMPLERS = {"consistency": "lcm", "guidance": "dpmpp"}  # a distilled model's sampler, by method
+
+
 def _is_distillation(value: Any) -> bool:
     if value is None:
         return True
-    if not isinstance(value, dict) or set(value) != {"method", "guidance_scale", "skip"}:
+    if not isinstance(value, dict) or set(value) != DISTILLATION_KEYS.get(value.get("method"), ()):
         return False
-    scale, skip = value["guidance_scale"], value["skip"]
+    scale, skip = value["guidance_scale"], value.get("skip", 1)
     return (
-        value["method"] == "consistency"
-        and isinstance(scale, (int, float))
+        isinstance(scale, (int, float))
         and not isinstance(scale, bool)
         and 1 <= scale <= 50
         and isinstance(skip, int)

@@ -34,7 +34,7 @@ def sample_ddim(
     """
     if schedule.name not in ("ddim", "lcm"):
         raise ValueError(f"sample_ddim needs a DDIM (or LCM) schedule, got {schedule.name!r}")
-    native = sampler_loop()
+    native = None if torch.is_grad_enabled() else sampler_loop()  # the C++ loop records no autograd graph
     if native is not None and all(row[4] == 0.0 for row in schedule.coefficients):  # eta = 0: C++ loop
         return _run_native(native, "ddim", denoise, x, schedule, callback)
     for i, (t, coefficients) in enumerate(zip(schedule.timesteps, schedule.coefficients, strict=True)):

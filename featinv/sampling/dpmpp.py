@@ -36,7 +36,7 @@ def sample_dpmpp_2m(
     del generator
     if schedule.name != "dpmpp_2m":
         raise ValueError(f"sample_dpmpp_2m needs a DPM-Solver++(2M) schedule, got {schedule.name!r}")
-    native = sampler_loop()
+    native = None if torch.is_grad_enabled() else sampler_loop()  # the C++ loop records no autograd graph
     if native is not None:
         return _run_native(native, "dpmpp_2m", denoise, x, schedule, callback)
     x0_prev = None

@@ -233,8 +233,13 @@ class Consistency:
             return x_t.new_zeros(())
         a = alphas[t[keep]].view(-1, 1, 1, 1)
         x0 = (x_t[keep] - (1 - a).sqrt() * eps[keep]) / a.sqrt()
+        return self.of_samples(model, x0, maps[keep])
+
+    def of_samples(self, model: FeatInvModel, x0: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """``weight * (1 - cosine)`` between the feature maps of the images clean samples x0
+        (B, C, H, W) decode to and the conditioning maps (B, C', h, w), averaged."""
         rebuilt = self.extractor.forward_normalized(self.extractor.normalize(model.decode(x0)))
-        return self.weight * (1 - feature_cosine(rebuilt.float(), maps[keep].float())).mean()
+        return self.weight * (1 - feature_cosine(rebuilt.float(), maps.float())).mean()
 
 
 def _unwrap(module: torch.nn.Module) -> torch.nn.Module:

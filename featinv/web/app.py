@@ -129,7 +129,7 @@ def create_app(
     picked images' feature maps the server keeps (the most recently used; memory stays bounded).
     ``api_docs``: serve FastAPI's ``/docs`` and ``/openapi.json`` (off by default). ``batching``:
     reconstruct the requests of different clients queued together as one denoiser batch. ``steps``:
-    per reconstruction (default: 10 DPM-Solver++ steps, or 4 lcm steps for a consistency-distilled
+    per reconstruction (default: 10 DPM-Solver++ steps, or 4 steps of its own sampler for a distilled
     ``model``, the real-time mode; its pooled model, not distilled, keeps 10)."""
     options = dict(device=device, backend=backend, warmup_batch=seeds, fast_options=fast_options, batching=batching)
     server = RealtimeReconstructor(model, steps=steps, **options)
@@ -367,7 +367,7 @@ def serve(
     steps: int | None = None,
 ) -> None:
     """Run the app with uvicorn (blocking). Without ``model_dir``: the shipped demo models, spatial
-    (with ``realtime``: its consistency-distilled version) and pooled."""
+    (with ``realtime``: its distilled, few-step version) and pooled."""
     import uvicorn
 
     from featinv.paths import POOLED_DIR, PRETRAINED, REALTIME_DIR, SPATIAL_DIR
