@@ -372,12 +372,7 @@ def cmd_create(args: argparse.Namespace) -> int:
     for flag in ("input_size", "image_size", "hint_channels"):
         if getattr(args, flag) is not None:
             require_positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
-    try:
-        model_kwargs = json.loads(args.classifier_kwargs) if args.classifier_kwargs else {}
-    except json.JSONDecodeError as error:
-        raise FeatInvError(f"--classifier-kwargs must be a JSON object, got {args.classifier_kwargs!r}") from error
-    if not isinstance(model_kwargs, dict):
-        raise FeatInvError(f"--classifier-kwargs must be a JSON object, got {args.classifier_kwargs!r}")
+    model_kwargs = json_object_arg("--classifier-kwargs", args.classifier_kwargs)
     input_size = (3, args.input_size, args.input_size) if args.input_size else None
     extractor = FeatureExtractor(
         args.classifier,
@@ -416,6 +411,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(text_table([["", *metric_header(metrics)[1:]], *metric_table(metrics)]))
     print(f"wrote grid.png, metrics.png, metrics.json and report.html to {args.out} ({metrics['seconds']} s)")
     return 0
+
+
+def json_object_arg(flag: str, text: str | None) -> dict:
+    """The JSON object a flag was given ({} when not given); anything else is a one-line error."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as error:
+        raise FeatInvError(f"{flag} must be a JSON object, got {text!r}") from error
+    if not isinstance(value, dict):
+        raise FeatInvError(f"{flag} must be a JSON object, got {text!r}")
+    return value
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
-from featinv.cli import Parser, add_model_args, load_model, required_extractor
+from featinv.cli import Parser, add_model_args, json_object_arg, load_model, required_extractor
 from featinv.errors import FeatInvError, require_positive_int, require_seed
 
 
@@ -168,6 +168,83 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    """Train a timm classifier on shapes or an ImageNet-layout folder; write its weights, its
+    accuracy (held-out shapes, or the folder's own images) and the ``create`` line that uses it."""
+    import json
+
+    import torch
+
+    from featinv.features import FeatureExtractor
+    from featinv.files import publish
+    from featinv.training.classifier import HELD_OUT_SEED, accuracy
+    from featinv.training.distributed import get_accelerator
+    from featinv.training.loop import TrainConfig
+    from featinv.training.shapes import CLASSES, generate_shapes
+    from featinv.training.train import train_classifier
+    from featinv.weights import save_state_dict_atomic
+
+    require_seed("--seed", args.seed)
+    for flag in ("steps", "batch_size", "image_size", "held_out"):
+        require_positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
+    model_kwargs = json_object_arg("--classifier-kwargs", args.classifier_kwargs)
+    stream = _stream(args.data, args.image_size, pool=args.pool, seed=args.seed, augment=True)
+    classes = list(CLASSES) if args.data == "shapes" else stream.classes
+    accelerator = get_accelerator(args.device)
+    torch.manual_seed(args.seed)
+    input_size = (3, args.input_size, args.input_size) if args.input_size else None
+    extractor = FeatureExtractor(
+        args.classifier, None, weights=args.classifier_weights, model_kwargs=model_kwargs, input_size=input_size
+    ).to(accelerator.device)
+    outputs = extractor.classifier.num_classes
+    if outputs < len(classes):
+        raise FeatInvError(
+            f"{args.classifier} has {outputs} outputs and the data {len(classes)} classes: "
+            f'add "num_classes": {len(classes)} to --classifier-kwargs'
+        )
+    out = Path(args.out)
+    config = TrainConfig(
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        time_budget_s=args.time_budget,
+        checkpoint_every=args.checkpoint_every,
+    )
+    places = {"checkpoint_dir": out / "checkpoints", "log_path": out / "train_log.jsonl", "resume": args.resume}
+    result = train_classifier(extractor, stream, config, **places)
+    if not accelerator.is_main_process:
+        return 0
+    extractor.eval()
+    if args.data == "shapes":
+        held_out = generate_shapes(args.held_out, HELD_OUT_SEED, size=args.image_size)
+        images, labels, where = held_out.images, held_out.labels, f"{args.held_out} held-out shapes"
+    else:
+        plain = _stream(args.data, args.image_size, pool=args.pool, seed=args.seed, augment=False)
+        index = torch.arange(len(plain))
+        images, labels = plain.take(index, torch.zeros_like(index, dtype=torch.bool))
+        where = f"the {len(stream)} training images of {args.data} (no held-out split)"
+    rate, interval = accuracy(extractor, images, labels)
+    weights = out / "classifier.safetensors"
+    save_state_dict_atomic(extractor.classifier.state_dict(), weights)
+    record = {
+        "classifier": args.classifier,
+        "model_kwargs": model_kwargs,
+        "input_size": list(extractor.spec.input_size),
+        "classes": classes,
+        "steps": result.steps_done,
+        "accuracy": {"images": where, "top1": rate, "ci95": list(interval)},
+    }
+    (out / "classifier.json").write_text(json.dumps(record, indent=2) + "\n")
+    publish(out / "classifier.json")
+    state = "finished" if result.finished else f"stopped at step {result.steps_done} (--resume continues)"
+    print(f"{state}; accuracy on {where}: {rate:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]")
+    print(f"wrote {weights} and classifier.json; make a FeatInv model for it with")
+    kwargs = f" --classifier-kwargs '{json.dumps(model_kwargs)}'" if model_kwargs else ""
+    size = f" --input-size {args.input_size}" if args.input_size else ""
+    print(f"  featinv create --classifier {args.classifier}{kwargs}{size} --classifier-weights {weights} ...")
+    return 0
+
+
 def cmd_features_cache(args: argparse.Namespace) -> int:
     """Compute a training pool's feature maps once (unflipped and flipped) into a safetensors file."""
     from featinv.pipeline import resolve_device
@@ -269,6 +346,35 @@ def add_training_commands(commands) -> None:
         "(e.g. --distill-target trajectory after guidance)",
     )
     train.set_defaults(func=cmd_train)
+
+    classifier = commands.add_parser(
+        "train-classifier", help="train a timm classifier on shapes or an image folder (then 'featinv create' for it)"
+    )
+    classifier.add_argument(
+        "--classifier", required=True, help="timm model name, e.g. resnet18 or vit_tiny_patch16_224"
+    )
+    classifier.add_argument(
+        "--classifier-kwargs",
+        help='JSON of timm.create_model arguments, e.g. \'{"num_classes": 6, "layers": [1, 1, 1, 1]}\'',
+    )
+    classifier.add_argument("--classifier-weights", help="start from these weights (safetensors or .pth)")
+    classifier.add_argument("--input-size", type=int, help="classifier input side in pixels (default: the model's)")
+    classifier.add_argument("--data", default="shapes", help="shapes, or an ImageNet-layout folder")
+    classifier.add_argument("--image-size", type=int, default=32, help="the data's side in pixels (default 32)")
+    classifier.add_argument("--out", required=True, help="output folder (classifier.safetensors, classifier.json)")
+    classifier.add_argument("--device", default="cpu", help="cpu or cuda")
+    classifier.add_argument("--steps", type=int, default=2000)
+    classifier.add_argument("--batch-size", type=int, default=256)
+    classifier.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    classifier.add_argument("--pool", type=int, default=50_000, help="with --data shapes: images in the pool")
+    classifier.add_argument("--seed", type=int, default=1)
+    classifier.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    classifier.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
+    classifier.add_argument("--time-budget", type=float, help="seconds; stops early past it (checkpointed)")
+    classifier.add_argument(
+        "--held-out", type=int, default=1000, help="with --data shapes: held-out images for the accuracy"
+    )
+    classifier.set_defaults(func=cmd_train_classifier)
 
     features = commands.add_parser("features", help="feature-map utilities")
     features_commands = features.add_subparsers(dest="features_command", required=True, parser_class=Parser)

@@ -367,3 +367,19 @@ def test_the_shipped_demo_models_share_one_base():
         assert config["base"]["relative"] == f"../{BASE_DIR}" and not (PRETRAINED / name / "unet").exists()
     a, b = (FeatInvModel.from_pretrained(PRETRAINED / name) for name in (SPATIAL_DIR, POOLED_DIR))
     assert a.base == b.base == str((PRETRAINED / BASE_DIR).resolve())
+    assert torch.equal(a.context, b.context)
+
+
+def test_a_new_model_on_the_shipped_base_gets_the_context_its_unet_was_trained_with(capsys, tmp_path):
+    """shapes-base has no text encoder: a model made on it for another classifier (issue 20's way)
+    reads the base's stored contexts instead of drawing a random one the UNet never saw."""
+    from featinv.models import FeatInvModel
+    from featinv.training.demo_preset import BASE_DIR, PRETRAINED, SPATIAL_DIR
+
+    resnet = ["--classifier", "resnet18", "--input-size", 32, "--classifier-kwargs", '{"num_classes": 6}']
+    code, _, err = run_cli(capsys, "create", "--base", PRETRAINED / BASE_DIR, *resnet, "--out", tmp_path / "m")
+    assert code == 0, err
+    assert "no text encoder" not in err
+    made, shipped = (FeatInvModel.from_pretrained(p) for p in (tmp_path / "m", PRETRAINED / SPATIAL_DIR))
+    assert torch.equal(made.context, shipped.context) and torch.equal(made.null_context, shipped.null_context)
+    assert made.base == shipped.base  # the same base, referred to

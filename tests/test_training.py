@@ -47,6 +47,12 @@ def test_the_shapes_demo_preset_trains_and_resumes_to_the_same_models(tmp_path):
     assert (tmp_path / POOLED_DIR / "featinv.json").is_file() and (tmp_path / "loss_curve.png").is_file()
     stages = {p.stem for p in (tmp_path / "stages").iterdir()}
     assert stages == {"classifier", "base", "controlnet-spatial", "controlnet-pooled"}
+    # the base folder keeps the contexts its UNet was trained with, for models made on it later
+    from featinv.training.demo_preset import BASE_DIR
+    from featinv.weights import load_state_dict
+
+    stored = load_state_dict(tmp_path / BASE_DIR / "contexts.safetensors")
+    assert torch.equal(stored["context"], FeatInvModel.from_pretrained(tmp_path / SPATIAL_DIR).context)
     # Resuming a finished run loads every stage and rebuilds the same models.
     train_shapes_demo(tmp_path, scale=0.0004, checkpoint_every=1, batch_size=8, resume=True)
     again = FeatInvModel.from_pretrained(tmp_path / SPATIAL_DIR).controlnet.state_dict()

@@ -262,6 +262,10 @@ class FeatInvModel(nn.Module):
         contexts = encode_prompts(base, [prompt, ""])
         encoded_prompt = prompt if contexts is not None else None
         dim = unet.config.cross_attention_dim
+        stored = Path(base) / "contexts.safetensors"  # the contexts a base without a text encoder was trained with
+        if contexts is None and stored.is_file():
+            contexts = _read_contexts(stored, dim)
+            contexts = [contexts["context"], contexts["null_context"]]
         if contexts is None:
             warnings.warn(
                 f"{base} has no text encoder: using a seeded random context and a zero null context", stacklevel=2
@@ -324,8 +328,10 @@ class FeatInvModel(nn.Module):
 
     def save_base(self, folder: str | Path) -> None:
         """Write the model's UNet and VAE as a diffusers base folder (``unet/``, ``vae/``,
-        ``scheduler/``, ``model_index.json``), atomically, and make the model refer to it: models
-        saved afterwards (this one, or others given the same base) share it instead of copying it."""
+        ``scheduler/``, ``model_index.json``, and ``contexts.safetensors``: the contexts the UNet was
+        trained with, which :meth:`from_base` gives new models on this base), atomically, and make
+        the model refer to it: models saved afterwards (this one, or others given the same base)
+        share it instead of copying it."""
         folder = Path(folder)
         with _staged_folder(folder) as staging:
             index = {"_class_name": "FeatInvBase", "unet": ["diffusers", type(self.unet).__name__]}
@@ -337,6 +343,8 @@ class FeatInvModel(nn.Module):
             scheduler = {"_class_name": "DDIMScheduler", **self.noise_schedule.to_dict()}
             (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
             (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            contexts = {"context": self.context, "null_context": self.null_context}
+            save_state_dict_atomic(contexts, staging / "contexts.safetensors")
         self.base = str(folder.resolve())
         self.base_fingerprint = weights_fingerprint(self.unet, self.vae)
 
@@ -370,11 +378,7 @@ class FeatInvModel(nn.Module):
             unet = _load_submodel(UNet2DConditionModel, path / "unet", "unet", None)
             vae = _load_submodel(AutoencoderKL, path / "vae", "vae", None) if config.get("has_vae") else None
         controlnet = _load_submodel(FeatInvControlNet, path / "controlnet", "controlnet", None)
-        _check_safetensors(path / "contexts.safetensors", "contexts file")
-        contexts = load_state_dict(path / "contexts.safetensors", what="contexts")
-        if set(contexts) != {"context", "null_context"}:
-            raise FeatInvError(f"contexts file {path / 'contexts.safetensors'} must hold context and null_context")
-        _check_contexts(contexts, unet.config.cross_attention_dim, path / "contexts.safetensors")
+        contexts = _read_contexts(path / "contexts.safetensors", unet.config.cross_attention_dim)
         classifier = None
         if config.get("has_classifier"):
             classifier = FeatureExtractor.from_spec(spec)
@@ -493,6 +497,16 @@ def _replace_folder(staging: Path, target: Path) -> None:
         os.replace(backup, target)
         raise
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _read_contexts(file: Path, dim: int) -> dict[str, torch.Tensor]:
+    """``context`` and ``null_context`` (1, L, dim) from a safetensors file, checked."""
+    _check_safetensors(file, "contexts file")
+    contexts = load_state_dict(file, what="contexts")
+    if set(contexts) != {"context", "null_context"}:
+        raise FeatInvError(f"contexts file {file} must hold context and null_context")
+    _check_contexts(contexts, dim, file)
+    return contexts
 
 
 def _check_contexts(contexts: dict[str, torch.Tensor], dim: int, file: Path) -> None:
