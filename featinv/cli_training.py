@@ -38,10 +38,14 @@ def _model_and_extractor(args: argparse.Namespace, device: torch.device):
 # Flags that one way of training does not take: (their argparse names, why), checked before any work.
 REFUSED_FLAGS = {
     "preset": (
-        ("consistency_weight", "validate_every", "validation_images", "gradient_checkpointing"),
+        ("consistency_weight", "validate_every", "validation_images", "gradient_checkpointing", "transfer_from"),
         "applies to --model training, not to --preset",
     ),
     "distill": (("validate_every",), "does not go with --distill"),
+    "transfer": (
+        ("distill", "student", "consistency_weight", "validate_every", "features_cache", "gradient_checkpointing"),
+        "does not go with --transfer-from (train the transferred model afterwards for those)",
+    ),
 }
 
 
@@ -50,6 +54,18 @@ def _refuse_flags(args: argparse.Namespace, mode: str) -> None:
     for flag in flags:
         if getattr(args, flag):
             raise FeatInvError(f"--{flag.replace('_', '-')} {why}")
+
+
+def _teacher(folder: str):
+    """The model folder given to --transfer-from, with its classifier."""
+    from featinv.models.featinv_model import FeatInvModel
+
+    if not Path(folder).is_dir():
+        raise FeatInvError(f"--transfer-from folder not found: {folder}")
+    teacher = FeatInvModel.from_pretrained(folder)
+    if teacher.classifier is None:
+        raise FeatInvError(f"--transfer-from {folder} stores no classifier: its hint embeddings need one")
+    return teacher
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -83,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             **common,
         )
         return 0
+    if args.transfer_from is not None:
+        _refuse_flags(args, "transfer")
     if args.student is not None and not args.distill:
         raise FeatInvError("--student goes with --distill")
     if args.distill:
@@ -91,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise FeatInvError("--consistency-weight goes with --distill only with --distill-target trajectory")
         from featinv.training.distill import DistillConfig
 
-        distill = DistillConfig(  # checked before any work
+        distillation = DistillConfig(  # checked before any work
             guidance_scale=args.distill_guidance, target=args.distill_target, teacher_steps=args.teacher_steps
         )
     from featinv.training.distributed import get_accelerator
@@ -100,6 +118,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     accelerator = get_accelerator(args.device)
     model, extractor = _model_and_extractor(args, accelerator.device)
+    if args.transfer_from is not None:
+        from featinv.training.transfer import check_transferable
+
+        teacher = _teacher(args.transfer_from).to(accelerator.device)
+        check_transferable(model, teacher)  # before the pool is drawn
     config = TrainConfig(
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, time_budget_s=args.time_budget, **common
     )
@@ -133,8 +156,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if accelerator.is_main_process:
             print(f"validation: {origin} every {args.validate_every} steps into {out / 'validation'}")
     places = {"checkpoint_dir": out / "checkpoints", "log_path": out / "train_log.jsonl", "resume": args.resume}
-    if args.distill:
-        from featinv.training.distill import distill_consistency
+    if args.transfer_from is not None:
+        from featinv.training.transfer import transfer_controlnet
+
+        result = transfer_controlnet(model, extractor, teacher, teacher.classifier, stream, config, **places)
+    elif args.distill:
+        from featinv.training.distill import distill
 
         if model.distillation is not None:
             raise FeatInvError(f"{args.model} is distilled already: distil from the teacher's folder")
@@ -145,8 +172,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             from featinv.models.featinv_model import FeatInvModel
 
             student = FeatInvModel.from_pretrained(args.student)
-        result = distill_consistency(
-            model, features, stream, config, distill, seed=args.seed, student=student, consistency=consistency, **places
+        result = distill(
+            model,
+            features,
+            stream,
+            config,
+            distillation,
+            seed=args.seed,
+            student=student,
+            consistency=consistency,
+            **places,
         )
     else:
         result = train_controlnet(
@@ -176,7 +211,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     import torch
 
     from featinv.features import FeatureExtractor
-    from featinv.files import publish
+    from featinv.files import write_text_atomic
     from featinv.training.classifier import HELD_OUT_SEED, accuracy
     from featinv.training.distributed import get_accelerator
     from featinv.training.loop import TrainConfig
@@ -234,8 +269,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
         "steps": result.steps_done,
         "accuracy": {"images": where, "top1": rate, "ci95": list(interval)},
     }
-    (out / "classifier.json").write_text(json.dumps(record, indent=2) + "\n")
-    publish(out / "classifier.json")
+    write_text_atomic(out / "classifier.json", json.dumps(record, indent=2) + "\n")
     state = "finished" if result.finished else f"stopped at step {result.steps_done} (--resume continues)"
     print(f"{state}; accuracy on {where}: {rate:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]")
     print(f"wrote {weights} and classifier.json; make a FeatInv model for it with")
@@ -267,6 +301,22 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_loop_args(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float, only: str = "") -> None:
+    """The training loop's options (featinv.training.loop.Trainer), with the command's defaults;
+    ``only`` prefixes the help of those that apply to one way of training (e.g. "with --model: ")."""
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (accelerate picks the rank's GPU)")
+    parser.add_argument("--steps", type=int, default=steps, help=f"{only}optimizer steps (default {steps})")
+    parser.add_argument(
+        "--batch-size", type=int, default=batch_size, help=f"{only}global batch per micro-step (default {batch_size})"
+    )
+    parser.add_argument("--lr", type=float, default=lr, help=f"{only}peak learning rate (default {lr:g})")
+    parser.add_argument("--pool", type=int, default=50_000, help="with --data shapes: images in the training pool")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: at stops)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    parser.add_argument("--time-budget", type=float, help="seconds; stops early past it (checkpointed)")
+
+
 def add_training_commands(commands) -> None:
     """Register the training commands on the ``featinv`` sub-parsers."""
     train = commands.add_parser("train", help="train the shapes-demo preset, or a model's ControlNet on data")
@@ -275,19 +325,11 @@ def add_training_commands(commands) -> None:
     train.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
     train.add_argument("--data", default="shapes", help="with --model: shapes, or an ImageNet-layout folder")
     train.add_argument("--out", required=True, help="output folder (models, checkpoints/, train_log.jsonl)")
-    train.add_argument("--device", default="cpu", help="cpu or cuda (accelerate picks the rank's GPU)")
     train.add_argument("--scale", type=float, default=1.0, help="with --preset: multiply the step counts")
-    train.add_argument("--steps", type=int, default=5000, help="with --model: optimizer steps")
-    train.add_argument("--batch-size", type=int, default=64, help="with --model: global batch per micro-step")
-    train.add_argument("--lr", type=float, default=5e-4, help="with --model: peak learning rate")
-    train.add_argument("--pool", type=int, default=50_000, help="with --data shapes: images in the training pool")
-    train.add_argument("--seed", type=int, default=1)
+    add_loop_args(train, steps=5000, batch_size=64, lr=5e-4, only="with --model: ")
     train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     train.add_argument("--ema", type=float, help="EMA decay of the trained weights, e.g. 0.999 (default: off)")
-    train.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: at stops)")
-    train.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
     train.add_argument("--features-cache", help="a cache from 'featinv features cache' instead of online features")
-    train.add_argument("--time-budget", type=float, help="seconds; stops early past it (checkpointed)")
     train.add_argument(
         "--consistency-weight",
         type=float,
@@ -345,6 +387,12 @@ def add_training_commands(commands) -> None:
         help="with --distill: start the student from this model folder, distilled from the same teacher "
         "(e.g. --distill-target trajectory after guidance)",
     )
+    train.add_argument(
+        "--transfer-from",
+        metavar="DIR",
+        help="start the ControlNet from this trained model's (same base, another classifier) and train only "
+        "the hint encoder to give its hint embeddings; then train the result as usual",
+    )
     train.set_defaults(func=cmd_train)
 
     classifier = commands.add_parser(
@@ -362,15 +410,7 @@ def add_training_commands(commands) -> None:
     classifier.add_argument("--data", default="shapes", help="shapes, or an ImageNet-layout folder")
     classifier.add_argument("--image-size", type=int, default=32, help="the data's side in pixels (default 32)")
     classifier.add_argument("--out", required=True, help="output folder (classifier.safetensors, classifier.json)")
-    classifier.add_argument("--device", default="cpu", help="cpu or cuda")
-    classifier.add_argument("--steps", type=int, default=2000)
-    classifier.add_argument("--batch-size", type=int, default=256)
-    classifier.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    classifier.add_argument("--pool", type=int, default=50_000, help="with --data shapes: images in the pool")
-    classifier.add_argument("--seed", type=int, default=1)
-    classifier.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    classifier.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
-    classifier.add_argument("--time-budget", type=float, help="seconds; stops early past it (checkpointed)")
+    add_loop_args(classifier, steps=2000, batch_size=256, lr=3e-3)
     classifier.add_argument(
         "--held-out", type=int, default=1000, help="with --data shapes: held-out images for the accuracy"
     )

@@ -17,14 +17,14 @@ from featinv.analysis.report import bar_plot
 from featinv.errors import FeatInvError
 from featinv.images import make_grid, save_image
 from featinv.models.featinv_model import FeatInvModel
-from featinv.paths import POOLED_DIR, PRETRAINED, REALTIME_DIR, SPATIAL_DIR
+from featinv.paths import ARCHITECTURES, PRETRAINED, REALTIME_DIR
 from featinv.pipeline import DEFAULT_GUIDANCE, Reconstructor, resolve_device
 from featinv.training.distributed import gather, is_main_process, process_state, shard
 from featinv.training.shapes import generate_shapes
 
 DEMO_SEED = 20_261_126  # never used in training (featinv.training.demo_preset.TRAIN_SEED)
 DEMO_SAMPLER, DEMO_STEPS = "dpmpp", 10
-REALTIME_STEPS = (1, 2, 4)
+REALTIME_STEP_CHOICES = (1, 2, 4)
 
 
 def _load(root: Path, name: str) -> FeatInvModel:
@@ -56,22 +56,45 @@ def run_demo(
     model_root: str | Path = PRETRAINED,
     batch_size: int = 50,
     realtime_steps: int | None = None,
+    classifier: str = "convnext",
 ) -> dict[str, Any]:
     """Run the demo; write ``grid.png``, ``metrics.png``, ``metrics.json`` and ``report.html`` into ``out``.
 
-    ``realtime_steps`` (1, 2 or 4): also reconstruct with the distilled model in that many steps
-    of its few-step sampler, beside the teacher (``spatial``) in the same run; each mode's seconds per image
-    are recorded."""
+    ``classifier``: whose shipped inverters (``featinv.paths.ARCHITECTURES``: convnext, the default;
+    resnet). ``realtime_steps`` (1, 2 or 4; ConvNeXt only): also reconstruct with the distilled
+    model in that many steps of its few-step sampler, beside the teacher (``spatial``) in the same
+    run; each mode's seconds per image are recorded."""
+    return _run(out, device, n, steps, sampler, model_root, batch_size, realtime_steps, classifier)[0]
+
+
+def _run(
+    out: str | Path,
+    device: str,
+    n: int,
+    steps: int,
+    sampler: str,
+    model_root: str | Path,
+    batch_size: int,
+    realtime_steps: int | None,
+    classifier: str,
+) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
+    """:func:`run_demo`, also returning the pictures shown in the grid (original first, then each
+    mode's reconstructions, (12, 3, S, S) each) on the main process (None on the others)."""
     if not isinstance(n, int) or n < 1:
         raise FeatInvError(f"n must be a positive number of images, got {n!r}")
+    if classifier not in ARCHITECTURES:
+        raise FeatInvError(f"classifier must be one of {', '.join(ARCHITECTURES)}, got {classifier!r}")
     start = time.perf_counter()
     out, model_root = Path(out), Path(model_root)
     device = resolve_device(device)
-    spatial = Reconstructor(_load(model_root, SPATIAL_DIR), device=device)
-    pooled = Reconstructor(_load(model_root, POOLED_DIR), device=device)
+    spatial_dir, pooled_dir = ARCHITECTURES[classifier]
+    spatial = Reconstructor(_load(model_root, spatial_dir), device=device)
+    pooled = Reconstructor(_load(model_root, pooled_dir), device=device)
     modes = {"spatial": (spatial, {}), "pooled": (pooled, {})}
     if realtime_steps is not None:
-        if realtime_steps not in REALTIME_STEPS:
+        if classifier != "convnext":
+            raise FeatInvError("the real-time model is ConvNeXt's: --realtime goes with --classifier convnext only")
+        if realtime_steps not in REALTIME_STEP_CHOICES:
             raise FeatInvError(f"realtime steps must be one of 1, 2, 4, got {realtime_steps!r}")
         realtime = Reconstructor(_load(model_root, REALTIME_DIR), device=device)
         modes["realtime"] = (realtime, {"steps": realtime_steps, "sampler": None})
@@ -94,6 +117,7 @@ def run_demo(
         shares.append(share)
     shares = gather(shares)
     metrics: dict[str, Any] = {
+        "classifier": spatial.model.feature_spec.describe(),
         "images": n,
         "held_out_seed": DEMO_SEED,
         "sampler": sampler,
@@ -128,11 +152,12 @@ def run_demo(
         for i, name in enumerate(METRICS)
     }
     if not is_main_process():
-        return metrics
-    columns = next(share["shown"] for share in shares if share["shown"] is not None)
+        return metrics, None
+    shown = next(share["shown"] for share in shares if share["shown"] is not None)
+    columns = [data.images[: len(shown[0])], *shown]
     metrics["seconds"] = round(time.perf_counter() - start, 1)
     out.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid([data.images[: len(columns[0])], *columns], scale=4), out / "grid.png")
+    save_image(make_grid(columns, scale=4), out / "grid.png")
     labels = {mode: _mode_label(metrics, mode) for mode in modes}
     bar_plot(
         out / "metrics.png",
@@ -142,7 +167,48 @@ def run_demo(
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     (out / "report.html").write_text(_report(metrics))
-    return metrics
+    return metrics, columns
+
+
+def run_architectures(
+    out: str | Path = "demo-out",
+    *,
+    device: str = "auto",
+    n: int = 200,
+    steps: int = DEMO_STEPS,
+    sampler: str = DEMO_SAMPLER,
+    model_root: str | Path = PRETRAINED,
+    batch_size: int = 50,
+) -> dict[str, Any]:
+    """The demo for every classifier family in one run (``featinv demo --classifier all``): each
+    family's full demo in ``out/<family>/``, then ``out/architectures.json`` (each family's metrics)
+    and ``out/grid.png`` (original | each family's spatial reconstructions of the same images)."""
+    out = Path(out)
+    start = time.perf_counter()
+    results, spatial_columns, originals = {}, [], None
+    for family in ARCHITECTURES:
+        metrics, columns = _run(out / family, device, n, steps, sampler, model_root, batch_size, None, family)
+        results[family] = metrics
+        if columns is not None:
+            originals = columns[0]
+            spatial_columns.append(columns[1])
+    if not is_main_process():
+        return results
+    save_image(make_grid([originals, *spatial_columns], scale=4), out / "grid.png")
+    results["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "architectures.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def architecture_table(results: dict[str, Any]) -> list[list[str]]:
+    """Text cells, header first: a row per family and metric with spatial, pooled and spatial - pooled
+    (means with their 95% intervals, as :func:`metric_table`)."""
+    rows = [["classifier", "metric", "spatial features", "pooled features", "spatial - pooled"]]
+    for family in ARCHITECTURES:
+        metrics = results[family]
+        for i, row in enumerate(metric_table(metrics)[: len(METRICS)]):
+            rows.append([metrics["classifier"] if i == 0 else "", *row])
+    return rows
 
 
 def _mode_label(metrics: dict[str, Any], mode: str) -> str:
@@ -193,7 +259,8 @@ def _report(metrics: dict[str, Any]) -> str:
 <style>body{{font-family:sans-serif;max-width:900px;margin:2em auto}}td,th{{padding:4px 12px}}</style></head>
 <body><h1>featinv demo: what a small classifier sees</h1>
 <p>{metrics["images"]} held-out <code>shapes</code> images (seed {metrics["held_out_seed"]}), reconstructed
-from the classifier's penultimate feature map with {html.escape(metrics["sampler"])}, {metrics["steps"]} steps,
+from the feature map of {html.escape(metrics["classifier"])} with {html.escape(metrics["sampler"])},
+{metrics["steps"]} steps,
 guidance {metrics["guidance_scale"]}, on {html.escape(metrics["device"])} in {metrics["seconds"]} s.</p>
 <table border="1" cellspacing="0"><tr>{header}</tr>
 {rows}</table>

@@ -32,6 +32,23 @@ def publish(path: str | Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file atomically: a temporary file in the same folder, then a rename (a crash
+    leaves the old file or the new one, never half of one)."""
+    import tempfile
+
+    path = Path(path)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(text)
+        publish(temp_name)  # mkstemp made it 0600
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
 def read_json_object(file: str | Path) -> dict[str, Any]:
     """A JSON file that must hold an object (a config); FeatInvError naming the file otherwise."""
     from featinv.errors import FeatInvError

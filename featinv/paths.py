@@ -9,3 +9,9 @@ PRETRAINED = Path(__file__).resolve().parent / "pretrained"
 SPATIAL_DIR, POOLED_DIR = "shapes-demo", "shapes-demo-pooled"
 REALTIME_DIR = "shapes-demo-realtime"  # the spatial model distilled to 4 steps, guidance folded in
 BASE_DIR = "shapes-base"  # the base UNet the demo models refer to
+
+# The shipped inverters of each classifier family, all on the one base: (spatial, pooled) folders.
+ARCHITECTURES = {
+    "convnext": (SPATIAL_DIR, POOLED_DIR),
+    "resnet": ("shapes-resnet", "shapes-resnet-pooled"),
+}

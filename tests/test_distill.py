@@ -11,7 +11,7 @@ from featinv.errors import FeatInvError
 from featinv.models import FeatInvModel
 from featinv.pipeline import Reconstructor
 from featinv.sampling import NoiseSchedule
-from featinv.training.distill import ConsistencyLoss, DistillConfig, distill_consistency
+from featinv.training.distill import DistillationLoss, DistillConfig, distill
 from featinv.training.loop import TrainConfig
 from featinv.training.train import OnlineFeatures, ShapesStream
 
@@ -35,14 +35,14 @@ def test_lcm_timesteps_are_diffusers_lcm_schedulers():
 
 @pytest.mark.parametrize("target", ["consistency", "endpoint", "guidance", "trajectory"])
 def test_the_distillation_loss_falls_and_resumes_exactly(tmp_path, target):
-    distill = DistillConfig(target=target, teacher_steps=3, student_steps=2)
+    distillation = DistillConfig(target=target, teacher_steps=3, student_steps=2)
     model, features, stream = _setup()
     teacher = __import__("copy").deepcopy(model.controlnet)
-    probe = ConsistencyLoss(model, teacher, features, stream, 8, distill)
+    probe = DistillationLoss(model, teacher, features, stream, 8, distillation)
     with torch.no_grad():
         before = sum(float(probe(model.controlnet, key)) for key in range(1000, 1004))
     config = TrainConfig(steps=30, lr=2e-3, batch_size=8, checkpoint_every=0, log_every=10, warmup_fraction=0.0)
-    distill_consistency(model, features, stream, config, distill, seed=1)
+    distill(model, features, stream, config, distillation, seed=1)
     with torch.no_grad():
         after = sum(float(probe(model.controlnet, key)) for key in range(1000, 1004))
     assert after < 0.85 * before, (before, after)
@@ -55,7 +55,7 @@ def test_the_distillation_loss_falls_and_resumes_exactly(tmp_path, target):
         model, features, stream = _setup()
         config = TrainConfig(steps=steps, lr=2e-3, batch_size=4, checkpoint_every=2, warmup_fraction=0.0)
         checkpoints = {"checkpoint_dir": tmp_path / "ckpt", "resume": resume}
-        distill_consistency(model, features, stream, config, distill, seed=1, **checkpoints)
+        distill(model, features, stream, config, distillation, seed=1, **checkpoints)
         return model.controlnet.state_dict()
 
     straight = run(4, False)

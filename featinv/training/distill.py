@@ -61,7 +61,7 @@ class DistillConfig:
     teacher's guided ``teacher_steps``-step solve from the same noise (the regression loss of
     distribution matching distillation, Yin et al. 2024, through the few-step sampler), so the student
     also learns to correct the few-step solver's error; best started from a guidance-distilled
-    student (``distill_consistency(..., student=...)``)."""
+    student (``distill(..., student=...)``)."""
 
     guidance_scale: float = 1.75
     skip: int = LCM_SKIP
@@ -88,7 +88,7 @@ class DistillConfig:
         return {"method": "consistency", "guidance_scale": float(self.guidance_scale), "skip": self.skip}
 
 
-class ConsistencyLoss:
+class DistillationLoss:
     """The distillation loss of batch ``key`` (see the module): a pure function of (seed, key) and
     the student's weights, as :class:`featinv.training.loop.Trainer` needs for exact resumes.
 
@@ -128,9 +128,11 @@ class ConsistencyLoss:
         self.autocast = autocast or (lambda device: contextlib.nullcontext())
         self.alphas = _alphas(model, model.context.device)
         self.points = schedule.num_train_timesteps // distill.skip
-        # endpoint targets: at the timesteps the 1-, 2- and 4-step samplers visit
-        self.visited = sorted({t for n in (1, 2, 4) for t in schedule.lcm(n, distill.skip).timesteps})
-        self.guidance_visited = sorted({t for n in (1, 2, 4) for t in schedule.dpmpp_2m(n).timesteps})
+        # endpoint and guidance targets: at the timesteps their 1-, 2- and 4-step samplers visit
+        if distill.target == "endpoint":
+            self.visited = sorted({t for n in (1, 2, 4) for t in schedule.lcm(n, distill.skip).timesteps})
+        if distill.target == "guidance":
+            self.guidance_visited = sorted({t for n in (1, 2, 4) for t in schedule.dpmpp_2m(n).timesteps})
         if distill.target == "trajectory":
             self.teacher_schedule = schedule.dpmpp_2m(distill.teacher_steps)
             self.student_schedule = schedule.dpmpp_2m(distill.student_steps)
@@ -270,7 +272,7 @@ class ConsistencyLoss:
         return loss
 
 
-def distill_consistency(
+def distill(
     model: FeatInvModel,
     features: FeatureSource,
     stream: ShapesStream,
@@ -296,7 +298,7 @@ def distill_consistency(
         _start_from(model, student)
     model.unet.eval().requires_grad_(False)
     student = model.controlnet.requires_grad_(True)
-    loss = ConsistencyLoss(
+    loss = DistillationLoss(
         model,
         teacher,
         features,
