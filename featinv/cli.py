@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
 
 from featinv.errors import FeatInvError, require_positive_int
 from featinv.files import publish
-from featinv.paths import ARCHITECTURES
 
 DTYPES = ("fp32", "fp16", "bf16")  # --dtype choices; torch loads only when a command runs
 
@@ -399,44 +398,6 @@ def cmd_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The built-in default: reconstruct held-out shapes images from spatial and pooled features."""
-    from featinv.analysis.report import text_table
-    from featinv.demo import metric_header, metric_table, run_demo
-
-    realtime = args.realtime_steps if args.realtime else None
-    if args.classifier == "all":
-        return _demo_architectures(args, realtime)
-    metrics = run_demo(
-        args.out, device=args.device, n=args.n, steps=args.steps, realtime_steps=realtime, classifier=args.classifier
-    )
-    if "seconds" not in metrics:  # another process of a multi-process run: the main one reports
-        return 0
-    print(f"{metrics['images']} held-out images; mean [95% confidence interval]")
-    print(text_table([["", *metric_header(metrics)[1:]], *metric_table(metrics)]))
-    print(f"wrote grid.png, metrics.png, metrics.json and report.html to {args.out} ({metrics['seconds']} s)")
-    return 0
-
-
-def _demo_architectures(args: argparse.Namespace, realtime: int | None) -> int:
-    """``featinv demo --classifier all``: every family's demo, then the cross-architecture table."""
-    from featinv.analysis.report import text_table
-    from featinv.demo import architecture_table, run_architectures
-
-    if realtime is not None:
-        raise FeatInvError("--realtime goes with --classifier convnext only (the real-time model is ConvNeXt's)")
-    results = run_architectures(args.out, device=args.device, n=args.n, steps=args.steps)
-    if "seconds" not in results:
-        return 0
-    print(f"{args.n} held-out images; mean [95% confidence interval]")
-    print(text_table(architecture_table(results)))
-    print(
-        f"wrote grid.png (original | {' | '.join(ARCHITECTURES)}, spatial) and architectures.json to {args.out}, "
-        f"and each classifier's demo in {args.out}/<classifier>/ ({results['seconds']} s)"
-    )
-    return 0
-
-
 def json_object_arg(flag: str, text: str | None) -> dict:
     """The JSON object a flag was given ({} when not given); anything else is a one-line error."""
     try:
@@ -542,24 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--out", required=True, help="output model folder")
     create.set_defaults(func=cmd_create)
 
-    demo = commands.add_parser("demo", help="the built-in default on the shipped tiny models")
-    demo.add_argument("--out", default="demo-out")
-    demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    demo.add_argument("--n", "--num-images", dest="n", type=int, default=200, help="held-out images (default 200)")
-    demo.add_argument("--steps", type=int, default=10, help="DPM-Solver++ steps (default 10)")
-    demo.add_argument(
-        "--realtime",
-        action="store_true",
-        help="also the distilled model (shapes-demo-realtime) in --realtime-steps of its sampler, no guidance",
-    )
-    demo.add_argument("--realtime-steps", type=int, choices=[1, 2, 4], default=4, help="with --realtime (default 4)")
-    demo.add_argument(
-        "--classifier",
-        choices=[*ARCHITECTURES, "all"],
-        default="convnext",
-        help="whose shipped inverters (default convnext); all: each in turn, then the cross-architecture table",
-    )
-    demo.set_defaults(func=cmd_demo)
+    from featinv.cli_demo import add_demo_command
+
+    add_demo_command(commands)
 
     from featinv.cli_training import add_training_commands
 

@@ -129,9 +129,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     stream = _stream(
         args.data, model.image_size[0], pool=args.pool, seed=args.seed, augment=args.features_cache is None
     )
-    features = (
-        OnlineFeatures(extractor) if args.features_cache is None else load_cache(args.features_cache, extractor, stream)
-    )
+    if args.transfer_from is not None:
+        features = None  # the transfer reads the classifiers' maps itself
+    elif args.features_cache is None:
+        features = OnlineFeatures(extractor)
+    else:
+        features = load_cache(args.features_cache, extractor, stream)
     consistency = (
         None
         if args.consistency_weight is None

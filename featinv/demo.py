@@ -6,6 +6,7 @@ from __future__ import annotations
 import html
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,47 +47,51 @@ METRICS = ("top1_agreement", "feature_cosine", "mask_iou", "centroid_distance_px
 LABELS = ("top-1 agreement", "feature cosine", "mask IoU", "centroid distance (px)")
 
 
+@dataclass(frozen=True)
+class DemoOptions:
+    """How the demo runs, the same for every classifier family: the device, the number of held-out
+    images ``n``, the sampler and its steps, where the shipped models are, the batch size."""
+
+    device: str = "auto"
+    n: int = 200
+    steps: int = DEMO_STEPS
+    sampler: str = DEMO_SAMPLER
+    model_root: str | Path = PRETRAINED
+    batch_size: int = 50
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise FeatInvError(f"n must be a positive number of images, got {self.n!r}")
+
+
 def run_demo(
     out: str | Path = "demo-out",
+    options: DemoOptions | None = None,
     *,
-    device: str = "auto",
-    n: int = 200,
-    steps: int = DEMO_STEPS,
-    sampler: str = DEMO_SAMPLER,
-    model_root: str | Path = PRETRAINED,
-    batch_size: int = 50,
     realtime_steps: int | None = None,
     classifier: str = "convnext",
 ) -> dict[str, Any]:
     """Run the demo; write ``grid.png``, ``metrics.png``, ``metrics.json`` and ``report.html`` into ``out``.
 
-    ``classifier``: whose shipped inverters (``featinv.paths.ARCHITECTURES``: convnext, the default;
-    resnet). ``realtime_steps`` (1, 2 or 4; ConvNeXt only): also reconstruct with the distilled
-    model in that many steps of its few-step sampler, beside the teacher (``spatial``) in the same
-    run; each mode's seconds per image are recorded."""
-    return _run(out, device, n, steps, sampler, model_root, batch_size, realtime_steps, classifier)[0]
+    ``options``: :class:`DemoOptions` (the defaults when None). ``classifier``: whose shipped
+    inverters (``featinv.paths.ARCHITECTURES``; convnext, the default). ``realtime_steps`` (1, 2
+    or 4; ConvNeXt only): also reconstruct with the distilled model in that many steps of its
+    few-step sampler, beside the teacher (``spatial``) in the same run; each mode's seconds per
+    image are recorded."""
+    return _run(out, options or DemoOptions(), classifier, realtime_steps)[0]
 
 
 def _run(
-    out: str | Path,
-    device: str,
-    n: int,
-    steps: int,
-    sampler: str,
-    model_root: str | Path,
-    batch_size: int,
-    realtime_steps: int | None,
-    classifier: str,
+    out: str | Path, options: DemoOptions, classifier: str, realtime_steps: int | None
 ) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
     """:func:`run_demo`, also returning the pictures shown in the grid (original first, then each
     mode's reconstructions, (12, 3, S, S) each) on the main process (None on the others)."""
-    if not isinstance(n, int) or n < 1:
-        raise FeatInvError(f"n must be a positive number of images, got {n!r}")
     if classifier not in ARCHITECTURES:
         raise FeatInvError(f"classifier must be one of {', '.join(ARCHITECTURES)}, got {classifier!r}")
+    n, steps, sampler = options.n, options.steps, options.sampler
     start = time.perf_counter()
-    out, model_root = Path(out), Path(model_root)
-    device = resolve_device(device)
+    out, model_root = Path(out), Path(options.model_root)
+    device = resolve_device(options.device)
     spatial_dir, pooled_dir = ARCHITECTURES[classifier]
     spatial = Reconstructor(_load(model_root, spatial_dir), device=device)
     pooled = Reconstructor(_load(model_root, pooled_dir), device=device)
@@ -102,7 +107,7 @@ def _run(
     # Under accelerate launch / torchrun each process takes a share; the results are merged.
     first, rows = shard(range(n))
     mine = slice(first, first + len(rows))
-    kwargs = {"steps": steps, "sampler": sampler, "seed": 0, "first_index": first, "batch_size": batch_size}
+    kwargs = {"steps": steps, "sampler": sampler, "seed": 0, "first_index": first, "batch_size": options.batch_size}
     shares = []
     if rows:
         share: dict[str, Any] = {"seconds": {}}
@@ -170,24 +175,15 @@ def _run(
     return metrics, columns
 
 
-def run_architectures(
-    out: str | Path = "demo-out",
-    *,
-    device: str = "auto",
-    n: int = 200,
-    steps: int = DEMO_STEPS,
-    sampler: str = DEMO_SAMPLER,
-    model_root: str | Path = PRETRAINED,
-    batch_size: int = 50,
-) -> dict[str, Any]:
+def run_architectures(out: str | Path = "demo-out", options: DemoOptions | None = None) -> dict[str, Any]:
     """The demo for every classifier family in one run (``featinv demo --classifier all``): each
     family's full demo in ``out/<family>/``, then ``out/architectures.json`` (each family's metrics)
     and ``out/grid.png`` (original | each family's spatial reconstructions of the same images)."""
-    out = Path(out)
+    out, options = Path(out), options or DemoOptions()
     start = time.perf_counter()
     results, spatial_columns, originals = {}, [], None
     for family in ARCHITECTURES:
-        metrics, columns = _run(out / family, device, n, steps, sampler, model_root, batch_size, None, family)
+        metrics, columns = _run(out / family, options, family, None)
         results[family] = metrics
         if columns is not None:
             originals = columns[0]

@@ -14,4 +14,5 @@ BASE_DIR = "shapes-base"  # the base UNet the demo models refer to
 ARCHITECTURES = {
     "convnext": (SPATIAL_DIR, POOLED_DIR),
     "resnet": ("shapes-resnet", "shapes-resnet-pooled"),
+    "vit": ("shapes-vit", "shapes-vit-pooled"),
 }

@@ -15,7 +15,7 @@ from featinv.paths import ARCHITECTURES, BASE_DIR, PRETRAINED
 from featinv.pipeline import Reconstructor
 from featinv.training.shapes import generate_shapes
 
-CLASSIFIERS = {"convnext": "convnext_atto", "resnet": "resnet18"}
+CLASSIFIERS = {"convnext": "convnext_atto", "resnet": "resnet18", "vit": "vit_tiny_r_s16_p8_224"}
 
 
 @pytest.mark.parametrize("family", sorted(ARCHITECTURES))

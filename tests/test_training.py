@@ -20,13 +20,13 @@ def test_shapes_are_deterministic_and_masks_cover_the_objects():
 
 
 def test_demo_runs_on_the_shipped_weights(tmp_path):
-    from featinv.demo import run_demo
+    from featinv.demo import DemoOptions, run_demo
 
     config = json.loads((PRETRAINED / SPATIAL_DIR / "featinv.json").read_text())
     assert config["feature_spec"]["model"] == "convnext_atto"
     shipped = sum(p.stat().st_size for p in PRETRAINED.rglob("*.safetensors"))
     assert shipped <= 40 * 1024 * 1024  # issue 20: every shipped model, the base once
-    metrics = run_demo(tmp_path, device="cpu", n=6, steps=3)
+    metrics = run_demo(tmp_path, DemoOptions(device="cpu", n=6, steps=3))
     assert {p.name for p in tmp_path.iterdir()} == {"grid.png", "metrics.png", "metrics.json", "report.html"}
     assert metrics["spatial"]["feature_cosine"] > metrics["pooled"]["feature_cosine"]
     for mode in ("spatial", "pooled"):
