@@ -79,6 +79,7 @@ setup(
     package_data={
         "featinv": [
             "pretrained/*.png",
+            "pretrained/*.json",
             "pretrained/*.jsonl",
             "pretrained/*/*.json",
             "pretrained/*/*.jsonl",

@@ -4,20 +4,25 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from featinv.errors import FeatInvError
 from featinv.paths import ARCHITECTURES
+
+if TYPE_CHECKING:
+    from featinv.demo import DemoOptions
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The built-in default: reconstruct held-out shapes images from spatial and pooled features."""
     from featinv.analysis.report import text_table
-    from featinv.demo import DemoOptions, metric_header, metric_table, run_demo
+    from featinv.demo import DemoOptions, check_realtime, metric_header, metric_table, run_demo
 
     realtime = args.realtime_steps if args.realtime else None
+    if realtime is not None:
+        check_realtime(args.classifier, realtime)
     options = DemoOptions(device=args.device, n=args.n, steps=args.steps)
     if args.classifier == "all":
-        return _demo_architectures(args, options, realtime)
+        return _demo_architectures(args, options)
     metrics = run_demo(args.out, options, realtime_steps=realtime, classifier=args.classifier)
     if "seconds" not in metrics:  # another process of a multi-process run: the main one reports
         return 0
@@ -27,13 +32,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_architectures(args: argparse.Namespace, options, realtime: int | None) -> int:
+def _demo_architectures(args: argparse.Namespace, options: DemoOptions) -> int:
     """``featinv demo --classifier all``: every family's demo, then the cross-architecture table."""
     from featinv.analysis.report import text_table
     from featinv.demo import architecture_table, run_architectures
 
-    if realtime is not None:
-        raise FeatInvError("--realtime goes with --classifier convnext only (the real-time model is ConvNeXt's)")
     results = run_architectures(args.out, options)
     if "seconds" not in results:
         return 0

@@ -162,7 +162,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.transfer_from is not None:
         from featinv.training.transfer import transfer_controlnet
 
-        result = transfer_controlnet(model, extractor, teacher, teacher.classifier, stream, config, **places)
+        result = transfer_controlnet(model, extractor, teacher, stream, config, **places)
     elif args.distill:
         from featinv.training.distill import distill
 

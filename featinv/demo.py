@@ -81,6 +81,17 @@ def run_demo(
     return _run(out, options or DemoOptions(), classifier, realtime_steps)[0]
 
 
+def check_realtime(classifier: str, realtime_steps: int) -> None:
+    """Refuse a real-time run the shipped models cannot do: the distilled model is ConvNeXt's, in
+    1, 2 or 4 steps."""
+    if classifier != "convnext":
+        raise FeatInvError(
+            f"the real-time model is ConvNeXt's: --realtime goes with --classifier convnext only, got {classifier!r}"
+        )
+    if realtime_steps not in REALTIME_STEP_CHOICES:
+        raise FeatInvError(f"realtime steps must be one of 1, 2, 4, got {realtime_steps!r}")
+
+
 def _run(
     out: str | Path, options: DemoOptions, classifier: str, realtime_steps: int | None
 ) -> tuple[dict[str, Any], list[torch.Tensor] | None]:
@@ -97,10 +108,7 @@ def _run(
     pooled = Reconstructor(_load(model_root, pooled_dir), device=device)
     modes = {"spatial": (spatial, {}), "pooled": (pooled, {})}
     if realtime_steps is not None:
-        if classifier != "convnext":
-            raise FeatInvError("the real-time model is ConvNeXt's: --realtime goes with --classifier convnext only")
-        if realtime_steps not in REALTIME_STEP_CHOICES:
-            raise FeatInvError(f"realtime steps must be one of 1, 2, 4, got {realtime_steps!r}")
+        check_realtime(classifier, realtime_steps)
         realtime = Reconstructor(_load(model_root, REALTIME_DIR), device=device)
         modes["realtime"] = (realtime, {"steps": realtime_steps, "sampler": None})
     data = generate_shapes(n, DEMO_SEED)

@@ -62,3 +62,6 @@ def test_demo_for_every_classifier_writes_the_cross_architecture_table(capsys, t
     assert Image.open(tmp_path / "grid.png").size == (columns * side + 2, 2 * side + 2)
     code, _, err = run_cli(capsys, "demo", "--classifier", "resnet", "--realtime", "--n", 2, "--out", tmp_path / "x")
     assert_one_line_error(code, err, "--realtime goes with --classifier convnext only")
+    code, _, err = run_cli(capsys, "demo", "--classifier", "all", "--realtime", "--n", 2, "--out", tmp_path / "y")
+    assert_one_line_error(code, err, "--realtime goes with --classifier convnext only, got 'all'")
+    assert not (tmp_path / "y").exists()  # refused before any model is loaded

@@ -62,18 +62,20 @@ def transfer_controlnet(
     model: FeatInvModel,
     extractor: FeatureExtractor,
     teacher: FeatInvModel,
-    teacher_extractor: FeatureExtractor,
     stream: ShapesStream,
     config: TrainConfig,
+    *,
+    teacher_extractor: FeatureExtractor | None = None,
     **trainer_kwargs: Any,
 ) -> TrainResult:
     """Start ``model``'s ControlNet from ``teacher``'s and train its hint encoder in place so that
     ``model.controlnet.embed(extractor(x))`` matches ``teacher.controlnet.embed(teacher_extractor(x))``
     (both (B, C0, H, W)) on the stream's images x (B, 3, S, S), flipped as in training. Batch k is a
     pure function of (the stream's seed, k): ``resume`` continues exactly (the body is copied again,
-    the hint encoder restored). ``trainer_kwargs``: ``checkpoint_dir``, ``log_path``, ``resume``,
-    ``after_step``, ``name``."""
+    the hint encoder restored). ``teacher_extractor``: the teacher's maps (its own classifier when
+    None). ``trainer_kwargs``: ``checkpoint_dir``, ``log_path``, ``resume``, ``after_step``, ``name``."""
     check_transferable(model, teacher)
+    teacher_extractor = teacher.classifier if teacher_extractor is None else teacher_extractor
     model.controlnet.load_state_dict(_body(teacher), strict=False)
     model.controlnet.requires_grad_(False)
     teacher.controlnet.eval().requires_grad_(False)
