@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
-from featinv.cli import Parser, add_model_args, json_object_arg, load_model, required_extractor
+from featinv.cli import Parser, add_model_args, json_object_arg, load_model, required_extractor, staged_output
 from featinv.errors import FeatInvError, require_positive_int, require_seed
 
 
@@ -79,6 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     require_seed("--seed", args.seed)
     common = {
         "checkpoint_every": args.checkpoint_every,
+        "keep_checkpoints": args.keep_checkpoints,
         "grad_accum": args.grad_accum,
         "ema_decay": args.ema,
         "mixed_precision": args.mixed_precision,
@@ -203,6 +204,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         loss_curve_png(out / "train_log.jsonl", out / "loss_curve.png")
         state = "finished" if result.finished else f"stopped at step {result.steps_done} (--resume continues)"
         print(f"{state}; wrote {out / 'model'}, train_log.jsonl and loss_curve.png")
+    return 0
+
+
+def cmd_from_checkpoint(args: argparse.Namespace) -> int:
+    """A model folder from one of a run's checkpoints (e.g. the one that validated best)."""
+    from featinv.models.featinv_model import FeatInvModel
+    from featinv.training.checkpoint import load_checkpoint
+    from featinv.training.from_checkpoint import load_checkpoint_into
+
+    if not Path(args.checkpoint).is_dir():
+        raise FeatInvError(f"--checkpoint folder not found: {args.checkpoint} (a run's OUT/checkpoints/step-NNNNNNN)")
+    try:
+        checkpoint = load_checkpoint(args.checkpoint)
+    except ValueError as error:
+        raise FeatInvError(f"--checkpoint: {error}") from error
+    model = FeatInvModel.from_pretrained(args.model)
+    which = load_checkpoint_into(model, checkpoint, ema=not args.raw)
+    with staged_output(args.out) as staging:
+        model.save_pretrained(staging)
+    weights = "its moving average (--ema)" if which == "ema" else "its raw weights"
+    print(f"wrote {args.out}: {args.model} with the {checkpoint.state['stage']} of step {checkpoint.step}, {weights}")
     return 0
 
 
@@ -350,6 +372,13 @@ def add_training_commands(commands) -> None:
         "none on a CPU",
     )
     train.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        help="the newest N checkpoints are kept (default 2; 0: all, to choose one on validation images and "
+        "make a model of it with 'featinv from-checkpoint')",
+    )
+    train.add_argument(
         "--gradient-checkpointing", action="store_true", help="with --model: recompute activations (less memory)"
     )
     train.add_argument(
@@ -397,6 +426,17 @@ def add_training_commands(commands) -> None:
         "the hint encoder to give its hint embeddings; then train the result as usual",
     )
     train.set_defaults(func=cmd_train)
+
+    restored = commands.add_parser(
+        "from-checkpoint", help="a model folder from one of a 'featinv train' run's checkpoints"
+    )
+    restored.add_argument("--model", required=True, help="the model folder the run trained (its --model)")
+    restored.add_argument("--checkpoint", required=True, help="OUT/checkpoints/step-NNNNNNN of that run")
+    restored.add_argument("--out", required=True, help="the new model folder")
+    restored.add_argument(
+        "--raw", action="store_true", help="the trained weights, not their moving average (when the run had --ema)"
+    )
+    restored.set_defaults(func=cmd_from_checkpoint)
 
     classifier = commands.add_parser(
         "train-classifier", help="train a timm classifier on shapes or an image folder (then 'featinv create' for it)"

@@ -56,6 +56,29 @@ def test_cache_then_train_then_resume_from_the_cli(capsys, tmp_path, model_dir):
     assert [r["step"] for r in rows][-1] == 6 and {"loss", "lr", "images_per_s"} <= set(rows[-1])
     assert (tmp_path / "run" / "model" / "featinv.json").is_file() and (tmp_path / "run" / "loss_curve.png").is_file()
 
+    # A model from a checkpoint: the last one's moving average is the run's model; raw weights differ.
+    from featinv.models import FeatInvModel
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    restore = ["from-checkpoint", "--model", model_dir, "--checkpoint"]
+    code, out, _ = run_cli(capsys, *restore, checkpoints / "step-0000006", "--out", tmp_path / "e6")
+    assert code == 0 and "step 6, its moving average" in out
+    code, out, _ = run_cli(capsys, *restore, checkpoints / "step-0000004", "--raw", "--out", tmp_path / "r4")
+    assert code == 0 and "step 4, its raw weights" in out
+    final, e6, r4, start = (
+        FeatInvModel.from_pretrained(p).controlnet.state_dict()
+        for p in (tmp_path / "run" / "model", tmp_path / "e6", tmp_path / "r4", model_dir)
+    )
+    assert all(torch.equal(final[k], e6[k]) for k in final)
+    assert not all(torch.equal(final[k], r4[k]) for k in final)
+    assert not all(torch.equal(start[k], r4[k]) for k in start)
+    code, _, err = run_cli(capsys, *restore, checkpoints / "step-0000002", "--out", tmp_path / "z")
+    assert_one_line_error(code, err, "--checkpoint folder not found")  # only the newest two are kept
+    (checkpoints / "step-0000004" / "ema.safetensors").write_bytes(b"altered")
+    code, _, err = run_cli(capsys, *restore, checkpoints / "step-0000004", "--out", tmp_path / "z")
+    assert_one_line_error(code, err, "does not match its sha256")
+    assert not (tmp_path / "z").exists()
+
     code, _, err = run_cli(capsys, *common[:-6], "--pool", 25, "--features-cache", cache, "--out", tmp_path / "x")
     assert_one_line_error(code, err, "made for the pool")
     code, _, err = run_cli(capsys, "train", "--preset", "shapes-demo", "--model", model_dir, "--out", tmp_path / "y")
@@ -75,7 +98,32 @@ def test_train_with_the_consistency_loss_from_the_cli(capsys, tmp_path, model_di
 
     code, _, err = run_cli(capsys, *common, "--consistency-weight", 0, "--out", tmp_path / "c")
     assert_one_line_error(code, err, "--consistency-weight) must be > 0")
+    code, out, _ = run_cli(
+        capsys, *common[:-2], "--checkpoint-every", 1, "--keep-checkpoints", 0, "--out", tmp_path / "k"
+    )
+    assert code == 0 and sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == [
+        "step-0000001",
+        "step-0000002",
+    ]
+    code, _, err = run_cli(capsys, *common, "--keep-checkpoints", -1, "--out", tmp_path / "j")
+    assert_one_line_error(code, err, "keep_checkpoints must be an integer >= 0")
     code, _, err = run_cli(
         capsys, "train", "--preset", "shapes-demo", "--consistency-weight", 1, "--out", tmp_path / "d"
     )
     assert_one_line_error(code, err, "applies to --model training")
+
+
+def test_a_model_from_a_checkpoint_of_another_stage_or_shape_is_refused(model_dir):  # noqa: F811
+    from featinv.errors import FeatInvError
+    from featinv.models import FeatInvModel
+    from featinv.training.checkpoint import Checkpoint
+    from featinv.training.from_checkpoint import load_checkpoint_into
+
+    model = FeatInvModel.from_pretrained(model_dir)
+    weights = model.controlnet.state_dict()
+    with pytest.raises(FeatInvError, match="of stage 'distill'"):
+        load_checkpoint_into(model, Checkpoint(3, {"model": weights}, {"stage": "distill"}))
+    narrower = {k: v[:1] if k.startswith("hint_encoder.conv_in.") else v for k, v in weights.items()}
+    with pytest.raises(FeatInvError, match="shaped unlike this model's"):
+        load_checkpoint_into(model, Checkpoint(3, {"model": narrower}, {"stage": "controlnet"}))
+    assert load_checkpoint_into(model, Checkpoint(3, {"model": weights}, {"stage": "controlnet"})) == "raw"

@@ -66,6 +66,7 @@ class TrainConfig:
             ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
             ("ema_decay", self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "in (0, 1) or None"),
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0 (0: only when stopping)"),
+            ("keep_checkpoints", self.keep_checkpoints >= 0, "an integer >= 0 (0: keep all)"),
             ("warmup_fraction", 0.0 <= self.warmup_fraction < 1.0, "in [0, 1)"),
             ("mixed_precision", self.mixed_precision in MIXED_PRECISION, f"one of {', '.join(MIXED_PRECISION)}"),
             ("time_budget_s", self.time_budget_s is None or self.time_budget_s >= 0, "a number of seconds >= 0"),
