@@ -466,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="featinv (diffusion), optimize (the Mahendran-Vedaldi baseline) or guided (the model's base alone, "
         "steered by the classifier's gradients); the last two need no training",
     )
-    rec.add_argument("--opt-steps", type=int, help="with --method optimize: Adam steps (default 300; 800 above 160 px)")
+    rec.add_argument(
+        "--opt-steps", type=int, help="with --method optimize: Adam steps (default 300, 1000 above 160 px)"
+    )
     rec.add_argument(
         "--backend",
         choices=["eager", "compiled", "fast", "onnx", "tensorrt"],
