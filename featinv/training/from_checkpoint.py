@@ -11,6 +11,7 @@ import torch
 
 from featinv.errors import FeatInvError
 from featinv.training.checkpoint import Checkpoint
+from featinv.training.loop import ema_shadow
 
 if TYPE_CHECKING:
     from featinv.models import FeatInvModel
@@ -48,13 +49,13 @@ def load_checkpoint_into(model: FeatInvModel, checkpoint: Checkpoint, *, ema: bo
         return "raw"
     # The trainer averages the parameters it trains, in module.parameters() order (every one of
     # the module's, as each stage trains the whole module).
-    shadow = checkpoint.tensors["ema"]
+    shadow = ema_shadow(checkpoint)
     parameters = list(module.parameters())
     if len(shadow) != len(parameters):
         raise FeatInvError(
             f"the checkpoint {checkpoint.path} averages {len(shadow)} tensors, the module has {len(parameters)}"
         )
     with torch.no_grad():
-        for i, parameter in enumerate(parameters):
-            parameter.copy_(shadow[str(i)])
+        for parameter, average in zip(parameters, shadow, strict=True):
+            parameter.copy_(average)
     return "ema"

@@ -102,6 +102,13 @@ def _cosine_with_warmup(warmup: int, steps: int) -> Callable[[int], float]:
     return get_cosine_schedule_with_warmup(dummy, warmup, steps).lr_lambdas[0]
 
 
+def ema_shadow(checkpoint: Checkpoint) -> list[torch.Tensor]:
+    """A checkpoint's moving averages, in the order of the trained parameters (saved as "0", "1", ...
+    by :meth:`Trainer._checkpoint`)."""
+    shadow = checkpoint.tensors["ema"]
+    return [shadow[str(i)] for i in range(len(shadow))]
+
+
 @dataclass
 class TrainResult:
     """Logged losses, the number of optimizer steps done, and whether all ``steps`` were done."""
@@ -194,8 +201,7 @@ class Trainer:
         self.module.load_state_dict(found.tensors["model"])
         optimizer_from_checkpoint(self.optimizer, found.tensors["optimizer"], found.state["optimizer"])
         if self.ema is not None and "ema" in found.tensors:
-            shadow = [found.tensors["ema"][str(i)] for i in range(len(found.tensors["ema"]))]
-            self.ema.load_state_dict({**found.state["ema"], "shadow_params": shadow})
+            self.ema.load_state_dict({**found.state["ema"], "shadow_params": ema_shadow(found)})
             self.ema.to(self.params[0].device)
         print(f"{self.name}: resuming from {found.path} (step {found.step})")
         return found.step, list(found.state["losses"]), float(found.state["elapsed_s"])
