@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
+from featinv.choices import GUIDANCE_MODES
 from featinv.errors import FeatInvError, require_positive_int
 from featinv.files import publish
 
@@ -101,6 +102,17 @@ def add_twin_encoder_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_guidance_on_arg(parser: argparse.ArgumentParser, *, both: bool = False) -> None:
+    parser.add_argument(
+        "--guidance-on",
+        choices=[*GUIDANCE_MODES, "both"] if both else GUIDANCE_MODES,
+        help="what classifier-free guidance guides on: features (the unconditional branch is the zero feature "
+        "map + the empty prompt) or prompt (the same feature map + the empty prompt, as the published FeatInv "
+        "sampler); default: the model's own (info shows it)"
+        + ("; both: FeatInv spatial in each mode, with their paired differences" if both else ""),
+    )
+
+
 def fast_options_from_args(args: argparse.Namespace) -> dict[str, bool] | None:
     """The fast backend's options the command line sets (``--twin-encoder``)."""
     if not args.twin_encoder:
@@ -166,6 +178,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"base:          {base['source'] + ' (referred to)' if isinstance(base, dict) else 'bundled in the folder'}")
     print(f"classifier:    {'stored' if config.get('has_classifier') else 'not stored (pass --classifier-weights)'}")
     print(f"prompt:        {config.get('prompt')!r}")
+    guidance = config.get("guidance", "features")
+    unconditional = "the same feature map" if guidance == "prompt" else "the zero feature map"
+    print(f"guidance on:   {guidance} (unconditional branch: {unconditional} + the null context)")
     distilled = config.get("distillation")
     if distilled:
         sampler = FEW_STEP_SAMPLERS[distilled["method"]]
@@ -214,6 +229,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     if args.images is None and args.features is None:
         raise FeatInvError("give --images FILES... or --features FILE")
+    if args.guidance_on is not None and args.method != "featinv":
+        raise FeatInvError(f"--guidance-on applies to --method featinv, not --method {args.method}")
     if args.method == "guided":
         from featinv.cli_guided import cmd_guided
 
@@ -261,6 +278,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                 features=maps,
                 steps=args.steps,
                 guidance_scale=args.guidance,
+                guidance=args.guidance_on,
                 sampler=args.sampler,
                 eta=args.eta,
                 seed=seed,
@@ -477,6 +495,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rec.add_argument("--engine-dir", help="ONNX export / TensorRT engine cache (default: under ~/.cache/featinv)")
     add_twin_encoder_arg(rec)
+    add_guidance_on_arg(rec)
     from featinv.cli_guided import add_guided_args
 
     add_guided_args(rec)
@@ -504,6 +523,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--out", required=True, help="output model folder")
     create.set_defaults(func=cmd_create)
+
+    from featinv.cli_convert import add_convert_command
+
+    add_convert_command(commands)
 
     from featinv.cli_demo import add_demo_command
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
-from featinv.cli import load_model, required_extractor
+from featinv.cli import add_guidance_on_arg, load_model, required_extractor
 from featinv.errors import FeatInvError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -254,6 +254,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         guided=guided,
         seed=args.seed,
         fid_features=fid_features,
+        guidance=args.guidance_on if args.guidance_on != "both" else "features",
+        compare_guidance="prompt" if args.guidance_on == "both" else None,
     )
     from featinv.analysis.intervals import format_interval
     from featinv.analysis.report import text_table
@@ -270,6 +272,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(text_table(rows))
     for line in data["verdicts"]:
         print(line)
+    if "guidance_comparison" in data:
+        comparison = data["guidance_comparison"]
+        print(f"paired differences, {comparison['of']} minus {comparison['minus']}:")
+        for metric, row in comparison.items():
+            if isinstance(row, dict):
+                shown = format_interval(row["value"], row["ci95"]) if row["ci95"] else f"{row['value']:.3f}"
+                print(f"  {metric}: {shown}")
     classifier_size = tuple(spatial.spec.input_size[1:])
     if tuple(size) != classifier_size:
         print(
@@ -347,4 +356,5 @@ def add_analysis_commands(commands) -> None:
     )
     evaluate.add_argument("--guided-steps", type=int, help="guided sampling's sampler steps (default 20)")
     evaluate.add_argument("--guided-strength", type=float, help="guided sampling's forward strength (default 0.3)")
+    add_guidance_on_arg(evaluate, both=True)
     evaluate.set_defaults(func=cmd_evaluate)

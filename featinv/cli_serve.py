@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from featinv.cli import add_twin_encoder_arg, fast_options_from_args
+from featinv.cli import add_guidance_on_arg, add_twin_encoder_arg, fast_options_from_args
 from featinv.errors import FeatInvError, require_positive_int
 
 
@@ -43,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         batching=not args.no_batching,
         realtime=args.realtime,
         steps=args.steps,
+        guidance=args.guidance_on,
     )
     return 0
 
@@ -92,4 +93,5 @@ def add_serve_command(commands) -> None:
         "--backend", choices=["eager", "compiled", "fast"], default="eager", help="denoiser backend (fast: CUDA only)"
     )
     add_twin_encoder_arg(serve)
+    add_guidance_on_arg(serve)
     serve.set_defaults(func=cmd_serve)

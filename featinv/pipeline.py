@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from featinv.engine import make_denoiser
 from featinv.errors import FeatInvError, require_positive_int, require_seed
 from featinv.features import FeatureExtractor, check_images, pool_and_tile
-from featinv.models.featinv_model import FeatInvModel
+from featinv.models.featinv_model import FeatInvModel, check_guidance
 from featinv.sampling import SAMPLERS, classifier_free_guidance
 from featinv.sampling.noise import randn
 
@@ -181,11 +181,13 @@ class Reconstructor:
         features: torch.Tensor | None = None,
         steps: int | None = None,
         guidance_scale: float | None = None,
+        guidance: str | None = None,
         sampler: str | None = None,
         eta: float = 0.0,
         seed: int = 0,
         first_index: int = 0,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        noise: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
         batch_size: int = 8,
         pooled: bool = False,
@@ -200,6 +202,10 @@ class Reconstructor:
             steps: sampler steps (default 50 as published; 4 for a distilled model).
             guidance_scale: classifier-free guidance scale (default 1.75 as published; <= 1
                 disables it; a distilled model has it folded in and takes none).
+            guidance: what guidance guides on: ``"features"`` (the unconditional branch is the zero
+                feature map with the null context) or ``"prompt"`` (the same feature map with the
+                null context, as the published FeatInv sampler); default: the model's
+                (``model.guidance``). The two agree at ``guidance_scale`` <= 1.
             sampler: ``ddim`` or ``dpmpp`` (DPM-Solver++ 2M), default ``ddim``; a distilled model
                 (``model.distillation``) defaults to its own (``model.few_step_sampler``), and a
                 consistency-distilled one takes ``lcm`` only.
@@ -207,7 +213,10 @@ class Reconstructor:
             seed: image i starts from noise seeded ``seed + first_index + i``, whatever the batch size.
             first_index: the global index of the first image (a shard of a multi-process run).
             generator: instead of ``seed``: one generator for all, or one per image.
-            latents: (B, C', H', W') starting noise instead of drawing it.
+            noise: (B, C', H', W') initial noise x_T instead of drawing it from ``seed`` (e.g. to
+                compare with another tool from the same noise); the samplers' own noise (eta > 0,
+                lcm) still comes from ``seed`` or ``generator``.
+            latents: the older name of ``noise``.
             batch_size: images per denoiser batch.
             pooled: with ``images``, condition on pooled-and-tiled features (the baseline).
             progress: show a progress bar.
@@ -218,13 +227,20 @@ class Reconstructor:
         )
         n = features.shape[0]
         steps, guidance_scale, sampler = self.sampling_defaults(steps, guidance_scale, sampler)
+        guidance = self.model.guidance if guidance is None else check_guidance(guidance)
         self._check_options(steps, guidance_scale, sampler, eta, batch_size)
         generators = self._generators(n, seed, first_index, generator)
+        if noise is not None and latents is not None:
+            raise FeatInvError("pass noise or latents (its older name), not both")
+        name = "noise" if noise is not None else "latents"
+        latents = noise if noise is not None else latents
         if latents is not None:
             expected = (n, *self.model.latent_shape)
             if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != expected:
                 got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
-                raise FeatInvError(f"latents must have shape {expected}, got {got}")
+                raise FeatInvError(f"{name} must have shape {expected}, got {got}")
+            if not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):
+                raise FeatInvError(f"{name} must be a float tensor of finite values")
         schedule = self.model.noise_schedule.for_sampler(sampler, steps, eta)
         sample_fn = SAMPLERS[sampler]
         outputs = []
@@ -247,10 +263,15 @@ class Reconstructor:
 
                 if self.fast is not None and guidance_scale > 1.0 and eta == 0.0:
                     hook = on_step if callback is not None else None
-                    x = self.fast.sample(chunk, x, schedule, guidance_scale, callback=hook)
+                    x = self.fast.sample(chunk, x, schedule, guidance_scale, callback=hook, guidance=guidance)
                     bar.update(0 if hook else rows * steps)
                 else:
-                    denoise = self.guided_denoiser(chunk, guidance_scale)
+                    own = guidance == self.model.guidance  # (the two-argument call stays what it was)
+                    denoise = (
+                        self.guided_denoiser(chunk, guidance_scale)
+                        if own
+                        else self.guided_denoiser(chunk, guidance_scale, guidance)
+                    )
                     x = sample_fn(denoise, x, schedule, generator=batch_generators, callback=on_step)
                 outputs.append(x[:rows])
         finally:
@@ -328,16 +349,18 @@ class Reconstructor:
             raise FeatInvError(f"generator list has {len(generator)} entries, expected one per image ({n})")
         return generator
 
-    def guided_denoiser(self, features: torch.Tensor, guidance_scale: float):
+    def guided_denoiser(self, features: torch.Tensor, guidance_scale: float, guidance: str | None = None):
         """The (x, t) -> eps function for a batch of feature maps (B, C, h, w): the hint is computed
-        once, both guidance branches run as one batch. Public for engines and benchmarks."""
+        once, both guidance branches run as one batch (``guidance``: what the unconditional branch
+        drops, see :meth:`reconstruct`). Public for engines and benchmarks."""
         b = features.shape[0]
         features = features.to(self.model.unet.dtype)
         context = self.model.context.expand(b, -1, -1)
         if guidance_scale <= 1.0:
             hint = self.model.controlnet.embed(features)
             return lambda x, t: self.denoiser(x, t, hint, context)
-        # The unconditional branch is the zero feature map with the null context, as trained.
-        hint_pair = self.model.controlnet.embed(torch.cat([torch.zeros_like(features), features]))
+        # The unconditional branch: the null context with the zero feature map (as featinv trains) or
+        # with the same one (as the published sampler guides).
+        hint_pair = self.model.guidance_hints(features, guidance)
         context_pair = self.model.guidance_contexts(b)
         return classifier_free_guidance(lambda x, t: self.denoiser(x, t, hint_pair, context_pair), guidance_scale)

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 
 from featinv.errors import FeatInvError, require_positive_int, require_seed
-from featinv.models.featinv_model import FeatInvModel
+from featinv.models.featinv_model import FeatInvModel, check_guidance
 from featinv.pipeline import Reconstructor, resolve_device
 
 Preview = Callable[[int, torch.Tensor], None]
@@ -78,7 +78,8 @@ class _Job:
 
 class RealtimeReconstructor:
     """Serve reconstructions with bounded latency: fixed steps and sampler, warmed up at creation,
-    requests run in submission order on a worker thread: with ``batching`` (the default), the
+    requests run in submission order on a worker thread (``guidance``: what guidance guides on,
+    as ``Reconstructor.reconstruct``'s; default the model's): with ``batching`` (the default), the
     requests queued while one runs go together as one denoiser batch (up to ``max_batch_rows``
     images), each with the pictures it would get alone; cancelled ones are dropped.
 
@@ -100,6 +101,7 @@ class RealtimeReconstructor:
         steps: int | None = None,
         sampler: str | None = None,
         guidance_scale: float | None = None,
+        guidance: str | None = None,
         warmup: bool = True,
         warmup_batch: int = 1,
         fast_options: dict[str, Any] | None = None,
@@ -132,6 +134,8 @@ class RealtimeReconstructor:
             self.steps, self.guidance_scale, self.sampler = self.reconstructor.sampling_defaults(
                 steps, guidance_scale, sampler
             )
+            default = self.reconstructor.model.guidance
+            self.guidance = default if guidance is None else check_guidance(guidance)
         except BaseException:
             if self._owns_worker:
                 self._worker.shutdown(wait=False)
@@ -178,7 +182,7 @@ class RealtimeReconstructor:
             method = self.reconstructor.model.distillation["method"]
             steps = f"{self.steps} {self.sampler} step{'s' * (self.steps != 1)}"
             return f"real-time mode: {steps} of a {method}-distilled model"
-        guidance = f", guidance {self.guidance_scale:g}" if self.guidance_scale > 1 else ""
+        guidance = f", guidance {self.guidance_scale:g} on the {self.guidance}" if self.guidance_scale > 1 else ""
         return f"{self.steps} {self.sampler} steps{guidance}"
 
     @property
@@ -316,6 +320,7 @@ class RealtimeReconstructor:
             steps=self.steps,
             sampler=self.sampler,
             guidance_scale=self.guidance_scale,
+            guidance=self.guidance,
             generator=generators,
             batch_size=max(len(maps), 1),
             progress=False,

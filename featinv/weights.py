@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,18 @@ def load_state_dict(path: str | Path, *, what: str = "weights") -> dict[str, tor
             raise FeatInvError(f"{what} file {path} is not a valid safetensors file ({error})") from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for corrupt or unsafe pickles
-        raise FeatInvError(f"{what} file {path} could not be read safely ({type(error).__name__}: {error})") from error
+    except pickle.UnpicklingError as error:  # weights_only refused a global: the file would run code
+        found = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(error))
+        named = f" ({found.group(1)})" if found else ""
+        raise FeatInvError(
+            f"{what} file {path} is refused: it is a pickle that would import or call code when loaded{named}; "
+            "featinv reads only tensors (safetensors, or torch.load(weights_only=True))"
+        ) from error
+    except Exception as error:  # torch raises many types for truncated or corrupt files
+        detail = " ".join(str(error).split())[:200]
+        raise FeatInvError(
+            f"{what} file {path} could not be read: truncated or corrupt ({type(error).__name__}: {detail})"
+        ) from error
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -40,14 +40,15 @@ def make_inverter(
     seed: int = 0,
     optimize: OptimizeConfig | None = None,
     guided: GuidanceConfig | None = None,
+    guidance: str | None = None,
 ) -> Inverter:
     """features (B, C, h, w) -> images (B, 3, H, W): FeatInv sampling, the optimisation baseline, or
-    training-free guided sampling on the model's base (``guided`` settings; ``steps`` and
-    ``sampler`` are FeatInv's)."""
+    training-free guided sampling on the model's base (``guided`` settings; ``steps``, ``sampler``
+    and ``guidance``, what classifier-free guidance guides on, are FeatInv's)."""
     if method == "featinv":
         return lambda f: (
             reconstructor.reconstruct(
-                features=f, steps=steps, sampler=sampler, seed=seed, batch_size=64, progress=False
+                features=f, steps=steps, sampler=sampler, guidance=guidance, seed=seed, batch_size=64, progress=False
             ).images
         )
     if method == "optimize":
@@ -229,12 +230,16 @@ def evaluate_study(
     guided: GuidanceConfig | None = None,
     seed: int = 0,
     fid_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    guidance: str | None = None,
+    compare_guidance: str | None = None,
 ) -> dict[str, Any]:
     """FeatInv from spatial maps, FeatInv from pooled maps, the optimisation baseline and (with
     ``guided`` settings) training-free guided sampling on the base, side by side: feature cosine,
     top-1 agreement, object location (with masks), FID against ``real`` images in the classifier's
     penultimate feature space (or ``fid_features``, e.g. Inception's), and each method's seconds
-    per image in this run."""
+    per image in this run. ``guidance``: what FeatInv's classifier-free guidance guides on (default:
+    each model's own); ``compare_guidance``: also FeatInv spatial guided on this one, and the paired
+    differences of the two (``data["guidance_comparison"]``)."""
     extractor = spatial.extractor
     methods: dict[str, torch.Tensor] = {}
     seconds: dict[str, float] = {}
@@ -245,7 +250,12 @@ def evaluate_study(
         seconds[name] = (time.perf_counter() - start) / len(features)
 
     maps = spatial.features(images)
-    run("featinv spatial", make_inverter(spatial, steps=steps, sampler=sampler, seed=seed), maps)
+    featinv_options = {"steps": steps, "sampler": sampler, "seed": seed, "guidance": guidance}
+    run("featinv spatial", make_inverter(spatial, **featinv_options), maps)
+    compared = None
+    if compare_guidance is not None:
+        compared = f"featinv spatial, guidance on {compare_guidance}"
+        run(compared, make_inverter(spatial, **{**featinv_options, "guidance": compare_guidance}), maps)
     if pooled is not None:
         if not pooled.model.feature_spec.same_source(spatial.model.feature_spec):
             raise FeatInvError(
@@ -253,7 +263,7 @@ def evaluate_study(
                 f"the spatial one for {spatial.model.feature_spec.describe()}"
             )
         pooled_maps = pooled.features(images, pooled=True)
-        run("featinv pooled", make_inverter(pooled, steps=steps, sampler=sampler, seed=seed), pooled_maps)
+        run("featinv pooled", make_inverter(pooled, **featinv_options), pooled_maps)
     run("optimisation", make_inverter(spatial, "optimize", optimize=optimize, seed=seed), maps)
     if guided is not None:
         run("guided", make_inverter(spatial, "guided", guided=guided, seed=seed), maps)
@@ -296,6 +306,14 @@ def evaluate_study(
                 )
     fid_interval = fid_intervals.get("optimisation")
     verdicts = _verdicts(table, per_image, fid_interval)
+    comparison = None
+    if compared is not None:
+        fid_compared = None
+        if largest <= width or width <= FID_INTERVAL_MAX_DIM:
+            fid_compared = fid_difference_interval(
+                real_embedding, embeddings[compared], embeddings["featinv spatial"], seed=seed
+            )
+        comparison = _paired_differences(table, per_image, compared, "featinv spatial", fid_compared)
     if "guided" in table:
         verdicts += _guided_verdicts(table, per_image, fid_intervals.get("guided"))
     data = {
@@ -319,6 +337,7 @@ def evaluate_study(
         ),
         "reference": reference,
         "verdicts": verdicts,
+        **({"guidance_comparison": {"minus": "featinv spatial", "of": compared, **comparison}} if comparison else {}),
     }
     interval_table = {
         name: {key: f"[{low:.3f}, {high:.3f}]" for key, (low, high) in rows.items()} for name, rows in intervals.items()
@@ -340,6 +359,26 @@ def evaluate_study(
         data,
     )
     return data
+
+
+def _paired_differences(
+    table: dict[str, dict[str, float]],
+    per_image: dict[str, dict[str, torch.Tensor]],
+    a: str,
+    b: str,
+    fid_interval: tuple[float, float] | None,
+) -> dict[str, dict[str, Any]]:
+    """Method ``a`` minus method ``b`` on every per-image metric (the mean difference and its paired
+    bootstrap interval) and on FID (with ``fid_interval`` when it could be computed)."""
+    differences = {}
+    for key, values in per_image[a].items():
+        if key in per_image[b] and values.numel() > 1:
+            first, second = values.float(), per_image[b][key].float()
+            low, high = difference_interval(first, second)
+            differences[key] = {"value": float((first - second).mean()), "ci95": [low, high]}
+    fid = table[a]["fid_vs_real"] - table[b]["fid_vs_real"]
+    differences["fid_vs_real"] = {"value": fid, "ci95": list(fid_interval) if fid_interval else None}
+    return differences
 
 
 def _verdicts(

@@ -151,8 +151,11 @@ class FastPath:
         return self._null_hint
 
     @torch.no_grad()
-    def hint_pair(self, features: torch.Tensor) -> torch.Tensor:
-        """(2B, C0, H, W): the null hint B times, then the hints of ``features`` (B, C, h, w)."""
+    def hint_pair(self, features: torch.Tensor, guidance: str = "features") -> torch.Tensor:
+        """(2B, C0, H, W): the unconditional hints B times (the cached null hint, or with
+        ``guidance="prompt"`` the maps' own), then the hints of ``features`` (B, C, h, w)."""
+        if guidance != "features":
+            return self.model.guidance_hints(features, guidance, embed=self.embed)
         return torch.cat([self.null_hint().expand(len(features), -1, -1, -1), self.embed(features)])
 
     def eps_pair(
@@ -194,17 +197,23 @@ class FastPath:
 
     @torch.no_grad()
     def sample(
-        self, features: torch.Tensor, x: torch.Tensor, schedule: SamplerSchedule, guidance_scale: float, callback=None
+        self,
+        features: torch.Tensor,
+        x: torch.Tensor,
+        schedule: SamplerSchedule,
+        guidance_scale: float,
+        callback=None,
+        guidance: str = "features",
     ) -> torch.Tensor:
         """Run the sampler from noise ``x`` (B, C, H, W) conditioned on ``features`` (B, C', h, w);
         returns the final sample (B, C, H, W) float32. ``callback`` as the samplers' (it makes the
-        loop run in Python)."""
+        loop run in Python); ``guidance`` as ``Reconstructor.reconstruct``'s."""
         if guidance_scale <= 1.0:
             raise FeatInvError(f"the fast path runs classifier-free guidance (scale > 1), got {guidance_scale}")
         if schedule.name == "ddim" and any(row[4] != 0.0 for row in schedule.coefficients):
             raise FeatInvError("the fast path runs deterministic DDIM (eta = 0)")
         step = self.step_graph(len(x), schedule, guidance_scale)
-        return step.run(self.hint_pair(features), x, callback)
+        return step.run(self.hint_pair(features, guidance), x, callback)
 
 
 def _controlnet(controlnet, *args):

@@ -167,6 +167,10 @@ def encode_prompts(base: str | Path, prompts: list[str]) -> list[torch.Tensor] |
         if "text_encoder" not in components and not (folder / "text_encoder").exists():
             return None
         if not (folder / "tokenizer").is_dir():
+            from featinv.models.published import KNOWN_TOKEN_IDS
+
+            if all(prompt in KNOWN_TOKEN_IDS for prompt in prompts):  # e.g. a converted published base
+                return _encode_known(folder, prompts)
             raise FeatInvError(
                 f"--base {base} has a text encoder but no tokenizer/ folder: copy the tokenizer of its model "
                 "(vocab.json, merges.txt, ...) into it"
@@ -190,6 +194,20 @@ def encode_prompts(base: str | Path, prompts: list[str]) -> list[torch.Tensor] |
         mask = tokens.attention_mask if use_mask else None
         states = encoder(tokens.input_ids, attention_mask=mask)[0]
     return [states[i : i + 1] for i in range(len(prompts))]
+
+
+def _encode_known(folder: Path, prompts: list[str]) -> list[torch.Tensor]:
+    """The prompts whose CLIP token ids featinv knows (the published FeatInv prompt, the empty one),
+    encoded by the folder's text encoder without a tokenizer."""
+    from transformers import CLIPTextModel
+
+    from featinv.models.published import encode_prompts as encode_known
+
+    try:
+        encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder").eval()
+    except Exception as error:  # transformers raises many types for a bad folder
+        raise FeatInvError(f"could not load the base's text encoder from {folder}: {error}") from error
+    return encode_known(encoder, None, prompts)
 
 
 def weights_fingerprint(*modules: nn.Module | None) -> str:

@@ -32,6 +32,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors import safe_open
 from torch import nn
 
+from featinv.choices import GUIDANCE_MODES
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor, FeatureSpec
 from featinv.files import publish, read_json_object
@@ -44,6 +45,13 @@ from featinv.weights import load_state_dict, save_state_dict_atomic
 FORMAT_VERSION = 1
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"
 CONFIG_NAME = "featinv.json"
+
+
+def check_guidance(guidance: Any) -> str:
+    """``guidance`` if it is one of :data:`GUIDANCE_MODES`; a FeatInvError naming it otherwise."""
+    if guidance not in GUIDANCE_MODES:
+        raise FeatInvError(f"guidance must be one of {', '.join(GUIDANCE_MODES)}, got {guidance!r}")
+    return guidance
 
 
 def _check_safetensors(path: Path, what: str) -> None:
@@ -87,6 +95,8 @@ class FeatInvModel(nn.Module):
             with: ``{"method": "consistency", "guidance_scale", "skip"}`` (sampled with the few-step
             ``lcm`` sampler) or ``{"method": "guidance", "guidance_scale"}`` (DPM-Solver++, 4 steps);
             either way without classifier-free guidance (:attr:`few_step_sampler`).
+        guidance: what classifier-free guidance guides on by default (:data:`GUIDANCE_MODES`):
+            ``"features"`` for the models featinv trains, ``"prompt"`` for a converted published one.
     """
 
     def __init__(
@@ -104,6 +114,7 @@ class FeatInvModel(nn.Module):
         base: str | None = None,
         base_fingerprint: str | None = None,
         distillation: dict[str, Any] | None = None,
+        guidance: str = "features",
     ) -> None:
         super().__init__()
         if controlnet.config.feature_channels != feature_spec.channels:
@@ -124,6 +135,7 @@ class FeatInvModel(nn.Module):
         self.prompt = prompt
         self.base, self.base_fingerprint = (base, base_fingerprint) if base is not None else (None, None)
         self.distillation = distillation
+        self.guidance = check_guidance(guidance)
         self.register_buffer("context", context.detach().clone())
         self.register_buffer("null_context", null_context.detach().clone())
 
@@ -154,6 +166,18 @@ class FeatInvModel(nn.Module):
         """(2B, L, D): the null context B times, then the stored context B times: the order of the
         two classifier-free-guidance branches (unconditional first) everywhere in featinv."""
         return torch.cat([self.null_context.expand(batch, -1, -1), self.context.expand(batch, -1, -1)])
+
+    def guidance_hints(self, features: torch.Tensor, guidance: str | None = None, embed=None) -> torch.Tensor:
+        """(2B, C0, H, W): the hints of the two guidance branches for feature maps (B, C, h, w), in the
+        order of :meth:`guidance_contexts`: the zero map's (``guidance="features"``) or the same map's
+        (``"prompt"``) B times, then the maps' own. ``guidance`` defaults to the model's; ``embed``
+        (default ``controlnet.embed``) lets the fast path use its fused hint encoder."""
+        guidance = self.guidance if guidance is None else check_guidance(guidance)
+        embed = self.controlnet.embed if embed is None else embed
+        if guidance == "prompt":
+            hint = embed(features)
+            return torch.cat([hint, hint])
+        return embed(torch.cat([torch.zeros_like(features), features]))
 
     # ----- image space <-> diffusion space ----------------------------------------------------
     def decode(self, samples: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
@@ -289,6 +313,59 @@ class FeatInvModel(nn.Module):
             base_fingerprint=fingerprint,
         )
 
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | Path | dict[str, torch.Tensor],
+        extractor: FeatureExtractor,
+        *,
+        config: str | Path | None = None,
+        tokenizer: str | Path | None = None,
+        text_encoder_config: dict[str, Any] | None = None,
+        prompt: str | None = None,
+        store_classifier: bool = True,
+    ) -> FeatInvModel:
+        """The published FeatInv checkpoint (a ControlLDM single file, e.g. the released
+        ``control_featinv_convnext_fin.ckpt``, or the state ``published.read_checkpoint`` read from
+        one) as a model (diffusers' name for reading one file).
+
+        ``config``: its YAML (default: the published ConvNeXt-B config); ``tokenizer``: a CLIP tokenizer
+        folder, needed only for a ``prompt`` other than the published one; ``text_encoder_config``: a
+        ``CLIPTextConfig`` dict (default: CLIP ViT-L/14's). The model guides on the prompt
+        (``guidance="prompt"``, as the published sampler) and takes images as the published script
+        does (shorter side resized to the classifier's input, centre crop: ``crop_pct`` 1). It has no
+        base folder until :meth:`save_base` writes one (``featinv convert`` does).
+        """
+        from dataclasses import replace
+
+        from featinv.models.published import PUBLISHED_PROMPT, read_published
+
+        if extractor.spec.mode != "spatial":
+            raise FeatInvError("the published FeatInv model inverts spatial feature maps: give a spatial extractor")
+        parts = read_published(
+            path,
+            extractor.spec.channels,
+            config=config,
+            tokenizer=tokenizer,
+            text_encoder_config=text_encoder_config,
+            prompt=PUBLISHED_PROMPT if prompt is None else prompt,
+        )
+        extractor.spec = replace(extractor.spec, crop_pct=1.0)
+        model = cls(
+            parts.unet,
+            parts.controlnet,
+            extractor.spec,
+            parts.context,
+            parts.null_context,
+            noise_schedule=parts.noise_schedule,
+            vae=parts.vae,
+            classifier=extractor if store_classifier else None,
+            prompt=parts.prompt,
+            guidance="prompt",
+        )
+        model.text_parts = (parts.text_encoder, parts.tokenizer)  # for save_base: an SD folder has them
+        return model.eval()
+
     # ----- saving and loading -----------------------------------------------------------------
     def save_pretrained(self, path: str | Path, *, bundle: bool = False) -> None:
         """Write the model folder atomically: into a temporary sibling folder, then renamed.
@@ -323,6 +400,7 @@ class FeatInvModel(nn.Module):
                 "latent_shape": list(self.latent_shape),
                 "base": reference.to_dict() if reference is not None else None,
                 "distillation": self.distillation,
+                "guidance": self.guidance,
             }
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
@@ -331,14 +409,22 @@ class FeatInvModel(nn.Module):
         ``scheduler/``, ``model_index.json``, and ``contexts.safetensors``: the contexts the UNet was
         trained with, which :meth:`from_base` gives new models on this base), atomically, and make
         the model refer to it: models saved afterwards (this one, or others given the same base)
-        share it instead of copying it."""
+        share it instead of copying it. A model read by :meth:`from_single_file` also writes its
+        ``text_encoder/`` (and the ``tokenizer/`` it was given): a Stable Diffusion folder."""
         folder = Path(folder)
+        text_encoder, tokenizer = getattr(self, "text_parts", (None, None))
         with _staged_folder(folder) as staging:
             index = {"_class_name": "FeatInvBase", "unet": ["diffusers", type(self.unet).__name__]}
             self.unet.save_pretrained(staging / "unet", safe_serialization=True)
             if self.vae is not None:
                 self.vae.save_pretrained(staging / "vae", safe_serialization=True)
                 index["vae"] = ["diffusers", type(self.vae).__name__]
+            if text_encoder is not None:
+                text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
+                index["text_encoder"] = ["transformers", type(text_encoder).__name__]
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging / "tokenizer")
+                index["tokenizer"] = ["transformers", type(tokenizer).__name__]
             (staging / "scheduler").mkdir()
             scheduler = {"_class_name": "DDIMScheduler", **self.noise_schedule.to_dict()}
             (staging / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2) + "\n")
@@ -396,6 +482,7 @@ class FeatInvModel(nn.Module):
             base=base,
             base_fingerprint=fingerprint,
             distillation=config.get("distillation"),
+            guidance=config.get("guidance", "features"),
         )
         model.eval()
         return model.to(dtype) if dtype is not None else model
@@ -424,6 +511,7 @@ def read_model_config(path: str | Path) -> dict[str, Any]:
             'null, {"method": "consistency", "guidance_scale": a number in [1, 50], "skip": a positive integer} '
             'or {"method": "guidance", "guidance_scale": a number in [1, 50]}',
         ),
+        "guidance": (lambda v: v in GUIDANCE_MODES, " or ".join(map(repr, GUIDANCE_MODES))),
     }
     for key, (ok, expected) in checks.items():
         if key in config and not ok(config[key]):

@@ -144,9 +144,10 @@ class DistillationLoss:
         return (x - (1 - a).sqrt() * eps) / a.sqrt()
 
     def teacher_denoiser(self, maps: torch.Tensor):
-        """(x, t) -> the teacher's guided eps for the maps (B, C, h, w): both branches in one batch."""
+        """(x, t) -> the teacher's guided eps for the maps (B, C, h, w): both branches in one batch,
+        guided as the model is sampled (``model.guidance``)."""
         model, b = self.model, len(maps)
-        hint_pair = self.teacher.embed(torch.cat([torch.zeros_like(maps), maps]))
+        hint_pair = model.guidance_hints(maps, embed=self.teacher.embed)
         contexts = model.guidance_contexts(b)
 
         def denoise(x: torch.Tensor, t) -> torch.Tensor:

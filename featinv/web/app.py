@@ -118,6 +118,7 @@ def create_app(
     max_images: int = 256,
     api_docs: bool = False,
     batching: bool = True,
+    guidance: str | None = None,
 ):
     """The FastAPI app serving ``model`` (a model or its folder; ``backend`` and ``fast_options`` as
     ``Reconstructor``'s: ``fast`` on a GPU), and ``pooled_model`` beside it when given: a model of
@@ -130,8 +131,16 @@ def create_app(
     ``api_docs``: serve FastAPI's ``/docs`` and ``/openapi.json`` (off by default). ``batching``:
     reconstruct the requests of different clients queued together as one denoiser batch. ``steps``:
     per reconstruction (default: 10 DPM-Solver++ steps, or 4 steps of its own sampler for a distilled
-    ``model``, the real-time mode; its pooled model, not distilled, keeps 10)."""
-    options = dict(device=device, backend=backend, warmup_batch=seeds, fast_options=fast_options, batching=batching)
+    ``model``, the real-time mode; its pooled model, not distilled, keeps 10). ``guidance``: what
+    classifier-free guidance guides on (``features`` or ``prompt``; default: each model's own)."""
+    options = dict(
+        device=device,
+        backend=backend,
+        warmup_batch=seeds,
+        fast_options=fast_options,
+        batching=batching,
+        guidance=guidance,
+    )
     server = RealtimeReconstructor(model, steps=steps, **options)
     servers = {server.spec.mode: server}
     if pooled_model is not None:
@@ -365,6 +374,7 @@ def serve(
     batching: bool = True,
     realtime: bool = False,
     steps: int | None = None,
+    guidance: str | None = None,
 ) -> None:
     """Run the app with uvicorn (blocking). Without ``model_dir``: the shipped demo models, spatial
     (with ``realtime``: its distilled, few-step version) and pooled."""
@@ -387,6 +397,7 @@ def serve(
         max_images=max_images,
         batching=batching,
         steps=steps,
+        guidance=guidance,
     )
     print(f"serving on http://{host}:{port}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,131 @@
+"""``featinv convert``: the published FeatInv checkpoint (a ControlLDM single file) -> a featinv model
+folder and the Stable Diffusion base folder it refers to (:mod:`featinv.models.published`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from featinv.errors import FeatInvError
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert, check everything before writing, then write the base (or reuse an identical one)
+    and the model, each atomically."""
+    from featinv.cli import _parse_layer, json_object_arg
+    from featinv.features import FeatureExtractor
+    from featinv.models import FeatInvModel
+    from featinv.models.base import weights_fingerprint
+    from featinv.models.published import PUBLISHED_CLASSIFIER, PUBLISHED_INPUT_SIZE, read_checkpoint, read_config
+
+    out = Path(args.out)
+    base_out = Path(args.base_out) if args.base_out else out.with_name(f"{out.name}-base")
+    for flag, path in (("--out", out), ("--base-out", base_out)):
+        if path.exists() and not path.is_dir():
+            raise FeatInvError(f"{flag} {path} exists and is not a folder")
+    if out.resolve() == base_out.resolve():
+        raise FeatInvError("--out and --base-out must be two folders (the model refers to its base)")
+    if args.classifier is None and (args.classifier_kwargs or args.layer or args.input_size):
+        raise FeatInvError("--classifier-kwargs, --layer and --input-size go with --classifier")
+    if args.input_size is not None and not 1 <= args.input_size <= 4096:
+        raise FeatInvError(f"--input-size must be in [1, 4096] pixels, got {args.input_size}")
+    text_config = json_file_arg("--text-encoder-config", args.text_encoder_config)
+    model_kwargs = json_object_arg("--classifier-kwargs", args.classifier_kwargs)
+    config = read_config(args.config)
+    state = read_checkpoint(args.checkpoint)  # the file's layout, before the classifier is built
+    name = args.classifier or PUBLISHED_CLASSIFIER
+    size = args.input_size or (PUBLISHED_INPUT_SIZE if args.classifier is None else None)
+    extractor = FeatureExtractor(
+        name,
+        _parse_layer(args.layer),
+        weights=args.classifier_weights,
+        model_kwargs=model_kwargs,
+        input_size=(3, size, size) if size else None,
+    )
+    model = FeatInvModel.from_single_file(
+        state,
+        extractor,
+        config=config,
+        tokenizer=args.tokenizer,
+        text_encoder_config=text_config,
+        prompt=args.prompt,
+        store_classifier=args.classifier_weights is not None,
+    )
+    reused = _existing_base(base_out, weights_fingerprint(model.unet, model.vae))
+    if reused:
+        model.base, model.base_fingerprint = str(base_out.resolve()), weights_fingerprint(model.unet, model.vae)
+    else:
+        model.save_base(base_out)
+    model.save_pretrained(out)
+    height, width = model.image_size
+    print(
+        f"converted {args.checkpoint} -> {out} ({extractor.spec.describe()}; images {height}x{width}; guidance on "
+        f"the prompt, as published), its base {'reused' if reused else 'written'} at {base_out}"
+    )
+    if args.classifier_weights is None:
+        print("note: no --classifier-weights given, so the model stores no classifier: pass them to reconstruct images")
+    return 0
+
+
+def _existing_base(folder: Path, fingerprint: str) -> bool:
+    """Whether ``folder`` already holds this base (same UNet and VAE weights): then it is shared,
+    not written again. Any other existing folder is refused."""
+    if not folder.exists():
+        return False
+    from featinv.models.base import load_base, weights_fingerprint
+
+    try:
+        loaded = load_base(str(folder))
+    except FeatInvError as error:
+        raise FeatInvError(f"--base-out {folder} exists and is not a base folder ({error})") from error
+    if weights_fingerprint(loaded.unet, loaded.vae) != fingerprint:
+        raise FeatInvError(f"--base-out {folder} exists and holds another base: give a new folder")
+    return True
+
+
+def json_file_arg(flag: str, path: str | None) -> dict | None:
+    """The JSON object in the file a flag names (None when not given); anything else is one line."""
+    if path is None:
+        return None
+    from featinv.files import read_json_object
+
+    if not Path(path).is_file():
+        raise FeatInvError(f"{flag} {path} is not a file")
+    return read_json_object(path)
+
+
+def add_convert_command(commands) -> None:
+    """Add ``convert`` to the CLI's subcommands."""
+    convert = commands.add_parser(
+        "convert", help="the published FeatInv checkpoint (ControlLDM .ckpt/.safetensors) -> a featinv model folder"
+    )
+    convert.add_argument("--checkpoint", required=True, help="e.g. control_featinv_convnext_fin.ckpt")
+    convert.add_argument("--out", required=True, help="the model folder to write")
+    convert.add_argument(
+        "--base-out",
+        help="the SD base folder it refers to (default: OUT-base; an identical one is reused)",
+    )
+    convert.add_argument("--config", help="its ControlLDM YAML (default: the published cldm_featinv_convnext.yaml)")
+    convert.add_argument(
+        "--tokenizer", help="a CLIP tokenizer folder (an SD folder's tokenizer/): needed only for another --prompt"
+    )
+    convert.add_argument(
+        "--text-encoder-config", help="a CLIPTextConfig JSON file (default: CLIP ViT-L/14's, as published)"
+    )
+    convert.add_argument(
+        "--classifier", help="timm model name (default: convnext_base.fb_in22k_ft_in1k at 288 px, as published)"
+    )
+    convert.add_argument("--classifier-kwargs", help="with --classifier: JSON of extra timm.create_model arguments")
+    convert.add_argument(
+        "--layer", help="with --classifier: forward_features (default), a feature_info index, a module"
+    )
+    convert.add_argument("--input-size", type=int, help="with --classifier: its input side in pixels")
+    convert.add_argument(
+        "--classifier-weights",
+        help="the classifier's weights (e.g. timm's model.safetensors): stored in the model",
+    )
+    convert.add_argument(
+        "--prompt",
+        help="the fixed prompt (default: the published one, 'a high-quality, ..., image, ')",
+    )
+    convert.set_defaults(func=cmd_convert)
