@@ -51,9 +51,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         prompt=args.prompt,
         store_classifier=args.classifier_weights is not None,
     )
-    reused = _existing_base(base_out, weights_fingerprint(model.unet, model.vae))
+    fingerprint = weights_fingerprint(model.unet, model.vae)  # reads every base weight: once
+    reused = _existing_base(base_out, fingerprint)
     if reused:
-        model.base, model.base_fingerprint = str(base_out.resolve()), weights_fingerprint(model.unet, model.vae)
+        model.base, model.base_fingerprint = str(base_out.resolve()), fingerprint
     else:
         model.save_base(base_out)
     model.save_pretrained(out)

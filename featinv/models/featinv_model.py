@@ -350,11 +350,10 @@ class FeatInvModel(nn.Module):
             text_encoder_config=text_encoder_config,
             prompt=PUBLISHED_PROMPT if prompt is None else prompt,
         )
-        extractor.spec = replace(extractor.spec, crop_pct=1.0)
         model = cls(
             parts.unet,
             parts.controlnet,
-            extractor.spec,
+            replace(extractor.spec, crop_pct=1.0),  # the caller's extractor is left as it is
             parts.context,
             parts.null_context,
             noise_schedule=parts.noise_schedule,
