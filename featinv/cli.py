@@ -11,7 +11,7 @@ import json
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,8 +20,9 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
 from featinv.choices import GUIDANCE_MODES
-from featinv.errors import FeatInvError, require_positive_int
+from featinv.errors import FeatInvError
 from featinv.files import publish
+from featinv.limits import arg
 
 DTYPES = ("fp32", "fp16", "bf16")  # --dtype choices; torch loads only when a command runs
 
@@ -40,10 +41,18 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"featinv: error: {message} (see '{self.prog} --help')\n")
 
 
-def check_output_location(out: str | Path) -> None:
-    """Fail before any work when ``--out`` cannot be written: its parent folders are created and a
-    probe folder is made and removed beside it (where the outputs are staged)."""
+def check_output_location(out: str | Path, *, folder: bool = True) -> None:
+    """Fail before any work when ``--out`` cannot be written: a folder output must not be an
+    existing file (nor a file output an existing folder or special file), its parent folders are
+    created and a probe folder is made and removed beside it (where the outputs are staged)."""
+    from featinv.files import what_is_there
+
     out = Path(out)
+    found = what_is_there(out)
+    if folder and found not in ("not found", "a folder"):
+        raise FeatInvError(f"--out {out} exists and is {found or 'a file'}, not a folder: give a folder path")
+    if not folder and found not in ("not found", None):
+        raise FeatInvError(f"--out {out} is {found}: give a file path")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         Path(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=out.parent)).rmdir()
@@ -67,6 +76,49 @@ def staged_output(out: str | Path) -> Iterator[Path]:
             item.replace(out / item.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+UNGIVEN = object()  # the default of every option while given_options re-parses
+
+
+def walk_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every sub-command's parser below it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield from walk_parsers(sub)
+
+
+def given_options(argv: Sequence[str] | None) -> set[str]:
+    """The option dests the command line sets itself, not by default: ``argv`` parsed again with
+    every default a sentinel (so a default value typed out, ``--pool 50000``, counts as given)."""
+    parser = build_parser()
+    for each in walk_parsers(parser):
+        for action in each._actions:
+            if action.default is not argparse.SUPPRESS and not isinstance(action, argparse._SubParsersAction):
+                action.default = UNGIVEN
+    return {dest for dest, value in vars(parser.parse_args(argv)).items() if value is not UNGIVEN}
+
+
+def only_with(parser: argparse.ArgumentParser, rules: dict[str, tuple[str, Callable[[argparse.Namespace], bool]]]):
+    """Declare options that mean something only with another: ``{"--teacher-steps": ("--distill",
+    lambda args: args.distill)}``; given without it, the command is refused before any work
+    (:func:`main` checks)."""
+    dests = {flag: action.dest for action in parser._actions for flag in action.option_strings}
+    unknown = [flag for flag in rules if flag not in dests]
+    if unknown:
+        raise ValueError(f"only_with: {parser.prog} has no option {', '.join(unknown)}")
+    table = dict(parser.get_default("only_with") or {})
+    table.update({flag: (dests[flag], needs, holds) for flag, (needs, holds) in rules.items()})
+    parser.set_defaults(only_with=table)
+
+
+def refuse_unmet(args: argparse.Namespace, given: set[str]) -> None:
+    """A FeatInvError for the first option given without the option it needs (:func:`only_with`)."""
+    for flag, (dest, needs, holds) in (getattr(args, "only_with", None) or {}).items():
+        if dest in given and not holds(args):
+            raise FeatInvError(f"{flag} applies only with {needs}")
 
 
 def load_model(args: argparse.Namespace):
@@ -216,7 +268,13 @@ def _read_features(path: str) -> torch.Tensor:
     tensors = load_state_dict(path, what="features")
     if "features" not in tensors:
         raise FeatInvError(f"features file {path} has no tensor named 'features' (has: {', '.join(tensors)})")
-    return tensors["features"].float()
+    features = tensors["features"]
+    if features.ndim == 0 or len(features) == 0:
+        raise FeatInvError(
+            f"features file {path} holds no feature maps: its 'features' tensor has shape {tuple(features.shape)}, "
+            "expected (B, C, h, w) with B >= 1"
+        )
+    return features.float()
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -260,7 +318,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         every_stem = [f"features_{i:03d}" for i in range(len(every))]
         originals, features = None, every[first : first + len(paths)]
     stems = every_stem[first : first + len(paths)]
-    samples = require_positive_int("--samples", args.samples)
+    samples = args.samples
     names = _sample_names(every_stem, samples)
     runs = []  # per sample: (images, 3, H, W); sample k of image i is seeded seed + k * N + i
     if stems:
@@ -387,9 +445,6 @@ def cmd_create(args: argparse.Namespace) -> int:
         base_kind(args.base)  # a folder or a hub id, before the classifier is built
     elif args.prompt is not None or args.bundle:
         raise FeatInvError("--prompt and --bundle apply to --base (a preset has no text encoder and no base folder)")
-    for flag in ("input_size", "image_size", "hint_channels"):
-        if getattr(args, flag) is not None:
-            require_positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
     model_kwargs = json_object_arg("--classifier-kwargs", args.classifier_kwargs)
     input_size = (3, args.input_size, args.input_size) if args.input_size else None
     extractor = FeatureExtractor(
@@ -449,13 +504,17 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
     rec.add_argument("--classifier", help="a timm model name: with --method optimize (no --model) or --method guided")
     rec.add_argument("--layer", help="with --classifier: forward_features (default), a feature_info index or a module")
-    rec.add_argument("--input-size", type=int, help="with --classifier: its input side in pixels (default: its own)")
+    rec.add_argument(
+        "--input-size", type=arg("input_size"), help="with --classifier: its input side in pixels (default: its own)"
+    )
     rec.add_argument("--images", nargs="+", help="image files whose feature maps to invert")
     rec.add_argument("--features", help="a safetensors file with a 'features' tensor (B, C, h, w)")
     rec.add_argument("--out", required=True, help="output folder (one PNG per input and grid.png)")
-    rec.add_argument("--steps", type=int, help="sampler steps (default 50; 20 with --method guided)")
+    rec.add_argument("--steps", type=arg("steps"), help="sampler steps (default 50; 20 with --method guided)")
     rec.add_argument(
-        "--guidance", type=float, help="classifier-free guidance scale (default 1.75; 1, off, with --method guided)"
+        "--guidance",
+        type=arg("guidance"),
+        help="classifier-free guidance scale (default 1.75; 1, off, with --method guided)",
     )
     rec.add_argument(
         "--sampler",
@@ -463,16 +522,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="ddim (the default) or dpmpp; lcm for a consistency-distilled model (a distilled model's default: "
         "its own few-step sampler)",
     )
-    rec.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1] (default 0)")
-    rec.add_argument("--seed", type=int, default=0)
+    rec.add_argument("--eta", type=arg("eta"), default=0.0, help="DDIM eta in [0, 1] (default 0)")
+    rec.add_argument("--seed", type=arg("seed"), default=0)
     rec.add_argument(
         "--samples",
-        type=int,
+        type=arg("samples"),
         default=1,
         help="reconstructions per input from different noise (default 1); with more, also each input's "
         "spread map: what the feature map leaves open varies between samples",
     )
-    rec.add_argument("--batch-size", type=int, default=8)
+    rec.add_argument("--batch-size", type=arg("batch_size"), default=8)
     rec.add_argument("--pooled", action="store_true", help="condition on pooled features (the paper's baseline)")
     rec.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     rec.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
@@ -485,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         "steered by the classifier's gradients); the last two need no training",
     )
     rec.add_argument(
-        "--opt-steps", type=int, help="with --method optimize: Adam steps (default 300, 1000 above 160 px)"
+        "--opt-steps", type=arg("opt_steps"), help="with --method optimize: Adam steps (default 300, 1000 above 160 px)"
     )
     rec.add_argument(
         "--backend",
@@ -500,6 +559,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_guided_args(rec)
     rec.set_defaults(func=cmd_reconstruct)
+    with_classifier = ("--classifier NAME", lambda args: args.classifier is not None)
+    guided = ("--method guided", lambda args: args.method == "guided")
+    only_with(
+        rec,
+        {
+            "--layer": with_classifier,
+            "--input-size": with_classifier,
+            "--opt-steps": ("--method optimize", lambda args: args.method == "optimize"),
+            "--strength": guided,
+            "--inner-steps": guided,
+            "--inner-step-size": guided,
+            "--distance": guided,
+            "--eta": ("--sampler ddim", lambda args: args.sampler in (None, "ddim")),
+        },
+    )
 
     create = commands.add_parser("create", help="create an untrained FeatInv model for a classifier and layer")
     create.add_argument("--preset", help="micro, tiny, minisd or sd15 (random base weights)")
@@ -508,19 +582,25 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--layer", help="forward_features (default), a feature_info index, or a module path")
     create.add_argument("--classifier-weights", help="local classifier weights (safetensors or .pth)")
     create.add_argument("--classifier-kwargs", help="JSON of extra timm.create_model arguments")
-    create.add_argument("--input-size", type=int, help="classifier input side in pixels (default: the model's)")
+    create.add_argument(
+        "--input-size", type=arg("input_size"), help="classifier input side in pixels (default: the model's)"
+    )
     create.add_argument("--pooled", action="store_true", help="a model of pooled maps (the paper's baseline)")
     create.add_argument("--prompt", help="with --base: the fixed prompt its text encoder encodes once")
     create.add_argument(
-        "--image-size", type=int, help="training and output resolution in pixels (default: the base's; SD1.5: try 256)"
+        "--image-size",
+        type=arg("image_size"),
+        help="training and output resolution in pixels (default: the base's; SD1.5: try 256)",
     )
     create.add_argument(
-        "--hint-channels", type=int, help="hidden width of the hint encoder (default: 512, presets own)"
+        "--hint-channels",
+        type=arg("hint_channels"),
+        help="hidden width of the hint encoder (default: 512, presets own)",
     )
     create.add_argument(
         "--bundle", action="store_true", help="with --base: copy the base's UNet and VAE into the folder (offline use)"
     )
-    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--seed", type=arg("seed"), default=0)
     create.add_argument("--out", required=True, help="output model folder")
     create.set_defaults(func=cmd_create)
 
@@ -541,7 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
     export.add_argument("--out", required=True, help="output folder (denoiser.onnx, hint_encoder.onnx, manifest)")
     export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
-    export.add_argument("--opset", type=int, help="ONNX opset (default: 17 with torchscript, 18 with dynamo)")
+    export.add_argument("--opset", type=arg("opset"), help="ONNX opset (default: 17 with torchscript, 18 with dynamo)")
     export.add_argument(
         "--exporter",
         choices=["torchscript", "dynamo"],
@@ -563,15 +643,19 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("--images", nargs="+", required=True)
     ext.add_argument("--out", required=True, help="output .safetensors file")
     ext.add_argument("--pooled", action="store_true")
-    ext.set_defaults(func=cmd_extract)
+    ext.set_defaults(func=cmd_extract, writes_file=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:  # a usage error (argparse's, one line) or --help: its exit code, returned like any other
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else 2
     try:
+        refuse_unmet(args, given_options(argv))
         if getattr(args, "out", None) is not None:
-            check_output_location(args.out)
+            check_output_location(args.out, folder=not getattr(args, "writes_file", False))
         return args.func(args)
     except FeatInvError as error:
         print(f"featinv: error: {error}", file=sys.stderr)

@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
 
 from featinv.cli import add_guidance_on_arg, load_model, required_extractor
 from featinv.errors import FeatInvError
+from featinv.limits import arg
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -298,17 +299,19 @@ def _add_analysis_args(parser: argparse.ArgumentParser, *, model_required: bool 
     parser.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
     if images:
         parser.add_argument("--images", nargs="+", help="image files (default: --shapes held-out shapes images)")
-        parser.add_argument("--shapes", type=int, default=4, help="without --images: this many held-out shapes images")
+        parser.add_argument(
+            "--shapes", type=arg("images"), default=4, help="without --images: this many held-out shapes images"
+        )
     parser.add_argument(
         "--method",
         choices=["featinv", "optimize", "guided"],
         default="featinv",
         help="featinv, optimize (the Mahendran-Vedaldi baseline) or guided (the base alone, training-free)",
     )
-    parser.add_argument("--steps", type=int, default=10, help="sampler steps (default 10)")
+    parser.add_argument("--steps", type=arg("steps"), default=10, help="sampler steps (default 10)")
     parser.add_argument("--sampler", choices=["ddim", "dpmpp"], default="dpmpp")
-    parser.add_argument("--opt-steps", type=int, default=300, help="steps of the optimisation baseline")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--opt-steps", type=arg("opt_steps"), default=300, help="steps of the optimisation baseline")
+    parser.add_argument("--seed", type=arg("seed"), default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
 
@@ -317,7 +320,9 @@ def add_analysis_commands(commands) -> None:
     """Register the analysis commands on the ``featinv`` sub-parsers."""
     steer = commands.add_parser("steer", help="steer feature maps toward a class or concept; reconstruct a strip")
     _add_analysis_args(steer)
-    steer.add_argument("--class", dest="class_index", type=int, help="a class index of the classifier's head")
+    steer.add_argument(
+        "--class", dest="class_index", type=arg("class_index"), help="a class index of the classifier's head"
+    )
     steer.add_argument("--concept-dir", help="images of the concept (for a CAV)")
     steer.add_argument("--others-dir", help="other images (for a CAV)")
     steer.add_argument("--strengths", default="0,0.5,1,2", help="comma-separated, each in [-50, 50]")
@@ -334,9 +339,9 @@ def add_analysis_commands(commands) -> None:
 
     robust = commands.add_parser("robustness", help="reconstruct from adversarial, corrupted and OOD inputs")
     _add_analysis_args(robust)
-    robust.add_argument("--eps", type=float, default=4 / 255, help="PGD L-inf radius (default 4/255)")
+    robust.add_argument("--eps", type=arg("epsilon"), default=4 / 255, help="PGD L-inf radius (default 4/255)")
     robust.add_argument("--corruptions", help="comma-separated, default gaussian_noise,gaussian_blur,jpeg,contrast")
-    robust.add_argument("--severity", type=int, default=3, help="corruption severity 1-5")
+    robust.add_argument("--severity", type=arg("severity"), default=3, help="corruption severity 1-5")
     robust.set_defaults(func=cmd_robustness)
 
     evaluate = commands.add_parser(
@@ -345,7 +350,9 @@ def add_analysis_commands(commands) -> None:
     _add_analysis_args(evaluate, model_required=False, images=False)
     evaluate.add_argument("--pooled-model", help="a FeatInv model trained on pooled maps of the same classifier")
     evaluate.add_argument("--data", default="shapes", help="shapes (held-out), or an ImageNet-layout folder")
-    evaluate.add_argument("--n", "--num-images", dest="n", type=int, default=64, help="images to evaluate (default 64)")
+    evaluate.add_argument(
+        "--n", "--num-images", dest="n", type=arg("images"), default=64, help="images to evaluate (default 64)"
+    )
     evaluate.add_argument(
         "--fid-weights",
         help="pytorch-fid's FID Inception weights file (pt_inception-2015-12-05-6726825d.pth) for FID proper "
@@ -354,7 +361,9 @@ def add_analysis_commands(commands) -> None:
     evaluate.add_argument(
         "--no-guided", action="store_true", help="leave out training-free guided sampling (the slowest column)"
     )
-    evaluate.add_argument("--guided-steps", type=int, help="guided sampling's sampler steps (default 20)")
-    evaluate.add_argument("--guided-strength", type=float, help="guided sampling's forward strength (default 0.3)")
+    evaluate.add_argument("--guided-steps", type=arg("steps"), help="guided sampling's sampler steps (default 20)")
+    evaluate.add_argument(
+        "--guided-strength", type=arg("strength"), help="guided sampling's forward strength (default 0.3)"
+    )
     add_guidance_on_arg(evaluate, both=True)
     evaluate.set_defaults(func=cmd_evaluate)

@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from featinv.errors import FeatInvError
+from featinv.limits import arg
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -27,8 +28,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise FeatInvError("--out and --base-out must be two folders (the model refers to its base)")
     if args.classifier is None and (args.classifier_kwargs or args.layer or args.input_size):
         raise FeatInvError("--classifier-kwargs, --layer and --input-size go with --classifier")
-    if args.input_size is not None and not 1 <= args.input_size <= 4096:
-        raise FeatInvError(f"--input-size must be in [1, 4096] pixels, got {args.input_size}")
     text_config = json_file_arg("--text-encoder-config", args.text_encoder_config)
     model_kwargs = json_object_arg("--classifier-kwargs", args.classifier_kwargs)
     config = read_config(args.config)
@@ -120,7 +119,7 @@ def add_convert_command(commands) -> None:
     convert.add_argument(
         "--layer", help="with --classifier: forward_features (default), a feature_info index, a module"
     )
-    convert.add_argument("--input-size", type=int, help="with --classifier: its input side in pixels")
+    convert.add_argument("--input-size", type=arg("input_size"), help="with --classifier: its input side in pixels")
     convert.add_argument(
         "--classifier-weights",
         help="the classifier's weights (e.g. timm's model.safetensors): stored in the model",

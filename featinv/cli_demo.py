@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from featinv.limits import arg
 from featinv.paths import ARCHITECTURES
 
 if TYPE_CHECKING:
@@ -53,14 +54,18 @@ def add_demo_command(commands: argparse._SubParsersAction) -> None:
     demo = commands.add_parser("demo", help="the built-in default on the shipped tiny models")
     demo.add_argument("--out", default="demo-out")
     demo.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    demo.add_argument("--n", "--num-images", dest="n", type=int, default=200, help="held-out images (default 200)")
-    demo.add_argument("--steps", type=int, default=10, help="DPM-Solver++ steps (default 10)")
+    demo.add_argument(
+        "--n", "--num-images", dest="n", type=arg("images"), default=200, help="held-out images (default 200)"
+    )
+    demo.add_argument("--steps", type=arg("steps"), default=10, help="DPM-Solver++ steps (default 10)")
     demo.add_argument(
         "--realtime",
         action="store_true",
         help="also the distilled model (shapes-demo-realtime) in --realtime-steps of its sampler, no guidance",
     )
-    demo.add_argument("--realtime-steps", type=int, choices=[1, 2, 4], default=4, help="with --realtime (default 4)")
+    demo.add_argument(
+        "--realtime-steps", type=arg("few_steps"), choices=[1, 2, 4], default=4, help="with --realtime (default 4)"
+    )
     demo.add_argument(
         "--classifier",
         choices=[*ARCHITECTURES, "all"],

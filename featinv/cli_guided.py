@@ -9,18 +9,25 @@ from __future__ import annotations
 import argparse
 from dataclasses import replace
 
-from featinv.errors import FeatInvError, require_positive_int
+from featinv.errors import FeatInvError
+from featinv.limits import arg
 
 
 def add_guided_args(parser: argparse.ArgumentParser) -> None:
     """The guidance options of ``reconstruct --method guided`` (their defaults are
     :class:`featinv.analysis.guided.GuidanceConfig`'s; not imported here, to keep start-up light)."""
     group = parser.add_argument_group("with --method guided (training-free, on the model's base)")
-    group.add_argument("--strength", type=float, help="forward guidance strength, 0 = the base's own samples (0.3)")
     group.add_argument(
-        "--inner-steps", type=int, help="backward-guidance gradient steps on the clean estimate per step (2)"
+        "--strength", type=arg("strength"), help="forward guidance strength, 0 = the base's own samples (0.3)"
     )
-    group.add_argument("--inner-step-size", type=float, help="RMS change of the clean estimate per inner step (0.01)")
+    group.add_argument(
+        "--inner-steps",
+        type=arg("inner_steps"),
+        help="backward-guidance gradient steps on the clean estimate per step (2)",
+    )
+    group.add_argument(
+        "--inner-step-size", type=arg("step_size"), help="RMS change of the clean estimate per inner step (0.01)"
+    )
     group.add_argument("--distance", choices=["cosine", "l2"], help="the feature distance to lower (cosine)")
 
 
@@ -51,8 +58,7 @@ def cmd_guided(args: argparse.Namespace) -> int:
             "from 'featinv create --base ... --classifier ...' serves; its ControlNet is not used)"
         )
     config = guidance_from_args(args)
-    samples = require_positive_int("--samples", args.samples)
-    batch_size = require_positive_int("--batch-size", args.batch_size)
+    samples, batch_size = args.samples, args.batch_size
     model = load_model(args)
     extractor = classifier_from_args(args, mode="spatial") if args.classifier else required_extractor(model, args)
     if extractor.spec.mode == "pooled":  # a pooled model's maps: match their means

@@ -8,7 +8,6 @@ import argparse
 from typing import TYPE_CHECKING
 
 from featinv.cli import _parse_layer, _read_features, _sample_names, _unique_stems, staged_output
-from featinv.errors import require_positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -22,8 +21,7 @@ def optimize_images(extractor, maps: torch.Tensor, args: argparse.Namespace, see
     from featinv.analysis.metrics import feature_cosine
     from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
 
-    steps = None if args.opt_steps is None else require_positive_int("--opt-steps", args.opt_steps)
-    config = OptimizeConfig.for_input(max(extractor.spec.input_size[1:]), steps)
+    config = OptimizeConfig.for_input(max(extractor.spec.input_size[1:]), args.opt_steps)
     images = invert_by_optimization(extractor, maps, config=config, seed=seed, progress=not args.quiet)
     device = next(extractor.classifier.parameters()).device
     with torch.no_grad():
@@ -43,8 +41,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
     extractor = classifier_from_args(args).to(resolve_device(args.device))
     stems, originals, maps = classifier_inputs(extractor, args)
-    samples = require_positive_int("--samples", args.samples)
-    runs = [optimize_images(extractor, maps, args, args.seed + k * len(stems)) for k in range(samples)]
+    runs = [optimize_images(extractor, maps, args, args.seed + k * len(stems)) for k in range(args.samples)]
     write_inversions(args, stems, originals, runs)
     print(f"wrote {len(stems)} optimisation inversion(s) of {extractor.spec.describe()} and grid.png to {args.out}")
     return 0

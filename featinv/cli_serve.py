@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from featinv.cli import add_guidance_on_arg, add_twin_encoder_arg, fast_options_from_args
-from featinv.errors import FeatInvError, require_positive_int
+from featinv.errors import FeatInvError
+from featinv.limits import arg
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -39,7 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         pooled_model_dir=args.pooled_model,
         examples=args.examples,
         api_docs=args.api_docs,
-        max_images=require_positive_int("--max-images", args.max_images),
+        max_images=args.max_images,
         batching=not args.no_batching,
         realtime=args.realtime,
         steps=args.steps,
@@ -53,8 +54,6 @@ def _check_listen_address(host: str, port: int) -> None:
     use, an address not of this machine)."""
     import socket
 
-    if not 1 <= port <= 65535:
-        raise FeatInvError(f"--port must be in [1, 65535], got {port}")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
@@ -75,7 +74,10 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--examples", help="a folder of images for the page's example picker (e.g. ImageNet layout)")
     serve.add_argument("--api-docs", action="store_true", help="also serve FastAPI's /docs and /openapi.json")
     serve.add_argument(
-        "--max-images", type=int, default=256, help="uploaded images whose feature maps the server keeps (LRU)"
+        "--max-images",
+        type=arg("max_images"),
+        default=256,
+        help="uploaded images whose feature maps the server keeps (LRU)",
     )
     serve.add_argument(
         "--no-batching", action="store_true", help="one request at a time (default: queued clients share a batch)"
@@ -85,9 +87,9 @@ def add_serve_command(commands) -> None:
         action="store_true",
         help="the real-time mode: the distilled demo model (or --model, if distilled), 4 steps of its sampler",
     )
-    serve.add_argument("--steps", type=int, help="steps per reconstruction (default 10 dpmpp; realtime: 4)")
+    serve.add_argument("--steps", type=arg("steps"), help="steps per reconstruction (default 10 dpmpp; realtime: 4)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=arg("port"), default=8000)
     serve.add_argument("--device", default="auto")
     serve.add_argument(
         "--backend", choices=["eager", "compiled", "fast"], default="eager", help="denoiser backend (fast: CUDA only)"

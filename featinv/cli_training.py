@@ -10,8 +10,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
-from featinv.cli import Parser, add_model_args, json_object_arg, load_model, required_extractor, staged_output
-from featinv.errors import FeatInvError, require_positive_int, require_seed
+from featinv.cli import (
+    Parser,
+    add_model_args,
+    json_object_arg,
+    load_model,
+    only_with,
+    required_extractor,
+    staged_output,
+)
+from featinv.errors import FeatInvError
+from featinv.limits import arg
 
 
 def _stream(data: str, size: int, *, pool: int, seed: int, augment: bool):
@@ -21,8 +30,6 @@ def _stream(data: str, size: int, *, pool: int, seed: int, augment: bool):
 
         from featinv.training.train import ShapesStream
 
-        if pool < 1:
-            raise FeatInvError(f"--pool must be >= 1, got {pool}")
         return ShapesStream(pool_size=pool, seed=seed, device=torch.device("cpu"), size=size)
     from featinv.training.image_folder import ImageFolderStream
 
@@ -74,9 +81,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if (args.preset is None) == (args.model is None):
         raise FeatInvError("give exactly one of --preset shapes-demo or --model DIR")
-    if args.time_budget is not None and not args.time_budget >= 0:  # 0: stop after the first step
-        raise FeatInvError(f"--time-budget must be a number of seconds >= 0, got {args.time_budget}")
-    require_seed("--seed", args.seed)
     common = {
         "checkpoint_every": args.checkpoint_every,
         "keep_checkpoints": args.keep_checkpoints,
@@ -102,8 +106,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.transfer_from is not None:
         _refuse_flags(args, "transfer")
-    if args.student is not None and not args.distill:
-        raise FeatInvError("--student goes with --distill")
     if args.distill:
         _refuse_flags(args, "distill")
         if args.consistency_weight is not None and args.distill_target != "trajectory":
@@ -235,7 +237,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
     import torch
 
-    from featinv.features import FeatureExtractor
+    from featinv.features import FeatureExtractor, check_model_name
     from featinv.files import write_text_atomic
     from featinv.training.classifier import HELD_OUT_SEED, accuracy
     from featinv.training.distributed import get_accelerator
@@ -244,18 +246,16 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from featinv.training.train import train_classifier
     from featinv.weights import save_state_dict_atomic
 
-    require_seed("--seed", args.seed)
-    for flag in ("steps", "batch_size", "image_size", "held_out"):
-        require_positive_int(f"--{flag.replace('_', '-')}", getattr(args, flag))
     model_kwargs = json_object_arg("--classifier-kwargs", args.classifier_kwargs)
-    stream = _stream(args.data, args.image_size, pool=args.pool, seed=args.seed, augment=True)
-    classes = list(CLASSES) if args.data == "shapes" else stream.classes
+    check_model_name(args.classifier)  # the name and the fields (the classifier is built) before the pool
     accelerator = get_accelerator(args.device)
     torch.manual_seed(args.seed)
     input_size = (3, args.input_size, args.input_size) if args.input_size else None
     extractor = FeatureExtractor(
         args.classifier, None, weights=args.classifier_weights, model_kwargs=model_kwargs, input_size=input_size
     ).to(accelerator.device)
+    stream = _stream(args.data, args.image_size, pool=args.pool, seed=args.seed, augment=True)
+    classes = list(CLASSES) if args.data == "shapes" else stream.classes
     outputs = extractor.classifier.num_classes
     if outputs < len(classes):
         raise FeatInvError(
@@ -309,7 +309,6 @@ def cmd_features_cache(args: argparse.Namespace) -> int:
     from featinv.pipeline import resolve_device
     from featinv.training.feature_cache import build_cache
 
-    require_positive_int("--batch-size", args.batch_size)
     model, extractor = _model_and_extractor(args, resolve_device(args.device))
     stream = _stream(args.data, model.image_size[0], pool=args.pool, seed=args.seed, augment=False)
     path = build_cache(extractor, stream, args.out, batch_size=args.batch_size, dtype=args.dtype)
@@ -330,16 +329,25 @@ def add_loop_args(parser: argparse.ArgumentParser, *, steps: int, batch_size: in
     """The training loop's options (featinv.training.loop.Trainer), with the command's defaults;
     ``only`` prefixes the help of those that apply to one way of training (e.g. "with --model: ")."""
     parser.add_argument("--device", default="cpu", help="cpu or cuda (accelerate picks the rank's GPU)")
-    parser.add_argument("--steps", type=int, default=steps, help=f"{only}optimizer steps (default {steps})")
     parser.add_argument(
-        "--batch-size", type=int, default=batch_size, help=f"{only}global batch per micro-step (default {batch_size})"
+        "--steps", type=arg("train_steps"), default=steps, help=f"{only}optimizer steps (default {steps})"
     )
-    parser.add_argument("--lr", type=float, default=lr, help=f"{only}peak learning rate (default {lr:g})")
-    parser.add_argument("--pool", type=int, default=50_000, help="with --data shapes: images in the training pool")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (0: at stops)")
+    parser.add_argument(
+        "--batch-size",
+        type=arg("batch_size"),
+        default=batch_size,
+        help=f"{only}global batch per micro-step (default {batch_size})",
+    )
+    parser.add_argument("--lr", type=arg("lr"), default=lr, help=f"{only}peak learning rate (default {lr:g})")
+    parser.add_argument(
+        "--pool", type=arg("pool"), default=50_000, help="with --data shapes: images in the training pool"
+    )
+    parser.add_argument("--seed", type=arg("seed"), default=1)
+    parser.add_argument(
+        "--checkpoint-every", type=arg("every"), default=500, help="steps between checkpoints (0: at stops)"
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
-    parser.add_argument("--time-budget", type=float, help="seconds; stops early past it (checkpointed)")
+    parser.add_argument("--time-budget", type=arg("seconds"), help="seconds; stops early past it (checkpointed)")
 
 
 def add_training_commands(commands) -> None:
@@ -350,19 +358,22 @@ def add_training_commands(commands) -> None:
     train.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
     train.add_argument("--data", default="shapes", help="with --model: shapes, or an ImageNet-layout folder")
     train.add_argument("--out", required=True, help="output folder (models, checkpoints/, train_log.jsonl)")
-    train.add_argument("--scale", type=float, default=1.0, help="with --preset: multiply the step counts")
+    train.add_argument("--scale", type=arg("scale"), default=1.0, help="with --preset: multiply the step counts")
     add_loop_args(train, steps=5000, batch_size=64, lr=5e-4, only="with --model: ")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--ema", type=float, help="EMA decay of the trained weights, e.g. 0.999 (default: off)")
+    train.add_argument("--grad-accum", type=arg("grad_accum"), default=1, help="micro-batches per optimizer step")
+    train.add_argument("--ema", type=arg("ema"), help="EMA decay of the trained weights, e.g. 0.999 (default: off)")
     train.add_argument("--features-cache", help="a cache from 'featinv features cache' instead of online features")
     train.add_argument(
         "--consistency-weight",
-        type=float,
+        type=arg("weight"),
         help="with --model: add W * (1 - cosine) between the features of the one-step clean estimate and the "
         "condition (ControlNet++-style feature consistency; default: off)",
     )
     train.add_argument(
-        "--consistency-max-t", type=int, default=400, help="with --consistency-weight: only timesteps below this"
+        "--consistency-max-t",
+        type=arg("timestep"),
+        default=400,
+        help="with --consistency-weight: only timesteps below this",
     )
     train.add_argument(
         "--mixed-precision",
@@ -373,7 +384,7 @@ def add_training_commands(commands) -> None:
     )
     train.add_argument(
         "--keep-checkpoints",
-        type=int,
+        type=arg("keep_checkpoints"),
         default=2,
         help="the newest N checkpoints are kept (default 2; 0: all, to choose one on validation images and "
         "make a model of it with 'featinv from-checkpoint')",
@@ -382,14 +393,19 @@ def add_training_commands(commands) -> None:
         "--gradient-checkpointing", action="store_true", help="with --model: recompute activations (less memory)"
     )
     train.add_argument(
-        "--validate-every", type=int, default=0, help="with --model: reconstruct validation images every N steps"
+        "--validate-every",
+        type=arg("every"),
+        default=0,
+        help="with --model: reconstruct validation images every N steps",
     )
     train.add_argument(
         "--validation-images",
         nargs="+",
         help="with --validate-every: image files (default: held-out shapes images, or images of --data)",
     )
-    train.add_argument("--validation-steps", type=int, default=20, help="sampler steps of the validation pictures")
+    train.add_argument(
+        "--validation-steps", type=arg("steps"), default=20, help="sampler steps of the validation pictures"
+    )
     train.add_argument(
         "--distill",
         action="store_true",
@@ -397,7 +413,10 @@ def add_training_commands(commands) -> None:
         "(sampled with 4 steps and no guidance)",
     )
     train.add_argument(
-        "--distill-guidance", type=float, default=1.75, help="with --distill: the teacher's guidance, folded in"
+        "--distill-guidance",
+        type=arg("distill_guidance"),
+        default=1.75,
+        help="with --distill: the teacher's guidance, folded in",
     )
     train.add_argument(
         "--distill-target",
@@ -410,7 +429,7 @@ def add_training_commands(commands) -> None:
     )
     train.add_argument(
         "--teacher-steps",
-        type=int,
+        type=arg("steps"),
         default=6,
         help="with --distill-target endpoint or trajectory: the teacher's DPM-Solver++ steps",
     )
@@ -426,6 +445,29 @@ def add_training_commands(commands) -> None:
         "the hint encoder to give its hint embeddings; then train the result as usual",
     )
     train.set_defaults(func=cmd_train)
+    with_model = ("--model DIR (--preset runs its own schedule)", lambda args: args.model is not None)
+    distill = ("--distill", lambda args: args.distill)
+    only_with(
+        train,
+        {
+            "--scale": ("--preset", lambda args: args.preset is not None),
+            "--steps": with_model,
+            "--batch-size": with_model,
+            "--lr": with_model,
+            "--data": with_model,
+            "--pool": ("--model DIR and --data shapes", lambda args: args.model is not None and args.data == "shapes"),
+            "--consistency-max-t": ("--consistency-weight", lambda args: args.consistency_weight is not None),
+            "--validation-images": ("--validate-every", lambda args: bool(args.validate_every)),
+            "--validation-steps": ("--validate-every", lambda args: bool(args.validate_every)),
+            "--distill-guidance": distill,
+            "--distill-target": distill,
+            "--teacher-steps": (
+                "--distill and --distill-target endpoint or trajectory",
+                lambda args: args.distill and args.distill_target in ("endpoint", "trajectory"),
+            ),
+            "--student": distill,
+        },
+    )
 
     restored = commands.add_parser(
         "from-checkpoint", help="a model folder from one of a 'featinv train' run's checkpoints"
@@ -449,34 +491,41 @@ def add_training_commands(commands) -> None:
         help='JSON of timm.create_model arguments, e.g. \'{"num_classes": 6, "layers": [1, 1, 1, 1]}\'',
     )
     classifier.add_argument("--classifier-weights", help="start from these weights (safetensors or .pth)")
-    classifier.add_argument("--input-size", type=int, help="classifier input side in pixels (default: the model's)")
+    classifier.add_argument(
+        "--input-size", type=arg("input_size"), help="classifier input side in pixels (default: the model's)"
+    )
     classifier.add_argument("--data", default="shapes", help="shapes, or an ImageNet-layout folder")
-    classifier.add_argument("--image-size", type=int, default=32, help="the data's side in pixels (default 32)")
+    classifier.add_argument(
+        "--image-size", type=arg("data_size"), default=32, help="the data's side in pixels (default 32)"
+    )
     classifier.add_argument("--out", required=True, help="output folder (classifier.safetensors, classifier.json)")
     add_loop_args(classifier, steps=2000, batch_size=256, lr=3e-3)
     classifier.add_argument(
-        "--held-out", type=int, default=1000, help="with --data shapes: held-out images for the accuracy"
+        "--held-out", type=arg("images"), default=1000, help="with --data shapes: held-out images for the accuracy"
     )
     classifier.set_defaults(func=cmd_train_classifier)
+    shapes_data = ("--data shapes", lambda args: args.data == "shapes")
+    only_with(classifier, {"--held-out": shapes_data, "--pool": shapes_data})
 
     features = commands.add_parser("features", help="feature-map utilities")
     features_commands = features.add_subparsers(dest="features_command", required=True, parser_class=Parser)
     cache = features_commands.add_parser("cache", help="compute a training pool's feature maps once")
     add_model_args(cache)
     cache.add_argument("--data", default="shapes", help="shapes, or an ImageNet-layout folder")
-    cache.add_argument("--pool", type=int, default=50_000, help="with --data shapes: images in the pool")
-    cache.add_argument("--seed", type=int, default=1, help="the pool's seed (as given to 'featinv train')")
+    cache.add_argument("--pool", type=arg("pool"), default=50_000, help="with --data shapes: images in the pool")
+    cache.add_argument("--seed", type=arg("seed"), default=1, help="the pool's seed (as given to 'featinv train')")
     cache.add_argument("--out", required=True, help="output .safetensors file")
-    cache.add_argument("--batch-size", type=int, default=256)
+    cache.add_argument("--batch-size", type=arg("batch_size"), default=256)
     cache.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     cache.add_argument("--device", default="auto")
-    cache.set_defaults(func=cmd_features_cache)
+    cache.set_defaults(func=cmd_features_cache, writes_file=True)
+    only_with(cache, {"--pool": shapes_data})
 
     data = commands.add_parser("data", help="write datasets to disk")
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=Parser)
     shapes = data_commands.add_parser("shapes", help="the procedural shapes dataset, ImageNet layout, with masks")
     shapes.add_argument("--out", required=True)
-    shapes.add_argument("--n", type=int, default=1000)
-    shapes.add_argument("--seed", type=int, default=0)
-    shapes.add_argument("--size", type=int, default=32)
+    shapes.add_argument("--n", type=arg("images"), default=1000)
+    shapes.add_argument("--seed", type=arg("seed"), default=0)
+    shapes.add_argument("--size", type=arg("data_size"), default=32)
     shapes.set_defaults(func=cmd_data_shapes)

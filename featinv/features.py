@@ -15,6 +15,7 @@ pass on a dummy input, never from constants.
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -161,11 +162,37 @@ class _Captured(Exception):
     """Raised by the capture hook to stop the forward pass once the layer has run."""
 
 
-def _check_model_name(name: str) -> None:
+def check_model_name(name: str) -> None:
+    """Refuse a name timm does not know, with the closest names it does (cheap: nothing is built)."""
     if not isinstance(name, str) or not timm.is_model(name):
         close = difflib.get_close_matches(str(name), timm.list_models(), n=5)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise FeatInvError(f"unknown timm model {name!r}{hint}")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _kwargs_failure(model: str, model_kwargs: dict[str, Any], error: BaseException, what: str) -> FeatInvError:
+    """One line for ``model_kwargs`` that fail ``model``: the field at fault is an argument its
+    constructor does not take (the TypeError names it), or the first whose removal lets the model
+    build and run a probe input (tried only on this error path)."""
+    unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    if unknown and unknown.group(1) in model_kwargs:
+        return FeatInvError(f"model_kwargs field {unknown.group(1)!r} is not an argument of {model}'s constructor")
+    for key in model_kwargs:
+        rest = {k: v for k, v in model_kwargs.items() if k != key}
+        try:
+            candidate = timm.create_model(model, **rest).eval()
+            size = timm.data.resolve_model_data_config(candidate)["input_size"]
+            with torch.no_grad():
+                candidate.forward_features(torch.zeros(1, *size))
+        except Exception:  # noqa: BLE001, S112 - still failing without this field: not the one
+            continue
+        return FeatInvError(f"model_kwargs field {key}={model_kwargs[key]!r}: {model} {what} ({_first_line(error)})")
+    return FeatInvError(f"model_kwargs {model_kwargs}: {model} {what} ({_first_line(error)})")
 
 
 def _layer_choices(model: nn.Module) -> list[str]:
@@ -250,12 +277,14 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise FeatInvError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        _check_model_name(model)
+        check_model_name(model)
         model_kwargs = dict(model_kwargs or {})
         try:
             self.classifier = timm.create_model(model, pretrained=pretrained, **model_kwargs)
-        except TypeError as error:
-            raise FeatInvError(f"model_kwargs {model_kwargs} are not accepted by {model}: {error}") from error
+        except FeatInvError:
+            raise
+        except Exception as error:  # noqa: BLE001 - any failure of a constructor given user fields
+            raise _kwargs_failure(model, model_kwargs, error, "cannot be built") from error
         if weights is not None:
             self.load_classifier_weights(weights)
         self.classifier.eval().requires_grad_(False)
@@ -280,8 +309,15 @@ class FeatureExtractor(nn.Module):
         self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1), persistent=False)
 
-        with torch.no_grad():
-            probe = self._features(torch.zeros(1, *input_size))
+        try:
+            with torch.no_grad():
+                probe = self._features(torch.zeros(1, *input_size))
+        except Exception as error:  # noqa: BLE001 - the probe pass of a model built from user fields
+            if model_kwargs:
+                raise _kwargs_failure(model, model_kwargs, error, "fails its probe pass") from error
+            raise FeatInvError(
+                f"{model} fails on a probe input of size {input_size} at layer {self.layer}: {_first_line(error)}"
+            ) from error
         self.spec = FeatureSpec(
             model=model,
             layer=self.layer,

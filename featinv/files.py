@@ -6,8 +6,46 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
+
+SPECIAL_FILES = (
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def what_is_there(path: str | Path) -> str | None:
+    """None for a regular file (links followed); otherwise what a message calls what is at ``path``:
+    ``not found``, ``a folder``, ``a named pipe (FIFO)``, ``a character device`` (``/dev/zero``)..."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there, or a file where a folder would be
+        return "not found"
+    except OSError as error:  # a link loop, a name too long, no permission to look
+        return f"not readable ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return next((name for test, name in SPECIAL_FILES if test(mode)), "a special file")
+
+
+def require_file(path: str | Path, what: str, hint: str = "") -> Path:
+    """``path`` if it is a regular file; otherwise a FeatInvError naming ``what`` and what is there
+    (``features file /dev/zero is a character device, not a regular file``); ``hint`` follows a
+    missing file's message."""
+    from featinv.errors import FeatInvError
+
+    found = what_is_there(path)
+    if found == "not found":
+        raise FeatInvError(f"{what} {path} not found{hint}")
+    if found is not None:
+        raise FeatInvError(f"{what} {path} is {found}, not a regular file")
+    return Path(path)
 
 
 def current_umask() -> int:

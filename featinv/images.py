@@ -10,6 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from featinv.errors import FeatInvError
+from featinv.files import require_file
 
 MAX_PIXELS = 64_000_000
 
@@ -33,9 +34,7 @@ def resize_and_crop(image: Image.Image, size: tuple[int, int], crop_pct: float =
 def load_image(path: str | Path, size: tuple[int, int] | None = None, crop_pct: float = 1.0) -> torch.Tensor:
     """One image file -> (3, H, W) in [0, 1], brought to ``size`` (H, W) if given by
     :func:`resize_and_crop` (``crop_pct``: the classifier's, e.g. ``FeatureSpec.crop_pct``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FeatInvError(f"image file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    path = require_file(path, "image file")
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_PIXELS:

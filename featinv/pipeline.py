@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from featinv.engine import make_denoiser
 from featinv.errors import FeatInvError, require_positive_int, require_seed
 from featinv.features import FeatureExtractor, check_images, pool_and_tile
+from featinv.limits import within
 from featinv.models.featinv_model import FeatInvModel, check_guidance
 from featinv.sampling import SAMPLERS, classifier_free_guidance
 from featinv.sampling.noise import randn
@@ -326,9 +327,9 @@ class Reconstructor:
     def _check_options(self, steps: int, guidance_scale: float, sampler: str, eta: float, batch_size: int) -> None:
         if sampler not in SAMPLERS:
             raise FeatInvError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-        require_positive_int("batch_size", batch_size)
-        if not 0.0 <= float(guidance_scale) <= 50.0:
-            raise FeatInvError(f"guidance_scale must be in [0, 50], got {guidance_scale}")
+        within("batch_size", batch_size, "batch_size")
+        within("steps", steps, "steps")
+        within("guidance", guidance_scale, "guidance_scale")
         if sampler != "ddim" and eta != 0.0:
             raise FeatInvError(f"eta applies to the ddim sampler only, got eta={eta} with sampler={sampler!r}")
         self.model.noise_schedule.for_sampler(sampler, steps, eta)  # checks steps for the sampler

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from featinv.errors import FeatInvError
-from featinv.files import publish
+from featinv.files import publish, require_file
 
 
 def load_state_dict(path: str | Path, *, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -24,9 +24,7 @@ def load_state_dict(path: str | Path, *, what: str = "weights") -> dict[str, tor
     Raises:
         FeatInvError: the file is missing, truncated, corrupt or not a state dict.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FeatInvError(f"{what} file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    path = require_file(path, f"{what} file")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path))

@@ -206,7 +206,7 @@ def test_analysis_commands_reject_bad_input(capsys, tmp_path, model_dir):  # noq
         (["steer", "--class", 1, "--strengths", "0,abc"], "comma-separated"),
         (["steer", "--class", 99], "class index must be in [0, 5]"),
         (["compose", "--images", small, big], "same size"),
-        (["robustness", "--eps", 2], "--eps must be in"),
+        (["robustness", "--eps", 2], "argument --eps: must be a number in [0, 1]"),
         (["evaluate", "--pooled-model", model_dir], "trained for"),
     ]
     for args, pattern in cases:

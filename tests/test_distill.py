@@ -185,7 +185,7 @@ def test_a_second_stage_starts_from_a_distilled_student(capsys, tmp_path):
         code, out, err = run_cli(capsys, *second, *extra, "--out", tmp_path / "bad")
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     code, out, err = run_cli(capsys, *common, "--student", tmp_path / "guidance", "--out", tmp_path / "bad")
-    assert code == 2 and "--student goes with --distill" in err
+    assert code == 2 and "--student applies only with --distill" in err
     code, out, err = run_cli(capsys, *common, "--distill", "--consistency-weight", 0.1, "--out", tmp_path / "bad")
     assert code == 2 and "--consistency-weight goes with --distill only with --distill-target trajectory" in err
     assert not (tmp_path / "bad").exists()

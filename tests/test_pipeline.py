@@ -83,8 +83,11 @@ def test_callback_sees_every_step(reconstructor, features):
         ({"features": torch.full((1, 256, 2, 2), float("inf"))}, "NaN or Inf"),
         ({"features": torch.rand(1, 256, 2, 2), "sampler": "euler"}, "sampler must be one of ddim, dpmpp"),
         ({"features": torch.rand(1, 256, 2, 2), "steps": 0}, r"steps must be an integer in \[1, 999\]"),
-        ({"features": torch.rand(1, 256, 2, 2), "batch_size": 0}, "batch_size must be a positive integer"),
-        ({"features": torch.rand(1, 256, 2, 2), "guidance_scale": -1.0}, "guidance_scale must be in"),
+        ({"features": torch.rand(1, 256, 2, 2), "batch_size": 0}, r"batch_size must be an integer in \[1, 8192\]"),
+        (
+            {"features": torch.rand(1, 256, 2, 2), "guidance_scale": -1.0},
+            r"guidance_scale must be a number in \[0, 50\]",
+        ),
         ({"features": torch.rand(1, 256, 2, 2), "latents": torch.rand(2, 3, 16, 16)}, "latents must have shape"),
         ({}, "exactly one of images or features"),
     ],

@@ -35,7 +35,7 @@ def test_data_shapes_writes_imagenet_layout_with_masks(capsys, tmp_path):
 
 def test_data_and_folder_bad_input(capsys, tmp_path):
     code, _, err = run_cli(capsys, "data", "shapes", "--out", tmp_path / "d", "--n", 0)
-    assert_one_line_error(code, err, "--n >= 1")
+    assert_one_line_error(code, err, "argument --n: must be an integer in [1, 100_000]")
     (tmp_path / "empty" / "cls").mkdir(parents=True)
     with pytest.raises(ValueError, match="ImageNet layout"):
         ImageFolderStream(tmp_path / "empty", 16)
@@ -106,7 +106,7 @@ def test_train_with_the_consistency_loss_from_the_cli(capsys, tmp_path, model_di
         "step-0000002",
     ]
     code, _, err = run_cli(capsys, *common, "--keep-checkpoints", -1, "--out", tmp_path / "j")
-    assert_one_line_error(code, err, "keep_checkpoints must be an integer >= 0")
+    assert_one_line_error(code, err, "argument --keep-checkpoints: must be an integer in [0, 10000]")
     code, _, err = run_cli(
         capsys, "train", "--preset", "shapes-demo", "--consistency-weight", 1, "--out", tmp_path / "d"
     )

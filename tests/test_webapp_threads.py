@@ -129,7 +129,7 @@ def test_serve_checks_its_address_before_loading_anything(capsys):
     from featinv.cli import main
 
     assert main(["serve", "--port", "70000"]) == 2
-    assert capsys.readouterr().err.strip() == "featinv: error: --port must be in [1, 65535], got 70000"
+    assert "featinv: error: argument --port: must be an integer in [1, 65535]" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

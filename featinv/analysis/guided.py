@@ -33,8 +33,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from featinv.errors import FeatInvError, require_positive_int
+from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor, check_images
+from featinv.limits import within
 from featinv.models.featinv_model import FeatInvModel
 from featinv.pipeline import Reconstruction, Reconstructor, batch_noise, features_to_invert, resolve_device
 from featinv.sampling import SAMPLERS, classifier_free_guidance
@@ -76,12 +77,10 @@ class GuidanceConfig:
     guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("strength", "inner_step_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise FeatInvError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(self.inner_steps, bool) or not isinstance(self.inner_steps, int) or self.inner_steps < 0:
-            raise FeatInvError(f"inner_steps must be an integer >= 0, got {self.inner_steps!r}")
+        within("strength", self.strength, "strength")
+        within("step_size", self.inner_step_size, "inner_step_size")
+        within("inner_steps", self.inner_steps, "inner_steps")
+        within("steps", self.steps, "steps")
         if not 0.0 <= self.start < self.stop <= 1.0:
             raise FeatInvError(
                 f"start and stop must satisfy 0 <= start < stop <= 1 (fractions of the steps), "
@@ -89,11 +88,9 @@ class GuidanceConfig:
             )
         if self.distance not in DISTANCES:
             raise FeatInvError(f"distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
-        require_positive_int("steps", self.steps)
         if self.sampler not in GUIDED_SAMPLERS:
             raise FeatInvError(f"sampler must be one of {', '.join(GUIDED_SAMPLERS)}, got {self.sampler!r}")
-        if not 0.0 <= float(self.guidance_scale) <= 50.0:
-            raise FeatInvError(f"guidance_scale must be in [0, 50], got {self.guidance_scale}")
+        within("guidance", self.guidance_scale, "guidance_scale")
 
     def guided(self, i: int) -> bool:
         """Whether sampler step i (0 = the noisiest) is guided."""
@@ -239,7 +236,7 @@ class GuidedReconstructor:
             callback: called after every step with ``{"i", "t", "x", "denoised", "batch"}``.
         """
         features = features_to_invert(images, features, self.features, self.spec, self.device)
-        require_positive_int("batch_size", batch_size)
+        within("batch_size", batch_size, "batch_size")
         config, n = self.config, len(features)
         self.model.noise_schedule.check_steps(config.steps)
         generators = Reconstructor._generators(n, seed, first_index, generator)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
+from featinv.limits import within
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class OptimizeConfig:
     lr_decay: bool = False
 
     def __post_init__(self) -> None:
+        within("opt_steps", self.steps, "steps")
         if self.steps < 1 or self.lr <= 0 or self.jitter < 0 or self.downsample < 1:
             raise FeatInvError(
                 f"steps must be >= 1, lr > 0, jitter >= 0 and downsample >= 1, got {self.steps}, {self.lr}, "

@@ -32,19 +32,27 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 HAS_ACCELERATE = __import__("importlib").util.find_spec("accelerate") is not None
 
 
-def base_kind(base: str | Path) -> str:
-    """``"folder"`` or ``"hub"`` for a ``--base`` value; FeatInvError when it is neither."""
+def named_base(base: str | Path, read_from: str | Path | None = None) -> str:
+    """How a message names a base: ``--base X`` as the user gave it, or ``the base X (read from
+    M/featinv.json)`` for the one a model folder refers to."""
+    return f"--base {base}" if read_from is None else f"the base {base} (read from {read_from})"
+
+
+def base_kind(base: str | Path, read_from: str | Path | None = None) -> str:
+    """``"folder"`` or ``"hub"`` for a ``--base`` value (or a base a model's ``featinv.json``,
+    ``read_from``, names); FeatInvError when it is neither."""
     text = str(base)
     path = Path(text).expanduser()
     if path.is_dir():
         return "folder"
     if path.exists():
-        raise FeatInvError(f"--base {text} is a file; give a diffusers folder (with unet/) or a hub id")
+        raise FeatInvError(f"{named_base(text, read_from)} is a file; give a diffusers folder (with unet/) or a hub id")
     looks_local = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1]
     if HUB_ID.fullmatch(text) and not looks_local:
         return "hub"
     raise FeatInvError(
-        f"--base {text!r} is neither a folder (nothing at {path.resolve()}) nor a hub id of the form owner/name"
+        f"{named_base(repr(text), read_from)} is neither a folder (nothing at {path.resolve()}) nor a hub id of the "
+        "form owner/name"
     )
 
 
@@ -103,8 +111,9 @@ class LoadedBase:
     scheduler_config: dict[str, Any] | None
 
 
-def load_base(base: str | Path) -> LoadedBase:
-    """Load and check a base's UNet, VAE and scheduler config.
+def load_base(base: str | Path, read_from: str | Path | None = None) -> LoadedBase:
+    """Load and check a base's UNet, VAE and scheduler config (``read_from``: the ``featinv.json``
+    that names it, for the messages).
 
     Raises:
         FeatInvError: naming what is missing or does not fit.
@@ -112,11 +121,11 @@ def load_base(base: str | Path) -> LoadedBase:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     base = str(base)
-    kind = base_kind(base)
+    kind = base_kind(base, read_from)
     folder = Path(base).expanduser()
     components = _components(folder) if kind == "folder" else {}
     if kind == "folder" and not (folder / "unet").is_dir():
-        raise FeatInvError(f"--base {base} has no unet/ folder: not a diffusers base")
+        raise FeatInvError(f"{named_base(base, read_from)} has no unet/ folder: not a diffusers base")
     unet = load_part(UNet2DConditionModel, base, "unet", "unet")
     vae = None
     wants_vae = "vae" in components or (kind == "folder" and (folder / "vae").exists())
@@ -272,7 +281,7 @@ class BaseReference:
     def load(self, model_folder: str | Path) -> LoadedBase:
         """Load the base and check its fingerprint."""
         where = self.locate(model_folder)
-        loaded = load_base(where)
+        loaded = load_base(where, read_from=Path(model_folder) / "featinv.json")
         found = weights_fingerprint(loaded.unet, loaded.vae)
         if found != self.fingerprint:
             raise FeatInvError(

@@ -466,7 +466,10 @@ class FeatInvModel(nn.Module):
         contexts = _read_contexts(path / "contexts.safetensors", unet.config.cross_attention_dim)
         classifier = None
         if config.get("has_classifier"):
-            classifier = FeatureExtractor.from_spec(spec)
+            try:
+                classifier = FeatureExtractor.from_spec(spec)
+            except FeatInvError as error:  # model_kwargs that do not build: say where they were read
+                raise FeatInvError(f"{where}: feature_spec: {error}") from error
             classifier.load_classifier_weights(path / "classifier.safetensors")
         model = cls(
             unet,

@@ -20,7 +20,6 @@ official code's own outputs (``tests/data/official-reference``).
 from __future__ import annotations
 
 import json
-import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from featinv.errors import FeatInvError
+from featinv.files import require_file
 from featinv.sampling.schedule import NoiseSchedule
 
 # The published sampler's prompt: the script appends ", " and an empty ``a_prompt`` to its prompt.
@@ -131,18 +131,6 @@ PUBLISHED_CONFIG = {
 }
 
 
-def _file(path: str | Path, flag: str) -> Path:
-    """``path`` if it is a regular file; a FeatInvError naming ``flag`` and what it is otherwise."""
-    path = Path(path)
-    if not path.exists():
-        raise FeatInvError(f"{flag} {path} not found")
-    if path.is_dir():
-        raise FeatInvError(f"{flag} {path} is a folder, not a file")
-    if not stat.S_ISREG(path.stat().st_mode):
-        raise FeatInvError(f"{flag} {path} is a special file (a pipe, a device or a socket), not a regular file")
-    return path
-
-
 def read_config(path: str | Path | None) -> dict[str, Any]:
     """A ControlLDM config in the published YAML form (default: the published ConvNeXt-B one),
     read with ``yaml.safe_load`` (no code runs) and its parts checked."""
@@ -150,7 +138,7 @@ def read_config(path: str | Path | None) -> dict[str, Any]:
         return json.loads(json.dumps(PUBLISHED_CONFIG))
     import yaml
 
-    path = _file(path, "--config")
+    path = require_file(path, "--config")
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
@@ -188,7 +176,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     checked to be one; every tensor as float32."""
     from featinv.weights import load_state_dict
 
-    path = _file(path, "--checkpoint")
+    path = require_file(path, "--checkpoint")
     state = load_state_dict(path, what="checkpoint")
     missing = [what for prefix, what in REQUIRED_PREFIXES.items() if not any(k.startswith(prefix) for k in state)]
     hint = [f"{HINT_PREFIX}{i}.{kind}" for i in (1, 3, 5) for kind in ("weight", "bias")]

@@ -14,6 +14,7 @@ import torch
 
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
+from featinv.limits import within
 from featinv.models.controlnet import FeatInvControlNet
 from featinv.models.featinv_model import FeatInvModel
 from featinv.paths import BASE_DIR, POOLED_DIR, PRETRAINED, SPATIAL_DIR  # noqa: F401  (re-exported)
@@ -62,6 +63,7 @@ def train_shapes_demo(
     scale: float = 1.0,
     time_budget_s: float | None = None,
     checkpoint_every: int = 500,
+    keep_checkpoints: int = 2,
     resume: bool = False,
     grad_accum: int = 1,
     ema_decay: float | None = None,
@@ -75,13 +77,21 @@ def train_shapes_demo(
 
     Each stage checkpoints into ``out/checkpoints/<stage>/`` every ``checkpoint_every`` steps and,
     when done, writes ``out/stages/<stage>.safetensors``; ``resume`` skips finished stages and
-    continues the interrupted one from its newest good checkpoint. Under ``accelerate launch`` or
+    continues the interrupted one from its newest good checkpoint (the newest ``keep_checkpoints`` of
+    each stage are kept; 0: all). Under ``accelerate launch`` or
     ``torchrun`` every stage runs data-parallel (DDP). ``features_cache``: a cache of the spatial
     classifier's features for this pool (``featinv features cache``), used instead of online features.
     """
     out = Path(out)
     accelerator = get_accelerator(device)
     device = accelerator.device
+    within("scale", scale, "scale")
+    torch.manual_seed(TRAIN_SEED)
+    stream = ShapesStream(pool_size=max(256, int(50_000 * min(scale, 1.0))), seed=TRAIN_SEED, device=device)
+    extractor = demo_extractor().to(device)
+    spatial_features = (  # a cache that does not fit is refused here, before anything is written
+        OnlineFeatures(extractor) if features_cache is None else load_cache(features_cache, extractor, stream)
+    )
     log = out / "train_log.jsonl"
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +100,6 @@ def train_shapes_demo(
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             shutil.rmtree(out / "stages", ignore_errors=True)
     accelerator.wait_for_everyone()
-    torch.manual_seed(TRAIN_SEED)
     start = time.perf_counter()
 
     def config(stage: str, base: str) -> TrainConfig:
@@ -100,6 +109,7 @@ def train_shapes_demo(
             steps=max(1, int(STAGES[base].steps * scale)),
             time_budget_s=budget,
             checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
             grad_accum=grad_accum,
             ema_decay=ema_decay if base != "classifier" else None,
             batch_size=batch_size or STAGES[base].batch_size,
@@ -121,8 +131,6 @@ def train_shapes_demo(
             save_state_dict_atomic(module.state_dict(), done)
         accelerator.wait_for_everyone()
 
-    stream = ShapesStream(pool_size=max(256, int(50_000 * min(scale, 1.0))), seed=TRAIN_SEED, device=device)
-    extractor = demo_extractor().to(device)
     stage(
         "classifier",
         extractor.classifier,
@@ -133,9 +141,6 @@ def train_shapes_demo(
     # The ControlNet copies the encoder of the base as trained, not as initialised.
     fresh = FeatInvControlNet.from_unet(model.unet, extractor.spec.channels, hint_channels=UNET["hint_channels"])
     model.controlnet.load_state_dict(fresh.state_dict())
-    spatial_features = (
-        OnlineFeatures(extractor) if features_cache is None else load_cache(features_cache, extractor, stream)
-    )
     spatial_config = config("controlnet-spatial", "controlnet")
     run = partial(train_controlnet, model, spatial_features, stream, spatial_config, seed=TRAIN_SEED)
     stage("controlnet-spatial", model.controlnet, partial(run, name="controlnet-spatial"))

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from featinv.errors import FeatInvError
+from featinv.limits import within
 from featinv.models.featinv_model import FeatInvModel
 from featinv.sampling.dpmpp import sample_dpmpp_2m
 from featinv.sampling.schedule import LCM_SKIP
@@ -70,16 +71,13 @@ class DistillConfig:
     student_steps: int = 4
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.guidance_scale, (int, float)) and 1.0 <= self.guidance_scale <= 50.0):
-            raise FeatInvError(f"guidance_scale must be in [1, 50], got {self.guidance_scale!r}")
+        within("distill_guidance", self.guidance_scale, "guidance_scale")
         if isinstance(self.skip, bool) or not isinstance(self.skip, int) or self.skip < 1:
             raise FeatInvError(f"skip must be a positive integer, got {self.skip!r}")
         if self.target not in TARGETS:
             raise FeatInvError(f"target must be one of {', '.join(TARGETS)}, got {self.target!r}")
-        for name in ("teacher_steps", "student_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise FeatInvError(f"{name} must be a positive integer, got {value!r}")
+        within("steps", self.teacher_steps, "teacher_steps")
+        within("steps", self.student_steps, "student_steps")
 
     def to_dict(self) -> dict[str, Any]:
         """What a distilled model's featinv.json records under ``distillation``."""

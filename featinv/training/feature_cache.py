@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
+from featinv.files import require_file
 from featinv.training.train import CachedFeatures
 from featinv.weights import save_state_dict_atomic
 
@@ -65,9 +66,7 @@ def load_cache(path: str | Path, extractor: FeatureExtractor, stream: Any) -> Ca
     Raises:
         FeatInvError: missing or damaged file, or a cache made for another spec or pool.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FeatInvError(f"feature cache not found: {path} (make it with 'featinv features cache')")
+    path = require_file(path, "feature cache", " (make it with 'featinv features cache')")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

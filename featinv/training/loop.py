@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from featinv.errors import FeatInvError
+from featinv.limits import within
 from featinv.training.checkpoint import (
     Checkpoint,
     list_checkpoints,
@@ -59,17 +60,22 @@ class TrainConfig:
     mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
+        bounded = {  # field: its row of featinv.limits.LIMITS
+            "steps": "train_steps",
+            "lr": "lr",
+            "batch_size": "batch_size",
+            "grad_accum": "grad_accum",
+            "checkpoint_every": "every",
+            "keep_checkpoints": "keep_checkpoints",
+            "ema_decay": "ema",
+            "time_budget_s": "seconds",
+        }
+        for name, quantity in bounded.items():
+            if getattr(self, name) is not None or name not in ("ema_decay", "time_budget_s"):
+                within(quantity, getattr(self, name), name)
         checks = [
-            ("steps", self.steps >= 1, "an integer >= 1"),
-            ("lr", self.lr > 0, "a number > 0"),
-            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
-            ("grad_accum", self.grad_accum >= 1, "an integer >= 1"),
-            ("ema_decay", self.ema_decay is None or 0.0 < self.ema_decay < 1.0, "in (0, 1) or None"),
-            ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0 (0: only when stopping)"),
-            ("keep_checkpoints", self.keep_checkpoints >= 0, "an integer >= 0 (0: keep all)"),
             ("warmup_fraction", 0.0 <= self.warmup_fraction < 1.0, "in [0, 1)"),
             ("mixed_precision", self.mixed_precision in MIXED_PRECISION, f"one of {', '.join(MIXED_PRECISION)}"),
-            ("time_budget_s", self.time_budget_s is None or self.time_budget_s >= 0, "a number of seconds >= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
