@@ -1,12 +1,20 @@
-"""File modes for what featinv writes: files staged in temporary folders (``mkdtemp`` is 0700,
-``mkstemp`` 0600) get the modes any other file would, 0666/0777 less the process's umask, so that
-model folders, outputs and checkpoints are readable by others as usual."""
+"""How featinv writes files, in one place: every file atomically (:func:`atomic_file`: a temporary
+sibling, then a rename) and every folder staged (:func:`staged_folder`: a temporary sibling folder,
+then a rename or a move of its entries), with one fsync policy: a file's data reaches the disk
+before the rename that makes it visible, so a crash leaves the old version or the new one, never
+half of one. Files staged in temporary folders (``mkdtemp`` is 0700, ``mkstemp`` 0600) get the modes
+any other file would, 0666/0777 less the process's umask, so that model folders, outputs and
+checkpoints are readable by others as usual. Also: what is at a path, for messages."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,21 +78,96 @@ def publish(path: str | Path) -> None:
         os.chmod(path, 0o666 & ~mask)
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file atomically: a temporary file in the same folder, then a rename (a crash
-    leaves the old file or the new one, never half of one)."""
-    import tempfile
+def _fsync(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
 
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the block to write; when the block succeeds the file is
+    synced to disk, given the usual mode and renamed onto ``path``; otherwise it is removed."""
     path = Path(path)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temp = Path(name)
     try:
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        publish(temp_name)  # mkstemp made it 0600
-        os.replace(temp_name, path)
+        yield temp
+        _fsync(temp)
+        publish(temp)  # mkstemp made it 0600
+        os.replace(temp, path)
     except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as temp:
+        temp.write_text(text, encoding="utf-8")
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write a binary file atomically (:func:`atomic_file`)."""
+    with atomic_file(path) as temp:
+        temp.write_bytes(data)
+
+
+@contextmanager
+def staged_folder(target: str | Path, *, merge: bool = False, last: str | None = None) -> Iterator[Path]:
+    """A temporary sibling folder of ``target`` for the block to write into. When the block succeeds
+    its files are synced to disk and given the usual modes, then either the folder replaces
+    ``target`` whole (an existing one is swapped out and removed only afterwards), or with
+    ``merge`` its entries move into ``target`` (a command's outputs into an existing folder;
+    ``last``: the entry moved last, e.g. a manifest whose presence marks a complete set, removed
+    first). When the block fails the staging folder is removed and ``target`` is untouched."""
+    from featinv.errors import FeatInvError
+
+    target = Path(target)
+    if merge and target.exists() and not target.is_dir():
+        raise FeatInvError(f"cannot write into {target}: it exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
+        for file in (p for p in staging.rglob("*") if p.is_file()):  # on disk before they become visible
+            _fsync(file)
+        publish(staging)  # mkdtemp made it 0700
+        if merge:
+            target.mkdir(parents=True, exist_ok=True)
+            if last is not None:
+                (target / last).unlink(missing_ok=True)
+            for item in sorted(staging.iterdir(), key=lambda item: item.name == last):
+                _replace(item, target / item.name)
+        else:
+            _replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Move ``source`` onto ``target``; an existing folder there is swapped out and removed only
+    afterwards (so a failed move leaves it in place)."""
+    if not target.is_dir() or target.is_symlink():
+        os.replace(source, target)
+        return
+    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, backup)
+    try:
+        os.replace(source, target)
+    except BaseException:
+        os.replace(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def probe_writable(folder: str | Path) -> None:
+    """Create ``folder`` (and its parents) and make and remove a probe folder in it: an OSError
+    when outputs could not be staged there."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    Path(tempfile.mkdtemp(prefix=".probe.", dir=folder)).rmdir()
 
 
 def read_json_object(file: str | Path) -> dict[str, Any]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from featinv.errors import FeatInvError
-from featinv.files import publish, require_file
+from featinv.files import atomic_file, require_file
 
 
 def load_state_dict(path: str | Path, *, what: str = "weights") -> dict[str, torch.Tensor]:
@@ -58,16 +56,8 @@ def save_state_dict_atomic(
     path = Path(path)
     if path.is_dir():
         raise FeatInvError(f"cannot write the safetensors file {path}: it is a folder (give a file path)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, temp_name, metadata=metadata)
-        publish(temp_name)  # mkstemp made it 0600
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as temp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(temp), metadata=metadata)
 
 
 def file_sha256(path: str | Path) -> str:

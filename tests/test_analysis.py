@@ -369,3 +369,34 @@ def test_evaluate_embeds_the_references_once(tmp_path, tiny_model, tiny_extracto
     assert (
         set(data["methods"]) == {"featinv spatial", "optimisation"} and data["reference"]["fid_real_vs_originals"] >= 0
     )
+
+
+def test_every_command_runs_the_optimisation_baseline_with_one_setting(capsys, monkeypatch, tmp_path):
+    """At 224 px, evaluate (and steer, compose, robustness) used OptimizeConfig(steps=300), the setting
+    that stalls there, while reconstruct --method optimize used the 224-px one: one setting now."""
+    from conftest import make_model
+
+    from featinv.analysis import optimize, studies
+    from featinv.analysis.optimize import OptimizeConfig
+    from featinv.features import FeatureExtractor
+    from featinv.pipeline import Reconstructor
+
+    seen = []
+
+    def record(extractor, target, *, size=None, config=None, seed=0, progress=False):
+        seen.append(config)
+        return torch.zeros(len(target), 3, *(size or extractor.spec.input_size[1:]))
+
+    monkeypatch.setattr(optimize, "invert_by_optimization", record)
+    monkeypatch.setattr(studies, "invert_by_optimization", record)
+    kwargs = {"num_classes": 4, "layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8]}
+    extractor = FeatureExtractor("resnet18", "layer2", model_kwargs=kwargs, input_size=(3, 224, 224))
+    image = tmp_path / "cat.png"
+    save_image(torch.rand(3, 40, 40), image)
+    layer = ["--layer", "layer2", "--input-size", "224", "--images", image, "--quiet"]
+    code, _, err = run_cli(
+        capsys, "reconstruct", "--method", "optimize", "--classifier", "resnet18", *layer, "--out", tmp_path / "r"
+    )
+    assert code == 0, err
+    studies.make_inverter(Reconstructor(make_model(extractor)), "optimize")(extractor(torch.rand(1, 3, 224, 224)))
+    assert seen[0] == seen[1] == OptimizeConfig.for_input(224) != OptimizeConfig(steps=300)

@@ -257,12 +257,12 @@ def test_outputs_that_cannot_be_written_fail_before_any_work(capsys, model_dir, 
 
 
 def test_a_system_error_is_one_line_too(capsys, monkeypatch, model_dir):
-    import featinv.cli
+    import featinv.cli.model
 
     def denied(args):
         raise PermissionError(13, "Permission denied", "/data/weights.safetensors")
 
-    monkeypatch.setattr(featinv.cli, "cmd_info", denied)
+    monkeypatch.setattr(featinv.cli.model, "cmd_info", denied)
     code, _, err = run_cli(capsys, "info", "--model", model_dir)
     assert code == 1
     assert err.strip() == "featinv: error: Permission denied: /data/weights.safetensors"

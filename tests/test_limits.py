@@ -16,7 +16,8 @@ from test_cli import assert_one_line_error, run_cli
 
 from featinv.analysis.guided import GuidanceConfig
 from featinv.analysis.optimize import OptimizeConfig
-from featinv.cli import build_parser, walk_parsers
+from featinv.cli import build_parser
+from featinv.cli.options import walk_parsers
 from featinv.errors import FeatInvError
 from featinv.limits import LIMITS, within
 from featinv.training.distill import DistillConfig
@@ -144,12 +145,12 @@ def test_a_default_typed_out_counts_as_given(capsys, tmp_path):
 
 
 def test_an_unknown_classifier_is_refused_before_the_pool_is_drawn(capsys, tmp_path, monkeypatch):
-    import featinv.cli_training
+    import featinv.cli.training
 
     def no_pool(*args, **kwargs):
         raise AssertionError("the training pool was drawn before the name was checked")
 
-    monkeypatch.setattr(featinv.cli_training, "_stream", no_pool)
+    monkeypatch.setattr(featinv.cli.training, "_stream", no_pool)
     code, _, err = run_cli(capsys, "train-classifier", "--classifier", "nope_net", "--out", tmp_path / "c")
     assert_one_line_error(code, err, "unknown timm model 'nope_net'")
     bad = ["--classifier", "convnext_atto", "--classifier-kwargs", '{"dims": [-8, 16, 32, 64]}']

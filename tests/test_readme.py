@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from test_cli import run_cli
 
-from featinv.cli import build_parser, given_options, refuse_unmet, walk_parsers
+from featinv.cli import build_parser
+from featinv.cli.options import given_options, refuse_unmet, walk_parsers
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -72,7 +73,7 @@ def dry_parse(line: str) -> argparse.Namespace:
     except SystemExit as refused:
         raise AssertionError(f"README line does not parse: {line}") from refused
     if not is_template(line):
-        refuse_unmet(args, given_options(words))
+        refuse_unmet(args, given_options(build_parser(), words))
     return args
 
 

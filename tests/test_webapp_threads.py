@@ -139,3 +139,37 @@ def test_serve_checks_its_address_before_loading_anything(capsys):
         assert time.monotonic() - started < 2  # no model was loaded
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"cannot listen on --host 127.0.0.1 --port {port}: Address already in use" in err[0], err
+
+
+@pytest.mark.parametrize("folder", ["shapes-resnet", "shapes-vit", "shapes-demo"])
+def test_the_shipped_shapes_models_name_their_classes_from_their_record(folder):
+    """The page's class names come from the model's classifier.json, not from the classifier's
+    name: the ResNet and ViT shapes models used to get 'class 0' ... 'class 5'."""
+    from featinv.paths import PRETRAINED
+    from featinv.training.shapes import CLASSES
+    from featinv.web.app import create_app
+
+    app = create_app(PRETRAINED / folder, device="cpu", steps=1)
+    try:
+        info = next(route.endpoint for route in app.routes if getattr(route, "path", "") == "/api/info")()
+        assert info["class_names"] == list(CLASSES) and info["examples"] == 100
+    finally:
+        for server in app.state.servers.values():
+            server.close()
+
+
+def test_a_model_without_a_record_gets_numbered_classes(tmp_path):
+    from conftest import make_model
+
+    from featinv.web.app import create_app
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "m")
+    assert model.class_names is None and not (tmp_path / "m" / "classifier.json").exists()
+    app = create_app(tmp_path / "m", device="cpu", steps=1)
+    try:
+        info = next(route.endpoint for route in app.routes if getattr(route, "path", "") == "/api/info")()
+        assert info["class_names"] == [f"class {k}" for k in range(10)] and info["examples"] == 0
+    finally:
+        for server in app.state.servers.values():
+            server.close()

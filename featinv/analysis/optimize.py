@@ -60,6 +60,12 @@ class OptimizeConfig:
             return cls(steps=steps or cls.steps)
         return cls(steps=steps or 1000, lr=0.02, downsample=2, lr_decay=True)
 
+    @classmethod
+    def for_extractor(cls, extractor: FeatureExtractor, steps: int | None = None) -> OptimizeConfig:
+        """:meth:`for_input` at the classifier's input side: the one setting of the baseline that
+        ``reconstruct --method optimize``, the studies and every analysis command use."""
+        return cls.for_input(max(extractor.spec.input_size[1:]), steps)
+
 
 def total_variation(x: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
     """Mean of (dx^2 + dy^2)^(beta/2) over the image (B, 3, H, W) -> (B,)."""

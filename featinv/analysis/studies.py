@@ -39,12 +39,14 @@ def make_inverter(
     sampler: str = "dpmpp",
     seed: int = 0,
     optimize: OptimizeConfig | None = None,
+    opt_steps: int | None = None,
     guided: GuidanceConfig | None = None,
     guidance: str | None = None,
 ) -> Inverter:
     """features (B, C, h, w) -> images (B, 3, H, W): FeatInv sampling, the optimisation baseline, or
     training-free guided sampling on the model's base (``guided`` settings; ``steps``, ``sampler``
-    and ``guidance``, what classifier-free guidance guides on, are FeatInv's)."""
+    and ``guidance``, what classifier-free guidance guides on, are FeatInv's; the baseline's settings
+    are ``optimize``, by default :meth:`OptimizeConfig.for_extractor` with ``opt_steps``)."""
     if method == "featinv":
         return lambda f: (
             reconstructor.reconstruct(
@@ -54,7 +56,7 @@ def make_inverter(
     if method == "optimize":
         if reconstructor.extractor is None:
             raise FeatInvError("the optimisation baseline needs the classifier: pass --classifier-weights")
-        config = optimize or OptimizeConfig()
+        config = optimize or OptimizeConfig.for_extractor(reconstructor.extractor, opt_steps)
         size = reconstructor.model.image_size
         return lambda f: invert_by_optimization(reconstructor.extractor, f, size=size, config=config, seed=seed)
     if method == "guided":
@@ -227,6 +229,7 @@ def evaluate_study(
     steps: int = 10,
     sampler: str = "dpmpp",
     optimize: OptimizeConfig | None = None,
+    opt_steps: int | None = None,
     guided: GuidanceConfig | None = None,
     seed: int = 0,
     fid_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -264,7 +267,7 @@ def evaluate_study(
             )
         pooled_maps = pooled.features(images, pooled=True)
         run("featinv pooled", make_inverter(pooled, **featinv_options), pooled_maps)
-    run("optimisation", make_inverter(spatial, "optimize", optimize=optimize, seed=seed), maps)
+    run("optimisation", make_inverter(spatial, "optimize", optimize=optimize, opt_steps=opt_steps, seed=seed), maps)
     if guided is not None:
         run("guided", make_inverter(spatial, "guided", guided=guided, seed=seed), maps)
     embed = fid_features or classifier_features(extractor)

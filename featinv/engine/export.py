@@ -18,9 +18,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from typing import Any
 import torch
 
 from featinv.errors import FeatInvError
+from featinv.files import staged_folder
 from featinv.models.featinv_model import FeatInvModel
 from featinv.weights import file_sha256, update_digest
 
@@ -156,9 +154,7 @@ def export_onnx(
         model = copy.deepcopy(model).to("cpu", dtype)
     model.eval()
     sample, timestep, context, hint, features = _example_inputs(model, 2, dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out, merge=True, last=MANIFEST) as staging:  # the manifest last: a complete export
         with torch.no_grad():
             _export(
                 DenoiserGraph(model),
@@ -192,14 +188,6 @@ def export_onnx(
             "sha256": {p.name: file_sha256(p) for p in staging.iterdir()},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / MANIFEST).unlink(missing_ok=True)  # invalid while files are replaced
-        for item in staging.iterdir():
-            if item.name != MANIFEST:
-                os.replace(item, out / item.name)
-        os.replace(staging / MANIFEST, out / MANIFEST)  # last: its presence marks a complete export
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -22,7 +20,7 @@ import torch
 
 from featinv.engine.export import DENOISER_FILE
 from featinv.errors import FeatInvError
-from featinv.files import publish
+from featinv.files import write_bytes_atomic
 from featinv.weights import file_sha256
 
 INSTALL_HINT = "pip install tensorrt (needs an NVIDIA GPU with CUDA 12 or newer)"
@@ -64,20 +62,6 @@ class EngineKey:
         return hashlib.sha256(fields.encode()).hexdigest()[:32]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        publish(temp)  # mkstemp made it 0600
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 class EngineCache:
     """Engines by key under ``root``; ``load_or_build`` reuses a valid one and rebuilds otherwise."""
 
@@ -105,7 +89,7 @@ class EngineCache:
         self.root.mkdir(parents=True, exist_ok=True)
         plan, manifest_path = self.paths(key)
         manifest_path.unlink(missing_ok=True)  # an engine without its manifest is never used
-        _write_atomic(plan, data)
+        write_bytes_atomic(plan, data)
         manifest = {
             "key": asdict(key),
             "engine_sha256": hashlib.sha256(data).hexdigest(),
@@ -113,7 +97,7 @@ class EngineCache:
             "build_seconds": round(build_seconds, 1),
             "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        _write_atomic(manifest_path, json.dumps(manifest, indent=2).encode())
+        write_bytes_atomic(manifest_path, json.dumps(manifest, indent=2).encode())
 
     def load_or_build(self, key: EngineKey, build: Callable[[], bytes], load: Callable[[bytes], Any]) -> Any:
         """``load`` the cached engine; if there is none, it is invalid or ``load`` fails, ``build``

@@ -18,11 +18,8 @@ UNet and VAE are 3.4 GB): many inverters share one base.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,8 +32,9 @@ from torch import nn
 from featinv.choices import GUIDANCE_MODES
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor, FeatureSpec
-from featinv.files import publish, read_json_object
+from featinv.files import read_json_object, staged_folder
 from featinv.models.base import HAS_ACCELERATE, BaseReference, encode_prompts, load_base, weights_fingerprint
+from featinv.models.class_names import check_class_names, read_class_names, write_class_names
 from featinv.models.controlnet import FeatInvControlNet
 from featinv.models.presets import get_preset
 from featinv.sampling.schedule import NoiseSchedule
@@ -97,6 +95,7 @@ class FeatInvModel(nn.Module):
             either way without classifier-free guidance (:attr:`few_step_sampler`).
         guidance: what classifier-free guidance guides on by default (:data:`GUIDANCE_MODES`):
             ``"features"`` for the models featinv trains, ``"prompt"`` for a converted published one.
+        class_names: the names of the classifier's classes (the folder's ``classifier.json``), or None.
     """
 
     def __init__(
@@ -115,6 +114,7 @@ class FeatInvModel(nn.Module):
         base_fingerprint: str | None = None,
         distillation: dict[str, Any] | None = None,
         guidance: str = "features",
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if controlnet.config.feature_channels != feature_spec.channels:
@@ -136,6 +136,7 @@ class FeatInvModel(nn.Module):
         self.base, self.base_fingerprint = (base, base_fingerprint) if base is not None else (None, None)
         self.distillation = distillation
         self.guidance = check_guidance(guidance)
+        self.class_names = None if class_names is None else check_class_names(class_names)
         self.register_buffer("context", context.detach().clone())
         self.register_buffer("null_context", null_context.detach().clone())
 
@@ -402,6 +403,8 @@ class FeatInvModel(nn.Module):
                 "guidance": self.guidance,
             }
             (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            if self.class_names is not None:
+                write_class_names(staging, self.class_names)
 
     def save_base(self, folder: str | Path) -> None:
         """Write the model's UNet and VAE as a diffusers base folder (``unet/``, ``vae/``,
@@ -485,6 +488,7 @@ class FeatInvModel(nn.Module):
             base_fingerprint=fingerprint,
             distillation=config.get("distillation"),
             guidance=config.get("guidance", "features"),
+            class_names=read_class_names(path),
         )
         model.eval()
         return model.to(dtype) if dtype is not None else model
@@ -551,18 +555,11 @@ def _int_list(value: Any, length: int) -> bool:
 
 @contextmanager
 def _staged_folder(target: Path) -> Iterator[Path]:
-    """A temporary sibling of ``target`` to write into; when the block succeeds it loses the parts'
-    source paths, gets the usual modes and replaces ``target`` atomically; otherwise it is removed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    """:func:`featinv.files.staged_folder` for a model or base folder, whose parts lose their source
+    paths before it replaces ``target``."""
+    with staged_folder(target) as staging:
         yield staging
         _drop_source_paths(staging)
-        publish(staging)
-        _replace_folder(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _drop_source_paths(folder: Path) -> None:
@@ -572,21 +569,6 @@ def _drop_source_paths(folder: Path) -> None:
         config = json.loads(config_path.read_text(encoding="utf-8"))
         if config.pop("_name_or_path", None) is not None:
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _replace_folder(staging: Path, target: Path) -> None:
-    """Move ``staging`` to ``target``; an existing target is swapped out and removed only afterwards."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, backup)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _read_contexts(file: Path, dim: int) -> dict[str, torch.Tensor]:

@@ -12,9 +12,7 @@ Nothing is pickled.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from featinv.files import publish
+from featinv.files import staged_folder
 from featinv.weights import file_sha256
 
 PREFIX = "step-"
@@ -45,8 +43,7 @@ def save_checkpoint(root: str | Path, checkpoint: Checkpoint, *, keep: int = 2) 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{checkpoint.step:07d}"
-    temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=root))
-    try:
+    with staged_folder(final) as temp:  # synced, then renamed: a checkpoint is whole or absent
         hashes = {}
         for group, tensors in checkpoint.tensors.items():
             path = temp / f"{group}.safetensors"
@@ -55,16 +52,6 @@ def save_checkpoint(root: str | Path, checkpoint: Checkpoint, *, keep: int = 2) 
         manifest = {"step": checkpoint.step, "state": checkpoint.state, "sha256": hashes}
         manifest["digest"] = manifest_digest(manifest)
         (temp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        publish(temp)
-        for path in temp.iterdir():  # on disk before the rename makes the checkpoint visible
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temp, final)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
     for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -21,6 +21,7 @@ from featinv.paths import BASE_DIR, POOLED_DIR, PRETRAINED, SPATIAL_DIR  # noqa:
 from featinv.training.distributed import get_accelerator
 from featinv.training.feature_cache import load_cache
 from featinv.training.loop import TrainConfig, TrainResult
+from featinv.training.shapes import CLASSES
 from featinv.training.train import (
     OnlineFeatures,
     ShapesStream,
@@ -137,6 +138,7 @@ def train_shapes_demo(
         partial(train_classifier, extractor, stream, config("classifier", "classifier")),
     )
     model = FeatInvModel.from_preset("tiny", extractor, seed=TRAIN_SEED, **UNET).to(device)
+    model.class_names = list(CLASSES)
     stage("base", model.unet, partial(train_base, model, stream, config("base", "base"), seed=TRAIN_SEED))
     # The ControlNet copies the encoder of the base as trained, not as initialised.
     fresh = FeatInvControlNet.from_unet(model.unet, extractor.spec.channels, hint_channels=UNET["hint_channels"])
@@ -166,6 +168,7 @@ def train_shapes_demo(
             classifier=pooled_extractor,
             base=model.base,
             base_fingerprint=model.base_fingerprint,
+            class_names=model.class_names,
         )
         pooled.to("cpu").save_pretrained(out / POOLED_DIR)
         loss_curve_png(log, out / "loss_curve.png")

@@ -171,10 +171,10 @@ def create_app(
     crop_pct = server.spec.crop_pct
     head = extractor.classifier.get_classifier()
     classes = head.out_features if isinstance(head, torch.nn.Linear) else 0
-    class_names = _class_names(server.spec, classes)
+    class_names = _class_names(server.reconstructor.model.class_names, classes)
     steer_note = _steering_note(extractor)
     example_files = _example_files(examples)
-    shapes_examples = example_files is None and _is_shapes_model(server.spec, classes)
+    shapes_examples = example_files is None and _is_shapes_model(server.reconstructor.model.class_names)
     example_count = len(example_files) if example_files is not None else (100 if shapes_examples else 0)
     docs = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="featinv", **docs)
@@ -309,13 +309,11 @@ def create_app(
     return app
 
 
-def _class_names(spec: Any, classes: int) -> list[str]:
-    """The classes' names: the shapes for the shapes models, ImageNet's (timm's ``ImageNetInfo``)
-    for 1000-class classifiers, else ``class k``."""
-    from featinv.training.shapes import CLASSES
-
-    if _is_shapes_model(spec, classes):
-        return list(CLASSES)
+def _class_names(recorded: list[str] | None, classes: int) -> list[str]:
+    """The classes' names: those the model records (its ``classifier.json``, one per output),
+    ImageNet's (timm's ``ImageNetInfo``) for other 1000-class classifiers, else ``class k``."""
+    if recorded is not None and len(recorded) == classes:
+        return list(recorded)
     if classes == 1000:
         from timm.data import ImageNetInfo
 
@@ -324,11 +322,12 @@ def _class_names(spec: Any, classes: int) -> list[str]:
     return [f"class {k}" for k in range(classes)]
 
 
-def _is_shapes_model(spec: Any, classes: int) -> bool:
-    from featinv.training.demo_preset import CLASSIFIER
+def _is_shapes_model(recorded: list[str] | None) -> bool:
+    """Whether the model's classifier names the shapes' classes (then held-out shapes images are
+    its examples)."""
     from featinv.training.shapes import CLASSES
 
-    return spec.model == CLASSIFIER and classes == len(CLASSES)
+    return recorded == list(CLASSES)
 
 
 def _steering_note(extractor: Any) -> str | None:

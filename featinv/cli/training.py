@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
-from featinv.cli import (
+from featinv.cli.options import (
     Parser,
     add_model_args,
     json_object_arg,
@@ -37,8 +37,8 @@ def _stream(data: str, size: int, *, pool: int, seed: int, augment: bool):
 
 
 def _model_and_extractor(args: argparse.Namespace, device: torch.device):
-    model = load_model(args).to(device)
-    extractor = required_extractor(model, args)
+    model = load_model(args.model).to(device)
+    extractor = required_extractor(model, args.classifier_weights, args.model)
     return model, extractor.to(device)
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
-from featinv.cli import add_guidance_on_arg, load_model, required_extractor
+from featinv.cli.options import add_guidance_on_arg, load_model, required_extractor
 from featinv.errors import FeatInvError
 from featinv.limits import arg
 
@@ -21,19 +21,17 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 def _analysis_reconstructor(args: argparse.Namespace, model_path: str | None = None):
     from featinv.pipeline import Reconstructor, resolve_device
 
-    args.model = model_path or args.model
-    model = load_model(args)
-    extractor = required_extractor(model, args)
+    folder = model_path or args.model
+    model = load_model(folder)
+    extractor = required_extractor(model, args.classifier_weights, folder)
     return Reconstructor(model, extractor=extractor, device=resolve_device(args.device))
 
 
 def _inverter(args: argparse.Namespace, reconstructor):
-    from featinv.analysis.optimize import OptimizeConfig
     from featinv.analysis.studies import make_inverter
 
-    optimize = OptimizeConfig(steps=args.opt_steps)
     return make_inverter(
-        reconstructor, args.method, steps=args.steps, sampler=args.sampler, seed=args.seed, optimize=optimize
+        reconstructor, args.method, steps=args.steps, sampler=args.sampler, seed=args.seed, opt_steps=args.opt_steps
     )
 
 
@@ -204,7 +202,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from featinv.analysis.guided import GuidanceConfig
-    from featinv.analysis.optimize import OptimizeConfig
     from featinv.analysis.studies import evaluate_study
     from featinv.training.demo_preset import POOLED_DIR, PRETRAINED, SPATIAL_DIR
 
@@ -251,7 +248,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         masks=masks,
         steps=args.steps,
         sampler=args.sampler,
-        optimize=OptimizeConfig(steps=args.opt_steps),
+        opt_steps=args.opt_steps,
         guided=guided,
         seed=args.seed,
         fid_features=fid_features,
@@ -310,7 +307,7 @@ def _add_analysis_args(parser: argparse.ArgumentParser, *, model_required: bool 
     )
     parser.add_argument("--steps", type=arg("steps"), default=10, help="sampler steps (default 10)")
     parser.add_argument("--sampler", choices=["ddim", "dpmpp"], default="dpmpp")
-    parser.add_argument("--opt-steps", type=arg("opt_steps"), default=300, help="steps of the optimisation baseline")
+    parser.add_argument("--opt-steps", type=arg("opt_steps"), help="steps of the optimisation baseline")
     parser.add_argument("--seed", type=arg("seed"), default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)

@@ -13,7 +13,7 @@ from featinv.limits import arg
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert, check everything before writing, then write the base (or reuse an identical one)
     and the model, each atomically."""
-    from featinv.cli import _parse_layer, json_object_arg
+    from featinv.cli.options import json_object_arg, parse_layer
     from featinv.features import FeatureExtractor
     from featinv.models import FeatInvModel
     from featinv.models.base import weights_fingerprint
@@ -36,7 +36,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     size = args.input_size or (PUBLISHED_INPUT_SIZE if args.classifier is None else None)
     extractor = FeatureExtractor(
         name,
-        _parse_layer(args.layer),
+        parse_layer(args.layer),
         weights=args.classifier_weights,
         model_kwargs=model_kwargs,
         input_size=(3, size, size) if size else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from featinv.cli import add_guidance_on_arg, add_twin_encoder_arg, fast_options_from_args
+from featinv.cli.options import add_guidance_on_arg, add_twin_encoder_arg, fast_options
 from featinv.errors import FeatInvError
 from featinv.limits import arg
 
@@ -28,7 +28,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 f"--realtime needs a distilled model (featinv train --model M --distill); {args.model} is not"
             )
     _check_listen_address(args.host, args.port)
-    fast_options = fast_options_from_args(args)
+    fast = fast_options(args.twin_encoder, args.backend)
     print("loading and warming up the model(s)...", flush=True)
     serve(
         args.model,
@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         device=args.device,
         backend=args.backend,
-        fast_options=fast_options,
+        fast_options=fast,
         pooled_model_dir=args.pooled_model,
         examples=args.examples,
         api_docs=args.api_docs,

@@ -1,0 +1,375 @@
+"""``featinv reconstruct``: images from feature maps by one of three methods: ``featinv`` (the
+learned inverter), ``guided`` (training-free: the model's base steered by the classifier's
+gradients, :mod:`featinv.analysis.guided`; the model's ControlNet is not used, so an untrained model
+from ``featinv create`` serves, and ``--classifier NAME`` inverts any timm classifier and layer) and
+``optimize`` (the optimisation baseline on pixels, on a model's classifier or, with ``--classifier
+NAME``, on any timm classifier without a model). See :mod:`featinv.cli.options` for what the
+commands share."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
+    import torch
+
+from featinv.cli.options import (
+    DTYPES,
+    add_guidance_on_arg,
+    add_twin_encoder_arg,
+    extractor_for,
+    fast_options,
+    load_model,
+    only_with,
+    parse_layer,
+    read_features,
+    required_extractor,
+    sample_names,
+    staged_output,
+    torch_dtype,
+    unique_stems,
+)
+from featinv.errors import FeatInvError
+from featinv.limits import arg
+
+
+def _reconstructor(args: argparse.Namespace):
+    from featinv.pipeline import Reconstructor, resolve_device
+
+    device = resolve_device(args.device)
+    dtype = torch_dtype(args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32"))
+    model = load_model(args.model)
+    return Reconstructor(
+        model,
+        extractor=extractor_for(model, args.classifier_weights),
+        device=device,
+        dtype=dtype,
+        backend=args.backend,
+        engine_dir=args.engine_dir,
+        fast_options=fast_options(args.twin_encoder, args.backend),
+    )
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Reconstruct images from the feature maps of image files (or a features file), one or
+    several samples each (with the samples' per-pixel spread)."""
+    import torch
+
+    from featinv.analysis.metrics import SPREAD_MAX, sample_spread
+    from featinv.images import heatmap, load_images, make_grid, save_image
+
+    if args.images is None and args.features is None:
+        raise FeatInvError("give --images FILES... or --features FILE")
+    if args.guidance_on is not None and args.method != "featinv":
+        raise FeatInvError(f"--guidance-on applies to --method featinv, not --method {args.method}")
+    if args.method == "guided":
+        return cmd_guided(args)
+    if args.model is None:
+        if args.method != "optimize" or args.classifier is None:
+            raise FeatInvError("give --model DIR, or --method optimize --classifier NAME (no FeatInv model needed)")
+        return cmd_optimize(args)
+    if args.classifier is not None:
+        raise FeatInvError("--classifier goes without --model (the model names its classifier)")
+    from featinv.training.distributed import barrier, shard
+
+    reconstructor = _reconstructor(args)
+    reconstructor.sampling_defaults(args.steps, args.guidance, args.sampler)  # refuse a mismatch before any work
+    size = reconstructor.spec.input_size[1:]
+    # Under accelerate launch / torchrun each process takes a contiguous share, seeded by global index.
+    if args.images:
+        first, paths = shard(args.images)
+        every_stem = unique_stems(args.images)
+        crop = reconstructor.spec.crop_pct  # the classifier's eval transform: shorter side, centre crop
+        originals, features = (load_images(paths, size, crop) if paths else None), None
+    else:
+        every = read_features(args.features)
+        first, paths = shard(range(len(every)))
+        every_stem = [f"features_{i:03d}" for i in range(len(every))]
+        originals, features = None, every[first : first + len(paths)]
+    stems = every_stem[first : first + len(paths)]
+    samples = args.samples
+    names = sample_names(every_stem, samples)
+    runs = []  # per sample: (images, 3, H, W); sample k of image i is seeded seed + k * N + i
+    if stems:
+        maps = reconstructor.features(originals, pooled=args.pooled) if originals is not None else features
+        if args.method == "optimize" and reconstructor.extractor is None:
+            raise FeatInvError(f"{args.model} stores no classifier: --method optimize needs --classifier-weights")
+    for k in range(samples if stems else 0):
+        seed = args.seed + k * len(every_stem)
+        if args.method == "optimize":  # at the classifier's own input size, not the model's image size
+            runs.append(optimize_images(reconstructor.extractor, maps, args, seed))
+        else:
+            result = reconstructor.reconstruct(
+                features=maps,
+                steps=args.steps,
+                guidance_scale=args.guidance,
+                guidance=args.guidance_on,
+                sampler=args.sampler,
+                eta=args.eta,
+                seed=seed,
+                first_index=first,
+                batch_size=args.batch_size,
+                progress=not args.quiet,
+            )
+            runs.append(result.images)
+    if stems:
+        with staged_output(args.out) as staging:
+            for k, images in enumerate(runs):
+                for stem, image in zip(stems, images, strict=True):
+                    save_image(image, staging / names[stem][k])
+            if samples > 1:
+                spreads = heatmap(sample_spread(torch.stack(runs)), high=SPREAD_MAX)
+                for stem, spread in zip(stems, spreads, strict=True):
+                    save_image(spread, staging / names[stem][-1])
+    barrier()
+    if first == 0:  # the process with the first share merges: the grid of the first 16 of all
+        shown = every_stem[:16]
+        image_size = reconstructor.model.image_size
+        columns = [load_images([Path(args.out) / names[stem][k] for stem in shown], image_size) for k in range(samples)]
+        if samples > 1:
+            columns.append(load_images([Path(args.out) / names[stem][-1] for stem in shown], image_size))
+        if args.images:
+            columns.insert(0, load_images(args.images[: len(shown)], size, reconstructor.spec.crop_pct))
+        with staged_output(args.out) as staging:
+            save_image(make_grid(columns, scale=max(1, 128 // columns[0].shape[-1])), staging / "grid.png")
+        what = f"{len(every_stem)} reconstruction{'s' * (len(every_stem) != 1)}"
+        if samples > 1:
+            what += f", {samples} samples each, their spread maps (per-pixel std over the samples, 0 to 0.5)"
+        print(f"wrote {what} and grid.png to {args.out}")
+    return 0
+
+
+# ----- --method guided
+
+
+def add_guided_args(parser: argparse.ArgumentParser) -> None:
+    """The guidance options of ``reconstruct --method guided`` (their defaults are
+    :class:`featinv.analysis.guided.GuidanceConfig`'s; not imported here, to keep start-up light)."""
+    group = parser.add_argument_group("with --method guided (training-free, on the model's base)")
+    group.add_argument(
+        "--strength", type=arg("strength"), help="forward guidance strength, 0 = the base's own samples (0.3)"
+    )
+    group.add_argument(
+        "--inner-steps",
+        type=arg("inner_steps"),
+        help="backward-guidance gradient steps on the clean estimate per step (2)",
+    )
+    group.add_argument(
+        "--inner-step-size", type=arg("step_size"), help="RMS change of the clean estimate per inner step (0.01)"
+    )
+    group.add_argument("--distance", choices=["cosine", "l2"], help="the feature distance to lower (cosine)")
+
+
+def guidance_from_args(args: argparse.Namespace):
+    """The :class:`GuidanceConfig` the command line asks for, its defaults where an option is not
+    given (``--steps`` 20, ``--guidance`` 1: off)."""
+    from featinv.analysis.guided import GuidanceConfig
+
+    options = {"strength", "inner_steps", "inner_step_size", "distance", "steps", "guidance", "sampler"}
+    given = {key: getattr(args, key) for key in options if getattr(args, key) is not None}
+    if "guidance" in given:
+        given["guidance_scale"] = given.pop("guidance")
+    return GuidanceConfig(**given, pooled=args.pooled)
+
+
+def cmd_guided(args: argparse.Namespace) -> int:
+    """Invert the feature maps of ``--images`` (or ``--features``) by guided sampling; write one PNG
+    per input (and sample) and grid.png."""
+    from featinv.analysis.guided import GuidedReconstructor
+    from featinv.features import pool_and_tile
+    from featinv.pipeline import resolve_device
+
+    if args.model is None:
+        raise FeatInvError(
+            "--method guided needs --model DIR: a FeatInv model on the base to sample from (an untrained one "
+            "from 'featinv create --base ... --classifier ...' serves; its ControlNet is not used)"
+        )
+    config = guidance_from_args(args)
+    samples, batch_size = args.samples, args.batch_size
+    model = load_model(args.model)
+    if args.classifier:
+        extractor = classifier_from_args(args, mode="spatial")
+    else:
+        extractor = required_extractor(model, args.classifier_weights, args.model)
+    if extractor.spec.mode == "pooled":  # a pooled model's maps: match their means
+        config = replace(config, pooled=True)
+    device = resolve_device(args.device)
+    guided = GuidedReconstructor(model, extractor=extractor, device=device, config=config)
+    stems, originals, maps = classifier_inputs(guided.extractor, args)
+    if args.pooled and args.images:
+        maps = pool_and_tile(maps)
+    runs = []
+    for k in range(samples):
+        result = guided.reconstruct(
+            features=maps, seed=args.seed + k * len(stems), batch_size=batch_size, progress=not args.quiet
+        )
+        runs.append(result.images)
+    write_inversions(args, stems, originals, runs)
+    print(
+        f"wrote {len(stems)} guided inversion(s) of {guided.spec.describe()} ({config.steps} {config.sampler} steps, "
+        f"strength {config.strength:g}, {config.inner_steps} inner steps; no ControlNet) and grid.png to {args.out}"
+    )
+    return 0
+
+
+# ----- --method optimize
+
+
+def optimize_images(extractor, maps: torch.Tensor, args: argparse.Namespace, seed: int) -> torch.Tensor:
+    """The optimisation baseline at the classifier's input size, with a progress bar; prints the
+    final feature cosine of the images it found."""
+    import torch
+
+    from featinv.analysis.metrics import feature_cosine
+    from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
+
+    config = OptimizeConfig.for_extractor(extractor, args.opt_steps)
+    images = invert_by_optimization(extractor, maps, config=config, seed=seed, progress=not args.quiet)
+    device = next(extractor.classifier.parameters()).device
+    with torch.no_grad():
+        cosine = feature_cosine(extractor(images.to(device)).float(), maps.to(device).float())
+    print(
+        f"optimised {len(images)} image(s) at {images.shape[-2]}x{images.shape[-1]} px: feature cosine "
+        + ", ".join(f"{float(c):.3f}" for c in cosine)
+    )
+    return images
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    """``reconstruct --method optimize --classifier NAME``: the optimisation baseline on any timm
+    classifier and layer, no FeatInv model: images are brought to the classifier's input by its own
+    eval transform, and optimised at that size."""
+    from featinv.pipeline import resolve_device
+
+    extractor = classifier_from_args(args).to(resolve_device(args.device))
+    stems, originals, maps = classifier_inputs(extractor, args)
+    runs = [optimize_images(extractor, maps, args, args.seed + k * len(stems)) for k in range(args.samples)]
+    write_inversions(args, stems, originals, runs)
+    print(f"wrote {len(stems)} optimisation inversion(s) of {extractor.spec.describe()} and grid.png to {args.out}")
+    return 0
+
+
+def classifier_from_args(args: argparse.Namespace, mode: str | None = None):
+    """The ``--classifier NAME [--layer] [--input-size] [--classifier-weights]`` feature extractor."""
+    from featinv.features import FeatureExtractor
+
+    return FeatureExtractor(
+        args.classifier,
+        parse_layer(args.layer),
+        mode=mode or ("pooled" if args.pooled else "spatial"),
+        weights=args.classifier_weights,
+        input_size=(3, args.input_size, args.input_size) if args.input_size else None,
+    )
+
+
+def classifier_inputs(extractor, args: argparse.Namespace) -> tuple[list[str], torch.Tensor | None, torch.Tensor]:
+    """(stems, originals (B, 3, H, W) at the classifier's input or None, feature maps (B, C, h, w))
+    of ``--images`` (by the classifier's eval transform) or ``--features``."""
+    import torch
+
+    from featinv.images import load_images
+
+    if args.images:
+        originals = load_images(args.images, extractor.spec.input_size[1:], extractor.spec.crop_pct)
+        with torch.no_grad():
+            maps = extractor(originals.to(next(extractor.parameters()).device)).cpu()
+        return unique_stems(args.images), originals, maps
+    maps = read_features(args.features)
+    extractor.spec.check_features(maps, "--features")
+    return [f"features_{i:03d}" for i in range(len(maps))], None, maps
+
+
+def write_inversions(
+    args: argparse.Namespace, stems: list[str], originals: torch.Tensor | None, runs: list[torch.Tensor]
+) -> None:
+    """Write sample k of input ``stem`` as its :func:`featinv.cli.sample_names` file, and grid.png
+    (originals, then one column per sample, the first 16 inputs) into ``--out``, atomically."""
+    from featinv.images import make_grid, save_image
+
+    names = sample_names(stems, len(runs))
+    with staged_output(args.out) as staging:
+        for k, images in enumerate(runs):
+            for stem, image in zip(stems, images, strict=True):
+                save_image(image, staging / names[stem][k])
+        columns = ([originals[:16]] if originals is not None else []) + [images[:16] for images in runs]
+        save_image(make_grid(columns, scale=max(1, 128 // columns[0].shape[-1])), staging / "grid.png")
+
+
+def add_reconstruct_command(commands) -> None:
+    """Register ``reconstruct`` (all three methods)."""
+    rec = commands.add_parser("reconstruct", help="reconstruct images from feature maps")
+    rec.add_argument("--model", help="FeatInv model folder (not needed with --method optimize --classifier NAME)")
+    rec.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
+    rec.add_argument("--classifier", help="a timm model name: with --method optimize (no --model) or --method guided")
+    rec.add_argument("--layer", help="with --classifier: forward_features (default), a feature_info index or a module")
+    rec.add_argument(
+        "--input-size", type=arg("input_size"), help="with --classifier: its input side in pixels (default: its own)"
+    )
+    rec.add_argument("--images", nargs="+", help="image files whose feature maps to invert")
+    rec.add_argument("--features", help="a safetensors file with a 'features' tensor (B, C, h, w)")
+    rec.add_argument("--out", required=True, help="output folder (one PNG per input and grid.png)")
+    rec.add_argument("--steps", type=arg("steps"), help="sampler steps (default 50; 20 with --method guided)")
+    rec.add_argument(
+        "--guidance",
+        type=arg("guidance"),
+        help="classifier-free guidance scale (default 1.75; 1, off, with --method guided)",
+    )
+    rec.add_argument(
+        "--sampler",
+        choices=["ddim", "dpmpp", "lcm"],
+        help="ddim (the default) or dpmpp; lcm for a consistency-distilled model (a distilled model's default: "
+        "its own few-step sampler)",
+    )
+    rec.add_argument("--eta", type=arg("eta"), default=0.0, help="DDIM eta in [0, 1] (default 0)")
+    rec.add_argument("--seed", type=arg("seed"), default=0)
+    rec.add_argument(
+        "--samples",
+        type=arg("samples"),
+        default=1,
+        help="reconstructions per input from different noise (default 1); with more, also each input's "
+        "spread map: what the feature map leaves open varies between samples",
+    )
+    rec.add_argument("--batch-size", type=arg("batch_size"), default=8)
+    rec.add_argument("--pooled", action="store_true", help="condition on pooled features (the paper's baseline)")
+    rec.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    rec.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar")
+    rec.add_argument(
+        "--method",
+        choices=["featinv", "optimize", "guided"],
+        default="featinv",
+        help="featinv (diffusion), optimize (the Mahendran-Vedaldi baseline) or guided (the model's base alone, "
+        "steered by the classifier's gradients); the last two need no training",
+    )
+    rec.add_argument(
+        "--opt-steps", type=arg("opt_steps"), help="with --method optimize: Adam steps (default 300, 1000 above 160 px)"
+    )
+    rec.add_argument(
+        "--backend",
+        choices=["eager", "compiled", "fast", "onnx", "tensorrt"],
+        default="eager",
+        help="denoiser backend (fast: CUDA only)",
+    )
+    rec.add_argument("--engine-dir", help="ONNX export / TensorRT engine cache (default: under ~/.cache/featinv)")
+    add_twin_encoder_arg(rec)
+    add_guidance_on_arg(rec)
+    add_guided_args(rec)
+    rec.set_defaults(func=cmd_reconstruct)
+    with_classifier = ("--classifier NAME", lambda args: args.classifier is not None)
+    guided = ("--method guided", lambda args: args.method == "guided")
+    only_with(
+        rec,
+        {
+            "--layer": with_classifier,
+            "--input-size": with_classifier,
+            "--opt-steps": ("--method optimize", lambda args: args.method == "optimize"),
+            "--strength": guided,
+            "--inner-steps": guided,
+            "--inner-step-size": guided,
+            "--distance": guided,
+            "--eta": ("--sampler ddim", lambda args: args.sampler in (None, "ddim")),
+        },
+    )

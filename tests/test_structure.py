@@ -1,0 +1,84 @@
+"""The package's structure, read from its imports with ``ast``: the CLI's command modules stand on
+``featinv.cli.options`` and the library, never on each other or on the package face; nothing in the
+library imports the CLI; files are written atomically and staged in one place only."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "featinv"
+CLI = PACKAGE / "cli"
+COMMAND_MODULES = {path.stem for path in CLI.glob("*.py")} - {"__init__", "__main__", "options"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, anywhere in it (lazy imports inside functions too), as dotted
+    names; ``from featinv.cli import x`` counts as ``featinv.cli`` and ``featinv.cli.x``."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_command_modules_import_neither_each_other_nor_the_face():
+    assert {"model", "reconstruct", "training", "analysis", "demo", "serve"} <= COMMAND_MODULES
+    for stem in [*COMMAND_MODULES, "options"]:
+        found = {name for name in imported_modules(CLI / f"{stem}.py") if name.startswith("featinv.cli")}
+        if stem != "options":  # the bottom: what the commands share
+            found = {
+                name for name in found if name != "featinv.cli.options" and not name.startswith("featinv.cli.options.")
+            }
+        assert not found, f"featinv/cli/{stem}.py imports {sorted(found)}"
+
+
+def test_nothing_outside_the_cli_imports_it():
+    for path in PACKAGE.rglob("*.py"):
+        if CLI in path.parents:
+            continue
+        found = {name for name in imported_modules(path) if name == "featinv.cli" or name.startswith("featinv.cli.")}
+        assert not found, f"{path.relative_to(PACKAGE.parent)} imports {sorted(found)}"
+
+
+def test_python_m_featinv_cli_is_the_command():
+    run = subprocess.run([sys.executable, "-m", "featinv.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("usage: featinv ") and "reconstruct" in run.stdout
+
+
+def test_files_are_written_atomically_and_staged_in_one_place():
+    """One implementation each (featinv/files.py): no rename-into-place or temporary staging by
+    hand anywhere else."""
+    by_hand = ("os.replace(", "os.rename(", "tempfile.mkdtemp(", "tempfile.mkstemp(", "TemporaryDirectory(")
+    for path in PACKAGE.rglob("*.py"):
+        if path == PACKAGE / "files.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        found = [pattern for pattern in by_hand if pattern in text]
+        assert not found, f"{path.relative_to(PACKAGE.parent)} writes by hand: {found}"
+
+
+def test_a_staged_folder_is_whole_or_absent(tmp_path):
+    from featinv.files import staged_folder
+
+    target = tmp_path / "model"
+    with staged_folder(target) as staging:
+        (staging / "a.txt").write_text("one")
+    try:
+        with staged_folder(target) as staging:
+            (staging / "a.txt").write_text("two")
+            raise RuntimeError("crash mid-write")
+    except RuntimeError:
+        pass
+    assert (target / "a.txt").read_text() == "one"  # the failed write left the old folder
+    with staged_folder(target, merge=True, last="manifest.json") as staging:
+        (staging / "b.txt").write_text("b")
+        (staging / "manifest.json").write_text("{}")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt", "b.txt", "manifest.json"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder or backup left
