@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.featinv-installed
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-slow demo bench lint clean
+.PHONY: install test check test-slow demo bench lint clean
 
 $(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+check: $(STAMP)  # the edit-test loop: everything but the heavy tests (tests/conftest.py HEAVY)
+	$(PY) -m pytest -q -m "not heavy"
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q --runslow

@@ -5,3 +5,15 @@
 # the null context (what featinv trains for); "prompt" = the same feature map with the null context,
 # so that only the prompt is guided on (the published FeatInv sampler's ``un_cond``).
 GUIDANCE_MODES = ("features", "prompt")
+
+SAMPLERS = ("ddim", "dpmpp", "lcm")  # lcm: a consistency-distilled model's few-step sampler
+ODE_SAMPLERS = ("ddim", "dpmpp")  # the base's own samplers (guided sampling, the analyses)
+METHODS = ("featinv", "optimize", "guided")  # the three ways to invert (featinv.analysis.studies)
+BACKENDS = ("eager", "compiled", "fast", "onnx", "tensorrt")  # featinv.engine's denoisers
+SERVE_BACKENDS = BACKENDS[:3]  # the web app's (no export folder)
+DTYPES = ("fp32", "fp16", "bf16")  # inference dtypes (--dtype)
+CACHE_DTYPES = ("float32", "float16", "bfloat16")  # a feature cache's storage (features cache --dtype)
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # training autocast (accelerate's names)
+DISTILL_TARGETS = ("consistency", "endpoint", "guidance", "trajectory")  # featinv.training.distill
+DISTANCES = ("cosine", "l2")  # guided sampling's feature distance
+FEATURE_MODES = ("spatial", "pooled")  # a feature map as it is, or its mean tiled (the paper's baseline)

@@ -15,15 +15,14 @@ import torch
 from featinv.analysis.intervals import difference_interval, format_interval, mean_interval
 from featinv.analysis.metrics import reconstruction_metrics
 from featinv.analysis.report import bar_plot
+from featinv.data.shapes import DEMO_SEED, generate_shapes
 from featinv.errors import FeatInvError
 from featinv.images import make_grid, save_image
 from featinv.models.featinv_model import FeatInvModel
 from featinv.paths import ARCHITECTURES, PRETRAINED, REALTIME_DIR
 from featinv.pipeline import DEFAULT_GUIDANCE, Reconstructor, resolve_device
 from featinv.training.distributed import gather, is_main_process, process_state, shard
-from featinv.training.shapes import generate_shapes
 
-DEMO_SEED = 20_261_126  # never used in training (featinv.training.demo_preset.TRAIN_SEED)
 DEMO_SAMPLER, DEMO_STEPS = "dpmpp", 10
 REALTIME_STEP_CHOICES = (1, 2, 4)
 

@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from featinv.choices import FEATURE_MODES
 from featinv.errors import FeatInvError
 from featinv.weights import load_state_dict
 
 FORWARD_FEATURES = "forward_features"
-MODES = ("spatial", "pooled")
+MODES = FEATURE_MODES
 MAX_INPUT_SIDE = 4096  # a classifier input side in pixels; more would make the probe pass allocate GBs
 MAX_FEATURE_SIDE = 4096
 MAX_CHANNELS = 1 << 16

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_line_error, run_cli
 from scipy import linalg
-from test_cli import assert_one_line_error, model_dir, run_cli  # noqa: F401  (fixture)
 
 from featinv.analysis.compose import lerp, mix_by_mask, select_channels, slerp
 from featinv.analysis.fid import frechet_distance, sqrtm_psd

@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli
 
+from featinv.data.shapes import generate_shapes
 from featinv.models import FeatInvModel
 from featinv.paths import ARCHITECTURES, BASE_DIR, PRETRAINED
 from featinv.pipeline import Reconstructor
-from featinv.training.shapes import generate_shapes
 
 CLASSIFIERS = {"convnext": "convnext_atto", "resnet": "resnet18", "vit": "vit_tiny_r_s16_p8_224"}
 

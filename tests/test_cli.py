@@ -8,41 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error, run_cli
 from PIL import Image
 from safetensors.torch import save_file
-
-from featinv.cli import main
-
-
-@pytest.fixture
-def model_dir(tmp_path, tiny_model):
-    tiny_model.save_pretrained(tmp_path / "model")
-    return tmp_path / "model"
-
-
-@pytest.fixture
-def image_files(tmp_path):
-    paths = []
-    for i, size in enumerate([(32, 32), (40, 28)]):
-        path = tmp_path / f"img{i}.png"
-        Image.effect_noise(size, 60 + 20 * i).convert("RGB").save(path)
-        paths.append(str(path))
-    return paths
-
-
-def run_cli(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code, err, pattern):
-    assert code == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("featinv: error: ")
-    assert "Traceback" not in err
-    assert pattern in lines[0], lines[0]
 
 
 def test_info_prints_the_feature_spec(capsys, model_dir):

@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import make_model
 
+from featinv.data.streams import ShapesStream
 from featinv.errors import FeatInvError
 from featinv.training.loop import TrainConfig
-from featinv.training.train import Consistency, OnlineFeatures, ShapesStream, _alphas, train_controlnet
+from featinv.training.train import Consistency, OnlineFeatures, _alphas, train_controlnet
 
 
 def _batch(model, extractor, t):

@@ -5,15 +5,16 @@ records the method, and a model that is not distilled is refused clearly."""
 import pytest
 import torch
 from conftest import make_model
-from test_cli import run_cli
+from helpers import run_cli
 
+from featinv.data.streams import ShapesStream
 from featinv.errors import FeatInvError
 from featinv.models import FeatInvModel
 from featinv.pipeline import Reconstructor
 from featinv.sampling import NoiseSchedule
 from featinv.training.distill import DistillationLoss, DistillConfig, distill
 from featinv.training.loop import TrainConfig
-from featinv.training.train import OnlineFeatures, ShapesStream
+from featinv.training.train import OnlineFeatures
 
 
 def _setup(seed: int = 0):

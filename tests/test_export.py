@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, model_dir, run_cli  # noqa: F401  (fixture)
+from helpers import assert_one_line_error, run_cli
 
 from featinv.engine import make_denoiser
 from featinv.engine.export import DENOISER_FILE, HINT_FILE, export_onnx, read_manifest

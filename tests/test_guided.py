@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 from conftest import make_extractor, make_model
+from helpers import run_cli
 from sd_miniature import write_sd_miniature
-from test_cli import run_cli
 
 from featinv.analysis.guided import GuidanceConfig, GuidedReconstructor, feature_distance
 from featinv.analysis.metrics import feature_cosine
@@ -42,9 +42,9 @@ def test_strength_zero_is_the_base_sampler_bit_for_bit(tiny_model, sampler):
 
 
 def _shipped():
-    from featinv.demo import DEMO_SEED, _load
+    from featinv.data.shapes import DEMO_SEED, generate_shapes
+    from featinv.demo import _load
     from featinv.paths import PRETRAINED, SPATIAL_DIR
-    from featinv.training.shapes import generate_shapes
 
     return _load(PRETRAINED, SPATIAL_DIR), generate_shapes(4, DEMO_SEED + 7).images
 

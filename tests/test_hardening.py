@@ -15,17 +15,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import test_cli
 import torch
 from conftest import make_model
+from helpers import assert_one_line_error, run_cli
 from safetensors.torch import save_file
-from test_cli import assert_one_line_error, run_cli
 
 from featinv.errors import FeatInvError
 from featinv.models import FeatInvModel
 from featinv.pipeline import Reconstructor
-
-model_dir, image_files = test_cli.model_dir, test_cli.image_files  # the CLI tests' fixtures
 
 
 def _edit_config(folder: Path, edit) -> None:
@@ -245,7 +242,6 @@ uvicorn = pytest.importorskip("uvicorn")
 
 @pytest.fixture
 def served(tmp_path):
-    from test_webapp_threads import _post, _upload  # noqa: F401
 
     from featinv.web.app import create_app
 
@@ -278,18 +274,18 @@ def _png(colour=(200, 40, 40)) -> bytes:
 
 
 def test_info_and_upload_answer_while_reconstructions_are_queued(served):
-    from test_webapp_threads import _post, _upload
+    from helpers import post, upload
 
     app, url = served
-    image = _upload(url + "api/upload", _png())["id"]
+    image = upload(url + "api/upload", _png())["id"]
     start = time.perf_counter()
-    single = _post(url + "api/reconstruct", json.dumps({"id": image}).encode(), "application/json")
+    single = post(url + "api/reconstruct", json.dumps({"id": image}).encode(), "application/json")
     one = time.perf_counter() - start
     assert len(single["images"]) == 3
 
     def reconstruct(client: int) -> None:
         query = {"id": image, "client": f"c{client}", "mix": 0.0}
-        _post(url + "api/reconstruct", json.dumps(query).encode(), "application/json")
+        post(url + "api/reconstruct", json.dumps(query).encode(), "application/json")
 
     clients = [threading.Thread(target=reconstruct, args=(k,)) for k in range(4)]
     for client in clients:
@@ -299,7 +295,7 @@ def test_info_and_upload_answer_while_reconstructions_are_queued(served):
     urllib.request.urlopen(url + "api/info", timeout=10).read()
     info_s = time.perf_counter() - started
     started = time.perf_counter()
-    _upload(url + "api/upload", _png((10, 200, 10)))
+    upload(url + "api/upload", _png((10, 200, 10)))
     upload_s = time.perf_counter() - started
     busy = any(client.is_alive() for client in clients)
     for client in clients:
@@ -309,15 +305,15 @@ def test_info_and_upload_answer_while_reconstructions_are_queued(served):
 
 
 def test_the_servers_memory_of_images_is_bounded_and_docs_are_off(served):
-    from test_webapp_threads import _post, _upload
+    from helpers import post, upload
 
     app, url = served
-    ids = [_upload(url + "api/upload", _png((k % 256, 0, 0)))["id"] for k in range(1000)]
+    ids = [upload(url + "api/upload", _png((k % 256, 0, 0)))["id"] for k in range(1000)]
     assert len(app.state.session.features) == 20
     with pytest.raises(urllib.error.HTTPError) as gone:
-        _post(url + "api/reconstruct", json.dumps({"id": ids[0]}).encode(), "application/json")
+        post(url + "api/reconstruct", json.dumps({"id": ids[0]}).encode(), "application/json")
     assert gone.value.code == 404 and "keeps the 20 most recent" in json.load(gone.value)["error"]
-    assert len(_post(url + "api/reconstruct", json.dumps({"id": ids[-1]}).encode(), "application/json")["images"]) == 3
+    assert len(post(url + "api/reconstruct", json.dumps({"id": ids[-1]}).encode(), "application/json")["images"]) == 3
     assert app.state.session.in_flight == {}  # a finished request is not kept
     for route in ("docs", "openapi.json", "redoc"):
         with pytest.raises(urllib.error.HTTPError) as missing:

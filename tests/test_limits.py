@@ -9,10 +9,9 @@ import os
 import time
 
 import pytest
-import test_cli
 import torch
+from helpers import assert_one_line_error, run_cli
 from safetensors.torch import save_file
-from test_cli import assert_one_line_error, run_cli
 
 from featinv.analysis.guided import GuidanceConfig
 from featinv.analysis.optimize import OptimizeConfig
@@ -22,8 +21,6 @@ from featinv.errors import FeatInvError
 from featinv.limits import LIMITS, within
 from featinv.training.distill import DistillConfig
 from featinv.training.loop import TrainConfig
-
-model_dir, image_files = test_cli.model_dir, test_cli.image_files  # the CLI tests' fixtures
 
 
 def _numeric_options():

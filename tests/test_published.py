@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error, run_cli
 from safetensors.torch import load_file, save_file
-from test_cli import assert_one_line_error, run_cli
 
 from featinv.models import FeatInvModel
 from featinv.pipeline import Reconstructor

@@ -11,8 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import run_cli
 from PIL import Image
-from test_cli import run_cli
 
 from featinv.cli import build_parser
 from featinv.cli.options import given_options, refuse_unmet, walk_parsers

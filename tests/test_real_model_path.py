@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_one_line_error, run_cli
 from sd_miniature import write_image_folder, write_sd_miniature
-from test_cli import assert_one_line_error, run_cli
 
 pytest.importorskip("transformers")
 
@@ -229,7 +229,7 @@ def test_the_real_time_model_distilled_in_two_stages_on_the_latent_model(capsys,
 
 
 def test_the_web_app_serves_a_layer3_model(world, trained, tmp_path):
-    from test_webapp_threads import _post, _upload
+    from helpers import post, upload
 
     model_dir, pooled_dir = trained
     port = _free_port()
@@ -266,15 +266,15 @@ def test_the_web_app_serves_a_layer3_model(world, trained, tmp_path):
         assert not info["steerable"] and "layer3" in info["steer_note"]
         assert info["class_names"][281] == "tabby"  # timm's ImageNet names for a 1000-class classifier
         png = (world / "images" / "n00000001" / "002.png").read_bytes()
-        image = _upload(url + "upload", png)["id"]
-        example = _post(url + "example/3", b"", "application/json")["id"]
+        image = upload(url + "upload", png)["id"]
+        example = post(url + "example/3", b"", "application/json")["id"]
         for mode in ("spatial", "pooled"):
             query = {"id": image, "other": example, "mix": 0.5, "strength": 0.0, "mode": mode}
-            result = _post(url + "reconstruct", json.dumps(query).encode(), "application/json")
+            result = post(url + "reconstruct", json.dumps(query).encode(), "application/json")
             assert len(result["images"]) == 3 and result["concept_probability"] is None
             assert all(src.startswith("data:image/png;base64,") for src in result["images"])
         with pytest.raises(urllib.error.HTTPError) as refused:
-            _post(url + "reconstruct", json.dumps({"id": image, "strength": 1.0}).encode(), "application/json")
+            post(url + "reconstruct", json.dumps({"id": image, "strength": 1.0}).encode(), "application/json")
         assert refused.value.code == 400 and "steering is off" in json.load(refused.value)["error"]
     finally:
         server.terminate()

@@ -112,8 +112,8 @@ def test_trained_tiny_model_matches_the_recipe_to_1e_5(sampler):
     """On a trained tiny model (the shipped shapes-demo one), samples stay at their natural scale
     (|x| <= ~2) and the loops agree to 1e-5 absolute in fp32."""
     from featinv import FeatInvModel
+    from featinv.data.shapes import generate_shapes
     from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
-    from featinv.training.shapes import generate_shapes
 
     model = FeatInvModel.from_pretrained(PRETRAINED / SPATIAL_DIR)
     reconstructor = Reconstructor(model)

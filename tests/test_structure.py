@@ -82,3 +82,16 @@ def test_a_staged_folder_is_whole_or_absent(tmp_path):
         (staging / "manifest.json").write_text("{}")
     assert sorted(p.name for p in target.iterdir()) == ["a.txt", "b.txt", "manifest.json"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no staging folder or backup left
+
+
+def test_test_modules_share_through_helpers_not_each_other():
+    tests = Path(__file__).resolve().parent
+    for path in tests.glob("test_*.py"):
+        found = {name for name in imported_modules(path) if name.split(".")[0].startswith("test_")}
+        assert not found, f"{path.name} imports {sorted(found)}: move what it needs to tests/helpers.py"
+
+
+def test_one_list_of_sampler_names():
+    from featinv import choices, sampling
+
+    assert tuple(sampling.SAMPLERS) == choices.SAMPLERS

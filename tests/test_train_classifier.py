@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli
 
 from featinv.training.classifier import accuracy
 

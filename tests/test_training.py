@@ -6,8 +6,8 @@ import json
 
 import torch
 
+from featinv.data.shapes import CLASSES, generate_shapes
 from featinv.training.demo_preset import PRETRAINED, SPATIAL_DIR
-from featinv.training.shapes import CLASSES, generate_shapes
 
 
 def test_shapes_are_deterministic_and_masks_cover_the_objects():

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from test_cli import assert_one_line_error, model_dir, run_cli  # noqa: F401  (fixture)
+from helpers import assert_one_line_error, run_cli
 
+from featinv.data.image_folder import ImageFolderStream
+from featinv.data.shapes import CLASSES, shapes_pool
 from featinv.images import load_image
-from featinv.training.image_folder import ImageFolderStream
-from featinv.training.shapes import CLASSES, shapes_pool
 
 
 def test_data_shapes_writes_imagenet_layout_with_masks(capsys, tmp_path):

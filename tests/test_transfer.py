@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 
 import torch
-from test_cli import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli
 
+from featinv.data.shapes import generate_shapes
 from featinv.models import FeatInvModel
 from featinv.paths import BASE_DIR, PRETRAINED, SPATIAL_DIR
 from featinv.pipeline import Reconstructor
-from featinv.training.shapes import generate_shapes
 from featinv.training.transfer import NEW_CLASSIFIER_KEYS
 
 TEACHER = PRETRAINED / SPATIAL_DIR

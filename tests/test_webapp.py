@@ -81,8 +81,8 @@ def _results(browser) -> list[str]:
 
 
 def test_upload_reconstruct_steer_and_bad_uploads(app_url, browser, tmp_path):
+    from featinv.data.shapes import generate_shapes
     from featinv.images import save_image
-    from featinv.training.shapes import generate_shapes
 
     picture = tmp_path / "shape.png"
     save_image(generate_shapes(1, 4242).images[0], picture)

@@ -12,7 +12,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 
 import pytest
 import torch
@@ -20,30 +19,13 @@ import torch
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
+from helpers import post, upload  # noqa: E402
+
 
 def _is_torch_call(function) -> bool:
     return isinstance(getattr(function, "__self__", None), torch.Tensor) or (
         getattr(function, "__module__", None) or ""
     ).startswith("torch")
-
-
-def _post(url: str, body: bytes, content_type: str) -> dict:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.load(response)
-
-
-def _upload(url: str, png: bytes) -> dict:
-    boundary = uuid.uuid4().hex
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
-            f"Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + png
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return _post(url, body, f"multipart/form-data; boundary={boundary}")
 
 
 def test_the_handlers_threads_run_no_tensor_operation():
@@ -78,16 +60,16 @@ def test_the_handlers_threads_run_no_tensor_operation():
         url = f"http://127.0.0.1:{port}/api/"
         png = io.BytesIO()
         Image.new("RGB", (64, 64), (200, 40, 40)).save(png, format="PNG")
-        a = _upload(url + "upload", png.getvalue())["id"]
-        b = _post(url + "example/4", b"", "application/json")["id"]
+        a = upload(url + "upload", png.getvalue())["id"]
+        b = post(url + "example/4", b"", "application/json")["id"]
         query = {"id": a, "other": b, "mix": 0.5, "strength": 1.0, "concept": 1}
-        result = _post(url + "reconstruct", json.dumps(query).encode(), "application/json")
+        result = post(url + "reconstruct", json.dumps(query).encode(), "application/json")
         assert len(result["images"]) == 3 and 0.0 <= result["concept_probability"] <= 1.0
         assert result["spread"].startswith("data:image/png;base64,")  # the seeds' per-pixel spread
-        pooled = _post(url + "reconstruct", json.dumps({**query, "mode": "pooled"}).encode(), "application/json")
+        pooled = post(url + "reconstruct", json.dumps({**query, "mode": "pooled"}).encode(), "application/json")
         assert len(pooled["images"]) == 3 and pooled["images"] != result["images"]
         with pytest.raises(urllib.error.HTTPError) as bad:
-            _post(url + "reconstruct", json.dumps({**query, "mode": "tiled"}).encode(), "application/json")
+            post(url + "reconstruct", json.dumps({**query, "mode": "tiled"}).encode(), "application/json")
         assert "mode must be one of ['spatial', 'pooled'], got 'tiled'" in json.load(bad.value)["error"]
     finally:
         threading.setprofile(None)
@@ -145,8 +127,8 @@ def test_serve_checks_its_address_before_loading_anything(capsys):
 def test_the_shipped_shapes_models_name_their_classes_from_their_record(folder):
     """The page's class names come from the model's classifier.json, not from the classifier's
     name: the ResNet and ViT shapes models used to get 'class 0' ... 'class 5'."""
+    from featinv.data.shapes import CLASSES
     from featinv.paths import PRETRAINED
-    from featinv.training.shapes import CLASSES
     from featinv.web.app import create_app
 
     app = create_app(PRETRAINED / folder, device="cpu", steps=1)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from featinv import choices
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor, check_images
 from featinv.limits import within
@@ -41,8 +42,8 @@ from featinv.pipeline import Reconstruction, Reconstructor, batch_noise, feature
 from featinv.sampling import SAMPLERS, classifier_free_guidance
 from featinv.sampling.guidance import Denoise
 
-DISTANCES = ("cosine", "l2")
-GUIDED_SAMPLERS = ("ddim", "dpmpp")  # the ODE samplers of the base (lcm is a distilled model's)
+DISTANCES = choices.DISTANCES
+GUIDED_SAMPLERS = choices.ODE_SAMPLERS  # the ODE samplers of the base (lcm is a distilled model's)
 
 
 @dataclass(frozen=True)

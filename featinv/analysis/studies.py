@@ -20,11 +20,11 @@ from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
 from featinv.analysis.report import bar_plot, line_plot, write_report
 from featinv.analysis.robustness import corrupt, ood_inputs, pgd_attack
 from featinv.analysis.steering import Concept, steer
+from featinv.choices import METHODS  # the one list of names, read by the CLI too
 from featinv.errors import FeatInvError
 from featinv.images import make_grid, save_image
 from featinv.pipeline import Reconstructor
 
-METHODS = ("featinv", "optimize", "guided")
 # The FID difference's interval costs 400 Frechet distances: cheap while the sets are no larger than
 # the embedding is wide (an SVD of the (N, M) cross products) or the embedding is narrow.
 FID_INTERVAL_MAX_DIM = 512

@@ -11,11 +11,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
+from featinv.choices import METHODS, ODE_SAMPLERS
 from featinv.cli.options import add_guidance_on_arg, load_model, required_extractor
 from featinv.errors import FeatInvError
 from featinv.limits import arg
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
 def _analysis_reconstructor(args: argparse.Namespace, model_path: str | None = None):
@@ -54,8 +53,7 @@ def _analysis_images(args: argparse.Namespace, reconstructor, *, same_size: bool
             if len(sizes) > 1:
                 raise FeatInvError(f"--images must all have the same size, got {sorted(sizes)}")
         return load_images(args.images, size, reconstructor.spec.crop_pct)
-    from featinv.demo import DEMO_SEED
-    from featinv.training.shapes import generate_shapes
+    from featinv.data.shapes import DEMO_SEED, generate_shapes
 
     if args.shapes < 1:
         raise FeatInvError(f"--shapes must be >= 1, got {args.shapes}")
@@ -107,6 +105,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     """Steer feature maps toward a class or a concept (CAV) and reconstruct a strip of strengths."""
     from featinv.analysis.steering import class_concept, concept_activation_vector
     from featinv.analysis.studies import steer_study
+    from featinv.data.image_folder import EXTENSIONS
     from featinv.images import load_images
 
     strengths = _floats(args.strengths, "--strengths")
@@ -120,9 +119,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
         folders = {"--concept-dir": args.concept_dir, "--others-dir": args.others_dir}
         examples = {}
         for flag, folder in folders.items():
-            files = (
-                sorted(p for p in Path(folder or "").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder else []
-            )
+            files = sorted(p for p in Path(folder or "").glob("*") if p.suffix.lower() in EXTENSIONS) if folder else []
             if not files:
                 raise FeatInvError(f"{flag} {folder} holds no images (.png, .jpg, ...)")
             examples[flag] = reconstructor.features(
@@ -218,14 +215,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     size = spatial.model.image_size
     masks = None
     if args.data == "shapes":
-        from featinv.demo import DEMO_SEED
-        from featinv.training.shapes import generate_shapes
+        from featinv.data.shapes import DEMO_SEED, REAL_SEED, generate_shapes
 
         held_out = generate_shapes(args.n, DEMO_SEED, size=size[0])
         images, masks = held_out.images, held_out.masks
-        real = generate_shapes(args.n, DEMO_SEED + 1, size=size[0]).images
+        real = generate_shapes(args.n, REAL_SEED, size=size[0]).images
     else:
-        from featinv.training.image_folder import ImageFolderStream
+        from featinv.data.image_folder import ImageFolderStream
 
         stream = ImageFolderStream(args.data, size[0], augment=False)
         if len(stream) < 2 * args.n:
@@ -301,12 +297,12 @@ def _add_analysis_args(parser: argparse.ArgumentParser, *, model_required: bool 
         )
     parser.add_argument(
         "--method",
-        choices=["featinv", "optimize", "guided"],
+        choices=METHODS,
         default="featinv",
         help="featinv, optimize (the Mahendran-Vedaldi baseline) or guided (the base alone, training-free)",
     )
     parser.add_argument("--steps", type=arg("steps"), default=10, help="sampler steps (default 10)")
-    parser.add_argument("--sampler", choices=["ddim", "dpmpp"], default="dpmpp")
+    parser.add_argument("--sampler", choices=ODE_SAMPLERS, default="dpmpp")
     parser.add_argument("--opt-steps", type=arg("opt_steps"), help="steps of the optimisation baseline")
     parser.add_argument("--seed", type=arg("seed"), default=0)
     parser.add_argument("--device", default="auto")

@@ -18,8 +18,6 @@ from featinv.choices import GUIDANCE_MODES
 from featinv.errors import FeatInvError
 from featinv.files import probe_writable, staged_folder
 
-DTYPES = ("fp32", "fp16", "bf16")  # --dtype choices; torch loads only when a command runs
-
 
 def torch_dtype(name: str):
     """The torch dtype of a ``--dtype`` choice."""

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
+from featinv.choices import BACKENDS, DISTANCES, DTYPES, METHODS, SAMPLERS
 from featinv.cli.options import (
-    DTYPES,
     add_guidance_on_arg,
     add_twin_encoder_arg,
     extractor_for,
@@ -160,7 +160,7 @@ def add_guided_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--inner-step-size", type=arg("step_size"), help="RMS change of the clean estimate per inner step (0.01)"
     )
-    group.add_argument("--distance", choices=["cosine", "l2"], help="the feature distance to lower (cosine)")
+    group.add_argument("--distance", choices=DISTANCES, help="the feature distance to lower (cosine)")
 
 
 def guidance_from_args(args: argparse.Namespace):
@@ -319,7 +319,7 @@ def add_reconstruct_command(commands) -> None:
     )
     rec.add_argument(
         "--sampler",
-        choices=["ddim", "dpmpp", "lcm"],
+        choices=SAMPLERS,
         help="ddim (the default) or dpmpp; lcm for a consistency-distilled model (a distilled model's default: "
         "its own few-step sampler)",
     )
@@ -339,7 +339,7 @@ def add_reconstruct_command(commands) -> None:
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
     rec.add_argument(
         "--method",
-        choices=["featinv", "optimize", "guided"],
+        choices=METHODS,
         default="featinv",
         help="featinv (diffusion), optimize (the Mahendran-Vedaldi baseline) or guided (the model's base alone, "
         "steered by the classifier's gradients); the last two need no training",
@@ -349,7 +349,7 @@ def add_reconstruct_command(commands) -> None:
     )
     rec.add_argument(
         "--backend",
-        choices=["eager", "compiled", "fast", "onnx", "tensorrt"],
+        choices=BACKENDS,
         default="eager",
         help="denoiser backend (fast: CUDA only)",
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from featinv.choices import SERVE_BACKENDS
 from featinv.cli.options import add_guidance_on_arg, add_twin_encoder_arg, fast_options
 from featinv.errors import FeatInvError
 from featinv.limits import arg
@@ -91,9 +92,7 @@ def add_serve_command(commands) -> None:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=arg("port"), default=8000)
     serve.add_argument("--device", default="auto")
-    serve.add_argument(
-        "--backend", choices=["eager", "compiled", "fast"], default="eager", help="denoiser backend (fast: CUDA only)"
-    )
+    serve.add_argument("--backend", choices=SERVE_BACKENDS, default="eager", help="denoiser backend (fast: CUDA only)")
     add_twin_encoder_arg(serve)
     add_guidance_on_arg(serve)
     serve.set_defaults(func=cmd_serve)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
+from featinv.choices import CACHE_DTYPES, DISTILL_TARGETS, MIXED_PRECISION
 from featinv.cli.options import (
     Parser,
     add_model_args,
@@ -28,10 +29,10 @@ def _stream(data: str, size: int, *, pool: int, seed: int, augment: bool):
     if data == "shapes":
         import torch
 
-        from featinv.training.train import ShapesStream
+        from featinv.data.streams import ShapesStream
 
         return ShapesStream(pool_size=pool, seed=seed, device=torch.device("cpu"), size=size)
-    from featinv.training.image_folder import ImageFolderStream
+    from featinv.data.image_folder import ImageFolderStream
 
     return ImageFolderStream(data, size, seed=seed, augment=augment)
 
@@ -237,12 +238,12 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
     import torch
 
+    from featinv.data.shapes import CLASSES, HELD_OUT_SEED, generate_shapes
     from featinv.features import FeatureExtractor, check_model_name
     from featinv.files import write_text_atomic
-    from featinv.training.classifier import HELD_OUT_SEED, accuracy
+    from featinv.training.classifier import accuracy
     from featinv.training.distributed import get_accelerator
     from featinv.training.loop import TrainConfig
-    from featinv.training.shapes import CLASSES, generate_shapes
     from featinv.training.train import train_classifier
     from featinv.weights import save_state_dict_atomic
 
@@ -318,7 +319,7 @@ def cmd_features_cache(args: argparse.Namespace) -> int:
 
 def cmd_data_shapes(args: argparse.Namespace) -> int:
     """Write a shapes dataset in ImageNet layout: images/<class>/NNNNN.png and masks/<class>/NNNNN.png."""
-    from featinv.training.shapes import write_shapes
+    from featinv.data.shapes import write_shapes
 
     write_shapes(args.out, n=args.n, seed=args.seed, size=args.size)
     print(f"wrote {args.n} shapes images and masks ({args.size} px, seed {args.seed}) to {args.out}")
@@ -377,7 +378,7 @@ def add_training_commands(commands) -> None:
     )
     train.add_argument(
         "--mixed-precision",
-        choices=["auto", "no", "fp16", "bf16"],
+        choices=MIXED_PRECISION,
         default="auto",
         help="autocast of the forward pass (accelerate's choices; fp16 with a gradient scaler); auto: bf16 on CUDA, "
         "none on a CPU",
@@ -420,7 +421,7 @@ def add_training_commands(commands) -> None:
     )
     train.add_argument(
         "--distill-target",
-        choices=["consistency", "endpoint", "guidance", "trajectory"],
+        choices=DISTILL_TARGETS,
         default="guidance",
         help="with --distill: the teacher's guided noise in one branch (default; sampled by 4 DPM-Solver++ "
         "steps); trajectory: the student's 4-step solve fitted to the teacher's (with --student, a second stage); "
@@ -516,7 +517,7 @@ def add_training_commands(commands) -> None:
     cache.add_argument("--seed", type=arg("seed"), default=1, help="the pool's seed (as given to 'featinv train')")
     cache.add_argument("--out", required=True, help="output .safetensors file")
     cache.add_argument("--batch-size", type=arg("batch_size"), default=256)
-    cache.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    cache.add_argument("--dtype", choices=CACHE_DTYPES, default="float32")
     cache.add_argument("--device", default="auto")
     cache.set_defaults(func=cmd_features_cache, writes_file=True)
     only_with(cache, {"--pool": shapes_data})

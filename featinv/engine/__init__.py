@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from featinv.choices import BACKENDS  # the one list of names, read by the CLI too
 from featinv.engine.base import Denoiser
 from featinv.engine.eager import EagerDenoiser
 from featinv.errors import FeatInvError
-
-BACKENDS = ("eager", "compiled", "fast", "onnx", "tensorrt")
 
 
 def make_denoiser(model, backend: str = "eager", *, engine_dir: str | Path | None = None) -> Denoiser:

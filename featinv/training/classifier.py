@@ -9,8 +9,6 @@ import torch
 from featinv.analysis.intervals import wilson_interval
 from featinv.features import FeatureExtractor
 
-HELD_OUT_SEED = 20_261_201  # shapes never used for training (TRAIN_SEED), the demo (DEMO_SEED) or choices
-
 
 @torch.no_grad()
 def accuracy(

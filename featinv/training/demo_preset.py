@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from featinv.data.shapes import CLASSES, TRAIN_SEED
+from featinv.data.streams import ShapesStream
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
 from featinv.limits import within
@@ -21,18 +23,14 @@ from featinv.paths import BASE_DIR, POOLED_DIR, PRETRAINED, SPATIAL_DIR  # noqa:
 from featinv.training.distributed import get_accelerator
 from featinv.training.feature_cache import load_cache
 from featinv.training.loop import TrainConfig, TrainResult
-from featinv.training.shapes import CLASSES
 from featinv.training.train import (
     OnlineFeatures,
-    ShapesStream,
     loss_curve_png,
     train_base,
     train_classifier,
     train_controlnet,
 )
 from featinv.weights import load_state_dict, save_state_dict_atomic
-
-TRAIN_SEED = 1  # the held-out demo images use another seed (featinv.demo.DEMO_SEED)
 
 CLASSIFIER = "convnext_atto"
 CLASSIFIER_KWARGS = {"num_classes": 6, "dims": [24, 48, 96, 192], "depths": [1, 1, 2, 1], "output_stride": 8}

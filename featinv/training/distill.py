@@ -33,15 +33,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from featinv.choices import DISTILL_TARGETS
+from featinv.data.streams import ShapesStream
 from featinv.errors import FeatInvError
 from featinv.limits import within
 from featinv.models.featinv_model import FeatInvModel
 from featinv.sampling.dpmpp import sample_dpmpp_2m
 from featinv.sampling.schedule import LCM_SKIP
 from featinv.training.loop import TrainConfig, TrainResult
-from featinv.training.train import Consistency, FeatureSource, ShapesStream, _alphas, _fit, _unwrap
+from featinv.training.train import Consistency, FeatureSource, _alphas, _fit, _unwrap
 
-TARGETS = ("consistency", "endpoint", "guidance", "trajectory")
+TARGETS = DISTILL_TARGETS
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from featinv.choices import MIXED_PRECISION
 from featinv.errors import FeatInvError
 from featinv.limits import within
 from featinv.training.checkpoint import (
@@ -36,7 +37,6 @@ from featinv.training.checkpoint import (
 )
 from featinv.training.distributed import get_accelerator
 
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LossFn = Callable[[torch.nn.Module, int, slice], torch.Tensor]
 """(the prepared module, batch key, this process's rows of the batch) -> scalar loss."""
 

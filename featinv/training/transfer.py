@@ -17,11 +17,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from featinv.data.streams import ShapesStream
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
 from featinv.models.featinv_model import FeatInvModel
 from featinv.training.loop import TrainConfig, TrainResult
-from featinv.training.train import ShapesStream, _fit
+from featinv.training.train import _fit
 
 # The hint encoder's first convolution reads the classifier's channels: it is never copied.
 NEW_CLASSIFIER_KEYS = ("hint_encoder.conv_in.",)

@@ -78,8 +78,7 @@ def validation_images(stream, size: int, files: list[str] | None = None) -> tupl
         return load_images(files, (size, size)), f"{len(files)} given images"
     identity = getattr(stream, "identity", {})
     if "files_sha256" not in identity:
-        from featinv.demo import DEMO_SEED
-        from featinv.training.shapes import generate_shapes
+        from featinv.data.shapes import DEMO_SEED, generate_shapes
 
         return generate_shapes(VALIDATION_IMAGES, DEMO_SEED, size=size).images, "held-out shapes images"
     count = min(VALIDATION_IMAGES, len(stream.files))

@@ -224,10 +224,9 @@ def create_app(
             except FeatInvError as message:
                 return error(str(message))
             return {**remember(image), "label": path.parent.name if path.parent != Path(examples) else path.stem}
-        from featinv.demo import DEMO_SEED
-        from featinv.training.shapes import CLASSES, generate_shapes
+        from featinv.data.shapes import CLASSES, EXAMPLES_SEED, generate_shapes
 
-        sample = server.call(generate_shapes, index + 1, DEMO_SEED + 7, size=size[0], urgent=True)
+        sample = server.call(generate_shapes, index + 1, EXAMPLES_SEED, size=size[0], urgent=True)
         return {**remember(sample.images[index : index + 1]), "label": CLASSES[int(sample.labels[index])]}
 
     @app.post("/api/upload")
@@ -325,7 +324,7 @@ def _class_names(recorded: list[str] | None, classes: int) -> list[str]:
 def _is_shapes_model(recorded: list[str] | None) -> bool:
     """Whether the model's classifier names the shapes' classes (then held-out shapes images are
     its examples)."""
-    from featinv.training.shapes import CLASSES
+    from featinv.data.shapes import CLASSES
 
     return recorded == list(CLASSES)
 
@@ -348,7 +347,7 @@ def _example_files(folder: str | Path | None) -> list[Path] | None:
     """The image files of ``--examples DIR`` (recursively, sorted), or None without it."""
     if folder is None:
         return None
-    from featinv.training.image_folder import EXTENSIONS
+    from featinv.data.image_folder import EXTENSIONS
 
     root = Path(folder)
     if not root.is_dir():

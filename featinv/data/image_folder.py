@@ -16,8 +16,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
+from featinv.data.streams import draw_batch
 from featinv.errors import FeatInvError
-from featinv.training.train import draw_batch
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 

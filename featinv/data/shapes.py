@@ -49,6 +49,13 @@ def _inside(label: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return inside.gather(0, label.view(1, -1, 1, 1).expand(1, *u.shape))[0]
 
 
+# Every seed of the shapes data, named once: each draws images no other use sees.
+TRAIN_SEED = 1  # the training pools of the shipped models (featinv train --preset shapes-demo)
+DEMO_SEED = 20_261_126  # the demo's held-out images (featinv demo), the analyses' and the validation pictures
+REAL_SEED = DEMO_SEED + 1  # the real images FID compares against in featinv evaluate
+EXAMPLES_SEED = DEMO_SEED + 7  # the web app's example images
+HELD_OUT_SEED = 20_261_201  # a trained classifier's accuracy (featinv train-classifier)
+
 MAX_SIZE = 1024  # pixels: shapes images are procedural, larger only costs memory
 MAX_POOL_BYTES = 8 << 30  # a pool is generated in memory before it is written
 
