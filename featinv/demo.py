@@ -16,12 +16,12 @@ from featinv.analysis.intervals import difference_interval, format_interval, mea
 from featinv.analysis.metrics import reconstruction_metrics
 from featinv.analysis.report import bar_plot
 from featinv.data.shapes import DEMO_SEED, generate_shapes
+from featinv.distributed import gather, is_main_process, process_state, shard
 from featinv.errors import FeatInvError
 from featinv.images import make_grid, save_image
 from featinv.models.featinv_model import FeatInvModel
 from featinv.paths import ARCHITECTURES, PRETRAINED, REALTIME_DIR
 from featinv.pipeline import DEFAULT_GUIDANCE, Reconstructor, resolve_device
-from featinv.training.distributed import gather, is_main_process, process_state, shard
 
 DEMO_SAMPLER, DEMO_STEPS = "dpmpp", 10
 REALTIME_STEP_CHOICES = (1, 2, 4)

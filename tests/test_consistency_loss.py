@@ -1,4 +1,4 @@
-"""The feature-consistency loss of ControlNet training (``Consistency``): zero for a perfect noise
+"""The feature-consistency loss of ControlNet training (``FeatureConsistencyLoss``): zero for a perfect noise
 prediction, blind to dropped and high-noise samples, and a gradient that reaches the ControlNet."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from conftest import make_model
 
 from featinv.data.streams import ShapesStream
 from featinv.errors import FeatInvError
-from featinv.training.loop import TrainConfig
-from featinv.training.train import Consistency, OnlineFeatures, _alphas, train_controlnet
+from featinv.training.feature_cache import OnlineFeatures
+from featinv.training.loop import TrainConfig, alphas_table
+from featinv.training.losses import FeatureConsistencyLoss
+from featinv.training.train import train_controlnet
 
 
 def _batch(model, extractor, t):
@@ -18,7 +20,7 @@ def _batch(model, extractor, t):
     stream = ShapesStream(pool_size=16, seed=2, device=torch.device("cpu"), size=16)
     images, _ = stream.batch(0, len(t))
     noise = torch.randn((len(t), *model.latent_shape), generator=torch.Generator().manual_seed(0))
-    alphas = _alphas(model, torch.device("cpu"))
+    alphas = alphas_table(model, torch.device("cpu"))
     a = alphas[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * model.encode(images) + (1 - a).sqrt() * noise
     with torch.no_grad():
@@ -30,7 +32,7 @@ def test_a_perfect_noise_prediction_has_no_consistency_loss(tiny_extractor):
     model = make_model(tiny_extractor)
     t = torch.tensor([5, 150, 390, 399])
     alphas, x_t, noise, maps = _batch(model, tiny_extractor, t)
-    consistency = Consistency(tiny_extractor, weight=1.0, max_timestep=400)
+    consistency = FeatureConsistencyLoss(tiny_extractor, weight=1.0, max_timestep=400)
     everyone = torch.ones(len(t), dtype=torch.bool)
     assert consistency.loss(model, alphas, x_t, t, noise, maps, everyone).item() < 1e-5
     # A wrong prediction does cost: the clean estimate is then another image.
@@ -43,7 +45,7 @@ def test_dropped_and_high_noise_samples_do_not_count(tiny_extractor):
     t = torch.tensor([50, 50, 700, 50])
     alphas, x_t, noise, maps = _batch(model, tiny_extractor, t)
     conditioned = torch.tensor([True, False, True, True])
-    consistency = Consistency(tiny_extractor, weight=0.5, max_timestep=400)
+    consistency = FeatureConsistencyLoss(tiny_extractor, weight=0.5, max_timestep=400)
     eps = noise + 0.3 * torch.randn(noise.shape, generator=torch.Generator().manual_seed(1))
     loss = consistency.loss(model, alphas, x_t, t, eps, maps, conditioned)
     # Sample 1 is dropped, sample 2 is above max_timestep: scrambling their maps changes nothing.
@@ -68,7 +70,7 @@ def test_the_consistency_loss_changes_what_the_controlnet_learns(tiny_extractor)
         return model.controlnet.state_dict(), result.losses
 
     plain, plain_losses = trained(None)
-    with_consistency, losses = trained(Consistency(tiny_extractor, weight=1.0, max_timestep=1000))
+    with_consistency, losses = trained(FeatureConsistencyLoss(tiny_extractor, weight=1.0, max_timestep=1000))
     assert losses[0] > plain_losses[0]  # same batch, same noise: the added term is positive
     assert any(not torch.equal(plain[k], with_consistency[k]) for k in plain)
     assert not any(p.requires_grad for p in tiny_extractor.parameters())  # the classifier stays frozen
@@ -76,6 +78,6 @@ def test_the_consistency_loss_changes_what_the_controlnet_learns(tiny_extractor)
 
 def test_consistency_rejects_bad_settings(tiny_extractor):
     with pytest.raises(FeatInvError, match=r"consistency weight \(--consistency-weight\) must be > 0"):
-        Consistency(tiny_extractor, weight=0.0)
+        FeatureConsistencyLoss(tiny_extractor, weight=0.0)
     with pytest.raises(FeatInvError, match=r"max_timestep \(--consistency-max-t\) must be a positive integer"):
-        Consistency(tiny_extractor, max_timestep=0)
+        FeatureConsistencyLoss(tiny_extractor, max_timestep=0)

@@ -13,8 +13,8 @@ from featinv.models import FeatInvModel
 from featinv.pipeline import Reconstructor
 from featinv.sampling import NoiseSchedule
 from featinv.training.distill import DistillationLoss, DistillConfig, distill
+from featinv.training.feature_cache import OnlineFeatures
 from featinv.training.loop import TrainConfig
-from featinv.training.train import OnlineFeatures
 
 
 def _setup(seed: int = 0):

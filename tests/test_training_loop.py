@@ -13,9 +13,9 @@ from conftest import make_model
 from featinv.data.streams import ShapesStream
 from featinv.errors import FeatInvError
 from featinv.training import checkpoint as ckpt
-from featinv.training.feature_cache import build_cache, load_cache
+from featinv.training.feature_cache import OnlineFeatures, build_cache, load_cache
 from featinv.training.loop import TrainConfig
-from featinv.training.train import OnlineFeatures, train_base, train_controlnet
+from featinv.training.train import train_base, train_controlnet
 
 
 def _stream(pool: int = 48) -> ShapesStream:

@@ -73,7 +73,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         return cmd_optimize(args)
     if args.classifier is not None:
         raise FeatInvError("--classifier goes without --model (the model names its classifier)")
-    from featinv.training.distributed import barrier, shard
+    from featinv.distributed import barrier, shard
 
     reconstructor = _reconstructor(args)
     reconstructor.sampling_defaults(args.steps, args.guidance, args.sampler)  # refuse a mismatch before any work

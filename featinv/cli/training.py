@@ -116,9 +116,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         distillation = DistillConfig(  # checked before any work
             guidance_scale=args.distill_guidance, target=args.distill_target, teacher_steps=args.teacher_steps
         )
-    from featinv.training.distributed import get_accelerator
-    from featinv.training.feature_cache import load_cache
-    from featinv.training.train import Consistency, OnlineFeatures, loss_curve_png, train_controlnet
+    from featinv.distributed import get_accelerator
+    from featinv.training.feature_cache import OnlineFeatures, load_cache
+    from featinv.training.loop import loss_curve_png
+    from featinv.training.losses import FeatureConsistencyLoss
+    from featinv.training.train import train_controlnet
 
     accelerator = get_accelerator(args.device)
     model, extractor = _model_and_extractor(args, accelerator.device)
@@ -142,7 +144,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     consistency = (
         None
         if args.consistency_weight is None
-        else Consistency(extractor, weight=args.consistency_weight, max_timestep=args.consistency_max_t)
+        else FeatureConsistencyLoss(extractor, weight=args.consistency_weight, max_timestep=args.consistency_max_t)
     )
     out = Path(args.out)
     after_step = None
@@ -239,10 +241,10 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     import torch
 
     from featinv.data.shapes import CLASSES, HELD_OUT_SEED, generate_shapes
+    from featinv.distributed import get_accelerator
     from featinv.features import FeatureExtractor, check_model_name
     from featinv.files import write_text_atomic
     from featinv.training.classifier import accuracy
-    from featinv.training.distributed import get_accelerator
     from featinv.training.loop import TrainConfig
     from featinv.training.train import train_classifier
     from featinv.weights import save_state_dict_atomic

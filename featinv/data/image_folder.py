@@ -1,6 +1,6 @@
 """User data in ImageNet layout (``<root>/<class>/*.JPEG``) as a training stream.
 
-The same interface as :class:`featinv.training.train.ShapesStream` (``draw``/``take``/``batch``),
+The same interface as :class:`featinv.data.streams.ShapesStream` (``draw``/``take``/``batch``),
 so every trainer takes either. Training transforms as in the paper: random resized crop and
 horizontal flip, seeded by (seed, batch key, row) so that a resumed run sees the same pixels.
 Images are decoded on CPU threads; feature maps are computed batched on the device by the trainer.

@@ -14,22 +14,16 @@ import torch
 
 from featinv.data.shapes import CLASSES, TRAIN_SEED
 from featinv.data.streams import ShapesStream
+from featinv.distributed import get_accelerator
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
 from featinv.limits import within
 from featinv.models.controlnet import FeatInvControlNet
 from featinv.models.featinv_model import FeatInvModel
 from featinv.paths import BASE_DIR, POOLED_DIR, PRETRAINED, SPATIAL_DIR  # noqa: F401  (re-exported)
-from featinv.training.distributed import get_accelerator
-from featinv.training.feature_cache import load_cache
-from featinv.training.loop import TrainConfig, TrainResult
-from featinv.training.train import (
-    OnlineFeatures,
-    loss_curve_png,
-    train_base,
-    train_classifier,
-    train_controlnet,
-)
+from featinv.training.feature_cache import OnlineFeatures, load_cache
+from featinv.training.loop import TrainConfig, TrainResult, loss_curve_png
+from featinv.training.train import train_base, train_classifier, train_controlnet
 from featinv.weights import load_state_dict, save_state_dict_atomic
 
 CLASSIFIER = "convnext_atto"

@@ -40,8 +40,9 @@ from featinv.limits import within
 from featinv.models.featinv_model import FeatInvModel
 from featinv.sampling.dpmpp import sample_dpmpp_2m
 from featinv.sampling.schedule import LCM_SKIP
-from featinv.training.loop import TrainConfig, TrainResult
-from featinv.training.train import Consistency, FeatureSource, _alphas, _fit, _unwrap
+from featinv.training.feature_cache import FeatureSource
+from featinv.training.loop import TrainConfig, TrainResult, alphas_table, fit, unwrap
+from featinv.training.losses import FeatureConsistencyLoss
 
 TARGETS = DISTILL_TARGETS
 
@@ -113,7 +114,7 @@ class DistillationLoss:
         *,
         seed: int = 0,
         autocast: Any = None,
-        consistency: Consistency | None = None,
+        consistency: FeatureConsistencyLoss | None = None,
     ) -> None:
         schedule = model.noise_schedule
         if schedule.num_train_timesteps % distill.skip:
@@ -126,7 +127,7 @@ class DistillationLoss:
             raise FeatInvError(f"a feature-consistency term goes with the trajectory target, not {distill.target}")
         self.consistency = consistency
         self.autocast = autocast or (lambda device: contextlib.nullcontext())
-        self.alphas = _alphas(model, model.context.device)
+        self.alphas = alphas_table(model, model.context.device)
         self.points = schedule.num_train_timesteps // distill.skip
         # endpoint and guidance targets: at the timesteps their 1-, 2- and 4-step samplers visit
         if distill.target == "endpoint":
@@ -193,7 +194,7 @@ class DistillationLoss:
         t = (j + 1) * skip - 1
         t_prev = (t - skip).clamp_min(0)
         first = (j == 0).view(-1, 1, 1, 1)  # the grid's first point: the step ends at a clean image
-        inner = _unwrap(module)
+        inner = unwrap(module)
         with torch.no_grad():
             a = self.alphas[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * model.encode(images) + (1 - a).sqrt() * noise
@@ -217,7 +218,7 @@ class DistillationLoss:
         index, flips, images, g = self._draw(key, part)
         t = self.visited[int(torch.randint(0, len(self.visited), (1,), generator=g))]
         noise = self._noise(g, part)
-        inner = _unwrap(module)
+        inner = unwrap(module)
         with torch.no_grad():
             a = self.alphas[t]
             x_t = a.sqrt() * model.encode(images) + (1 - a).sqrt() * noise
@@ -237,7 +238,7 @@ class DistillationLoss:
         visited = torch.tensor(self.guidance_visited)
         t = visited[torch.randint(0, len(visited), (self.batch_size,), generator=g)][part].to(device)
         noise = self._noise(g, part)
-        inner = _unwrap(module)
+        inner = unwrap(module)
         with torch.no_grad():
             a = self.alphas[t].view(-1, 1, 1, 1)
             x_t = a.sqrt() * model.encode(images) + (1 - a).sqrt() * noise
@@ -254,7 +255,7 @@ class DistillationLoss:
         model, device = self.model, self.model.context.device
         index, flips, images, g = self._draw(key, part)
         noise = self._noise(g, part)
-        inner = _unwrap(module)
+        inner = unwrap(module)
         with torch.no_grad():
             maps = self.features(images, index, flips)
             target = sample_dpmpp_2m(self.teacher_denoiser(maps), noise, self.teacher_schedule)
@@ -282,7 +283,7 @@ def distill(
     *,
     seed: int = 0,
     student: FeatInvModel | None = None,
-    consistency: Consistency | None = None,
+    consistency: FeatureConsistencyLoss | None = None,
     **trainer_kwargs: Any,
 ) -> TrainResult:
     """Distil ``model`` in place: its ControlNet becomes the student, the teacher a frozen copy of it
@@ -293,7 +294,7 @@ def distill(
     distilled from the same teacher whose ControlNet the student starts from (a second stage, e.g.
     ``trajectory`` after ``guidance``) instead of the teacher's. ``consistency``: with the
     ``trajectory`` target, adds the feature-consistency loss of the student's few-step images
-    against the conditioning maps (:class:`featinv.training.train.Consistency`)."""
+    against the conditioning maps (:class:`featinv.training.losses.FeatureConsistencyLoss`)."""
     teacher = copy.deepcopy(model.controlnet).eval().requires_grad_(False)
     if student is not None:
         _start_from(model, student)
@@ -311,7 +312,7 @@ def distill(
         consistency=consistency,
     )
     name = trainer_kwargs.pop("name", "distill")
-    result = _fit(name, student, loss, config, **trainer_kwargs)
+    result = fit(name, student, loss, config, **trainer_kwargs)
     student.requires_grad_(False)
     model.distillation = distill.to_dict()
     return result

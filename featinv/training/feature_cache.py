@@ -8,6 +8,7 @@ naming the feature spec and the pool, checked when the cache is loaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,36 @@ from tqdm.auto import tqdm
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
 from featinv.files import require_file
-from featinv.training.train import CachedFeatures
 from featinv.weights import save_state_dict_atomic
+
+
+class OnlineFeatures:
+    """Feature maps computed in the loop, batched on the device, by the frozen classifier."""
+
+    def __init__(self, extractor: FeatureExtractor) -> None:
+        self.extractor = extractor
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, index: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        return self.extractor(images)
+
+
+class CachedFeatures:
+    """Feature maps read from a cache made once by :func:`featinv.training.feature_cache.build_cache`:
+    ``features`` (N, 2, C, h, w) for each pool image, unflipped and flipped."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        self.features = features
+
+    def __call__(self, images: torch.Tensor, index: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        rows = self.features[index.to(self.features.device), flips.long().to(self.features.device)]
+        return rows.to(images.device, torch.float32)
+
+
+FeatureSource = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+"""(images, pool indices, flips) -> feature maps (B, C, h, w)."""
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

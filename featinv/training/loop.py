@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from featinv.choices import MIXED_PRECISION
+from featinv.distributed import get_accelerator
 from featinv.errors import FeatInvError
 from featinv.limits import within
 from featinv.training.checkpoint import (
@@ -35,7 +36,9 @@ from featinv.training.checkpoint import (
     optimizer_to_checkpoint,
     save_checkpoint,
 )
-from featinv.training.distributed import get_accelerator
+
+if TYPE_CHECKING:
+    from featinv.models.featinv_model import FeatInvModel
 
 LossFn = Callable[[torch.nn.Module, int, slice], torch.Tensor]
 """(the prepared module, batch key, this process's rows of the batch) -> scalar loss."""
@@ -304,3 +307,56 @@ class Trainer:
             self.ema.copy_to(self.params)
         self.module.eval()
         return TrainResult(losses, step, step >= config.steps)
+
+
+def alphas_table(model: FeatInvModel, device: torch.device) -> torch.Tensor:
+    """The training alpha-bar table (num_train_timesteps,) as float32 on ``device``."""
+    return torch.tensor(model.noise_schedule.alphas_cumprod(), dtype=torch.float32, device=device)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The module inside a DDP wrapper (hint embedding runs outside the wrapped forward)."""
+    return getattr(module, "module", module)
+
+
+def fit(
+    name: str,
+    module: torch.nn.Module,
+    loss_fn: Any,
+    config: TrainConfig,
+    *,
+    checkpoint_dir: str | Path | None = None,
+    log_path: str | Path | None = None,
+    resume: bool = False,
+    after_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """One stage: a :class:`Trainer` for ``module`` and ``loss_fn``, fitted (``resume`` continues)."""
+    trainer = Trainer(
+        name, module, loss_fn, config, checkpoint_dir=checkpoint_dir, log_path=log_path, after_step=after_step
+    )
+    return trainer.fit(resume=resume)
+
+
+def loss_curve_png(log_path: Path, out: Path) -> None:
+    """Plot the JSONL log's losses per stage (log scale). Steps logged twice, by a run that was
+    interrupted and resumed from an earlier checkpoint, are plotted once (the resumed value)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages: dict[str, dict[int, float]] = {}
+    for line in log_path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            stages.setdefault(row["stage"], {})[row["step"]] = row["loss"]
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
+    for ax, (stage, points) in zip(axes[0], stages.items(), strict=True):
+        steps = sorted(points)
+        ax.plot(steps, [points[s] for s in steps])
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

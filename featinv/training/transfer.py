@@ -21,8 +21,7 @@ from featinv.data.streams import ShapesStream
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
 from featinv.models.featinv_model import FeatInvModel
-from featinv.training.loop import TrainConfig, TrainResult
-from featinv.training.train import _fit
+from featinv.training.loop import TrainConfig, TrainResult, fit
 
 # The hint encoder's first convolution reads the classifier's channels: it is never copied.
 NEW_CLASSIFIER_KEYS = ("hint_encoder.conv_in.",)
@@ -96,6 +95,6 @@ def transfer_controlnet(
         return F.mse_loss(embedding.float(), target.float())
 
     name = trainer_kwargs.pop("name", "transfer")
-    result = _fit(name, hint_encoder, loss_fn, config, **trainer_kwargs)
+    result = fit(name, hint_encoder, loss_fn, config, **trainer_kwargs)
     hint_encoder.requires_grad_(False)
     return result

@@ -13,9 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import make_extractor, make_model  # noqa: E402
 
 from featinv.data.streams import ShapesStream  # noqa: E402
-from featinv.training.distributed import process_state  # noqa: E402
+from featinv.distributed import process_state  # noqa: E402
+from featinv.training.feature_cache import OnlineFeatures  # noqa: E402
 from featinv.training.loop import TrainConfig  # noqa: E402
-from featinv.training.train import OnlineFeatures, train_controlnet  # noqa: E402
+from featinv.training.train import train_controlnet  # noqa: E402
 
 
 def main(out: Path) -> None:
