@@ -14,7 +14,8 @@ from featinv.engine import make_denoiser
 from featinv.errors import FeatInvError, require_positive_int, require_seed
 from featinv.features import FeatureExtractor, check_images, pool_and_tile
 from featinv.limits import within
-from featinv.models.featinv_model import FeatInvModel, check_guidance
+from featinv.models.featinv_model import FeatInvModel
+from featinv.models.model_config import check_guidance
 from featinv.sampling import SAMPLERS, classifier_free_guidance
 from featinv.sampling.noise import randn
 

@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 import torch
 
 from featinv.errors import FeatInvError, require_positive_int, require_seed
-from featinv.models.featinv_model import FeatInvModel, check_guidance
+from featinv.models.featinv_model import FeatInvModel
+from featinv.models.model_config import check_guidance
 from featinv.pipeline import Reconstructor, resolve_device
 
 Preview = Callable[[int, torch.Tensor], None]

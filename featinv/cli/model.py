@@ -21,7 +21,7 @@ from featinv.limits import arg
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print a model's feature spec and configuration."""
-    from featinv.models.featinv_model import FEW_STEP_SAMPLERS, read_model_config
+    from featinv.models.model_config import FEW_STEP_SAMPLERS, read_model_config
 
     if not Path(args.model).is_dir():
         raise FeatInvError(f"model folder not found: {args.model}")

@@ -22,7 +22,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if folder is not None and not Path(folder).is_dir():
             raise FeatInvError(f"{flag} folder not found: {folder}")
     if args.realtime and args.model is not None:
-        from featinv.models.featinv_model import read_model_config
+        from featinv.models.model_config import read_model_config
 
         if read_model_config(args.model).get("distillation") is None:
             raise FeatInvError(

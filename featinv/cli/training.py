@@ -242,7 +242,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
 
     from featinv.data.shapes import CLASSES, HELD_OUT_SEED, generate_shapes
     from featinv.distributed import get_accelerator
-    from featinv.features import FeatureExtractor, check_model_name
+    from featinv.features import FeatureExtractor
     from featinv.files import write_text_atomic
     from featinv.training.classifier import accuracy
     from featinv.training.loop import TrainConfig
@@ -250,11 +250,10 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from featinv.weights import save_state_dict_atomic
 
     model_kwargs = json_object_arg("--classifier-kwargs", args.classifier_kwargs)
-    check_model_name(args.classifier)  # the name and the fields (the classifier is built) before the pool
     accelerator = get_accelerator(args.device)
     torch.manual_seed(args.seed)
     input_size = (3, args.input_size, args.input_size) if args.input_size else None
-    extractor = FeatureExtractor(
+    extractor = FeatureExtractor(  # its name and fields checked, the classifier built, before the pool
         args.classifier, None, weights=args.classifier_weights, model_kwargs=model_kwargs, input_size=input_size
     ).to(accelerator.device)
     stream = _stream(args.data, args.image_size, pool=args.pool, seed=args.seed, augment=True)

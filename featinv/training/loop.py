@@ -73,8 +73,9 @@ class TrainConfig:
             "ema_decay": "ema",
             "time_budget_s": "seconds",
         }
+        optional = {"ema_decay", "time_budget_s"}  # None: off
         for name, quantity in bounded.items():
-            if getattr(self, name) is not None or name not in ("ema_decay", "time_budget_s"):
+            if not (name in optional and getattr(self, name) is None):
                 within(quantity, getattr(self, name), name)
         checks = [
             ("warmup_fraction", 0.0 <= self.warmup_fraction < 1.0, "in [0, 1)"),
