@@ -27,11 +27,12 @@ from torch import nn
 
 from featinv.choices import FEATURE_MODES
 from featinv.errors import FeatInvError
+from featinv.limits import LIMITS
 from featinv.weights import load_state_dict
 
 FORWARD_FEATURES = "forward_features"
 MODES = FEATURE_MODES
-MAX_INPUT_SIDE = 4096  # a classifier input side in pixels; more would make the probe pass allocate GBs
+MAX_INPUT_SIDE = LIMITS["input_size"].high  # a classifier input side in pixels; the probe pass allocates for it
 MAX_FEATURE_SIDE = 4096
 MAX_CHANNELS = 1 << 16
 

@@ -17,6 +17,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from featinv.errors import FeatInvError, require_seed
+from featinv.limits import LIMITS
 
 CLASSES = ("circle", "square", "triangle", "cross", "ring", "star")
 SUPERSAMPLE = 4
@@ -56,7 +57,7 @@ REAL_SEED = DEMO_SEED + 1  # the real images FID compares against in featinv eva
 EXAMPLES_SEED = DEMO_SEED + 7  # the web app's example images
 HELD_OUT_SEED = 20_261_201  # a trained classifier's accuracy (featinv train-classifier)
 
-MAX_SIZE = 1024  # pixels: shapes images are procedural, larger only costs memory
+MAX_SIZE = LIMITS["data_size"].high  # pixels: shapes images are procedural, larger only costs memory
 MAX_POOL_BYTES = 8 << 30  # a pool is generated in memory before it is written
 
 

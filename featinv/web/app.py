@@ -171,10 +171,11 @@ def create_app(
     crop_pct = server.spec.crop_pct
     head = extractor.classifier.get_classifier()
     classes = head.out_features if isinstance(head, torch.nn.Linear) else 0
-    class_names = _class_names(server.reconstructor.model.class_names, classes)
+    recorded = server.reconstructor.model.class_names
+    class_names = _class_names(recorded, classes)
     steer_note = _steering_note(extractor)
     example_files = _example_files(examples)
-    shapes_examples = example_files is None and _is_shapes_model(server.reconstructor.model.class_names)
+    shapes_examples = example_files is None and _is_shapes_model(recorded)
     example_count = len(example_files) if example_files is not None else (100 if shapes_examples else 0)
     docs = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="featinv", **docs)
