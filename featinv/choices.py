@@ -8,7 +8,7 @@ GUIDANCE_MODES = ("features", "prompt")
 
 SAMPLERS = ("ddim", "dpmpp", "lcm")  # lcm: a consistency-distilled model's few-step sampler
 ODE_SAMPLERS = ("ddim", "dpmpp")  # the base's own samplers (guided sampling, the analyses)
-METHODS = ("featinv", "optimize", "guided")  # the three ways to invert (featinv.analysis.studies)
+METHODS = ("featinv", "optimize", "guided", "hybrid")  # the ways to invert (featinv.analysis.studies)
 BACKENDS = ("eager", "compiled", "fast", "onnx", "tensorrt")  # featinv.engine's denoisers
 SERVE_BACKENDS = BACKENDS[:3]  # the web app's (no export folder)
 DTYPES = ("fp32", "fp16", "bf16")  # inference dtypes (--dtype)

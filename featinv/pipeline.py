@@ -268,12 +268,7 @@ class Reconstructor:
                     x = self.fast.sample(chunk, x, schedule, guidance_scale, callback=hook, guidance=guidance)
                     bar.update(0 if hook else rows * steps)
                 else:
-                    own = guidance == self.model.guidance  # (the two-argument call stays what it was)
-                    denoise = (
-                        self.guided_denoiser(chunk, guidance_scale)
-                        if own
-                        else self.guided_denoiser(chunk, guidance_scale, guidance)
-                    )
+                    denoise = self.batch_denoiser(chunk, guidance_scale, guidance, schedule.timesteps)
                     x = sample_fn(denoise, x, schedule, generator=batch_generators, callback=on_step)
                 outputs.append(x[:rows])
         finally:
@@ -351,18 +346,32 @@ class Reconstructor:
             raise FeatInvError(f"generator list has {len(generator)} entries, expected one per image ({n})")
         return generator
 
-    def guided_denoiser(self, features: torch.Tensor, guidance_scale: float, guidance: str | None = None):
+    def batch_denoiser(
+        self, features: torch.Tensor, guidance_scale: float, guidance: str, timesteps: Sequence[int]
+    ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """The denoiser :meth:`reconstruct` samples one batch of feature maps (B, C, h, w) with, over
+        the sampler's ``timesteps``: :meth:`guided_denoiser` (a sibling that steers the sampling,
+        :class:`featinv.analysis.hybrid.HybridReconstructor`, wraps it here)."""
+        if guidance == self.model.guidance:  # (the two-argument call stays what it was)
+            return self.guided_denoiser(features, guidance_scale)
+        return self.guided_denoiser(features, guidance_scale, guidance)
+
+    def guided_denoiser(
+        self, features: torch.Tensor, guidance_scale: float, guidance: str | None = None, *, denoiser=None
+    ) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """The (x, t) -> eps function for a batch of feature maps (B, C, h, w): the hint is computed
         once, both guidance branches run as one batch (``guidance``: what the unconditional branch
-        drops, see :meth:`reconstruct`). Public for engines and benchmarks."""
+        drops, see :meth:`reconstruct`). ``denoiser``: the ``(x, t, hint, context) -> eps`` to run
+        instead of the backend's (e.g. one that records gradients). Public for engines and benchmarks."""
+        denoiser = denoiser or self.denoiser
         b = features.shape[0]
         features = features.to(self.model.unet.dtype)
         context = self.model.context.expand(b, -1, -1)
         if guidance_scale <= 1.0:
             hint = self.model.controlnet.embed(features)
-            return lambda x, t: self.denoiser(x, t, hint, context)
+            return lambda x, t: denoiser(x, t, hint, context)
         # The unconditional branch: the null context with the zero feature map (as featinv trains) or
         # with the same one (as the published sampler guides).
         hint_pair = self.model.guidance_hints(features, guidance)
         context_pair = self.model.guidance_contexts(b)
-        return classifier_free_guidance(lambda x, t: self.denoiser(x, t, hint_pair, context_pair), guidance_scale)
+        return classifier_free_guidance(lambda x, t: denoiser(x, t, hint_pair, context_pair), guidance_scale)

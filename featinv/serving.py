@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -23,6 +23,9 @@ from featinv.errors import FeatInvError, require_positive_int, require_seed
 from featinv.models.featinv_model import FeatInvModel
 from featinv.models.model_config import check_guidance
 from featinv.pipeline import Reconstructor, resolve_device
+
+if TYPE_CHECKING:
+    from featinv.analysis.hybrid import HybridConfig
 
 Preview = Callable[[int, torch.Tensor], None]
 """(step index, predicted images (B, 3, H, W) in [0, 1]) -> None."""
@@ -70,6 +73,7 @@ class _Job:
     seed: int
     preview_every: int
     on_preview: Preview | None
+    refine: bool = False
     maps: torch.Tensor | None = None
 
     def rows(self) -> int:
@@ -109,8 +113,11 @@ class RealtimeReconstructor:
         share_thread_with: RealtimeReconstructor | None = None,
         batching: bool = True,
         max_batch_rows: int = 64,
+        refine: HybridConfig | None = None,
     ) -> None:
         require_positive_int("warmup_batch", warmup_batch)
+        self.refine_config = refine  # submit(refine=True)'s settings; None: HybridConfig.for_model's
+        self._refined: Reconstructor | None = None
         self.batching, self.max_batch_rows = batching, require_positive_int("max_batch_rows", max_batch_rows)
         self._pending: deque[_Job] = deque()
         self._pending_lock = threading.Lock()
@@ -190,6 +197,28 @@ class RealtimeReconstructor:
     def spec(self):
         return self.reconstructor.spec
 
+    @property
+    def can_refine(self) -> bool:
+        """Whether ``submit(refine=True)`` is served: hybrid sampling needs the model's classifier."""
+        return self.reconstructor.extractor is not None
+
+    def _refining(self) -> Reconstructor:
+        """The hybrid sampler of the same model (built on first use, on the serving thread)."""
+        if self._refined is None:
+            from featinv.analysis.hybrid import HybridReconstructor
+
+            if not self.can_refine:
+                raise FeatInvError("refine needs the model's classifier, and this model stores none")
+            model = self.reconstructor.model
+            self._refined = HybridReconstructor(
+                model,
+                extractor=self.reconstructor.extractor,
+                device=self.reconstructor.device,
+                dtype=model.unet.dtype,
+                config=self.refine_config,
+            )
+        return self._refined
+
     def call(self, function: Callable[..., T], *args: Any, urgent: bool = False, **kwargs: Any) -> T:
         """``function(*args, **kwargs)`` run on the serving thread, after the work queued before it;
         returns its result or raises its exception. For a caller's own tensor work (see the class).
@@ -228,15 +257,20 @@ class RealtimeReconstructor:
         seed: int = 0,
         preview_every: int = 0,
         on_preview: Preview | None = None,
+        refine: bool = False,
     ) -> Request:
         """Queue a reconstruction of ``images`` (or of ``features``); returns at once. Image i is
         seeded ``seed + i``; with ``batching``, requests queued together run as one denoiser batch
-        and each gets the pictures it would get alone."""
+        and each gets the pictures it would get alone. ``refine``: hybrid sampling (the same
+        sampling refined by feature guidance, :mod:`featinv.analysis.hybrid`; slower, closer to the
+        feature map)."""
         if preview_every < 0:
             raise FeatInvError(f"preview_every must be >= 0, got {preview_every}")
+        if refine and not self.can_refine:
+            raise FeatInvError("refine needs the model's classifier, and this model stores none")
         request = Request()
         with self._pending_lock:
-            self._pending.append(_Job(request, images, features, seed, preview_every, on_preview))
+            self._pending.append(_Job(request, images, features, seed, preview_every, on_preview, bool(refine)))
         self._worker.submit(self._serve_pending)
         return request
 
@@ -248,7 +282,7 @@ class RealtimeReconstructor:
             while self._pending and (not taken or self.batching):
                 job = self._pending[0]
                 size = job.rows()
-                if taken and rows + size > self.max_batch_rows:
+                if taken and (rows + size > self.max_batch_rows or job.refine != taken[0].refine):
                     break
                 taken.append(self._pending.popleft())
                 rows += size
@@ -316,7 +350,8 @@ class RealtimeReconstructor:
                         preview = model.decode(rows.to(model.unet.dtype)).float().cpu()
                     job.on_preview(info["i"], preview)
 
-        result = self.reconstructor.reconstruct(
+        reconstructor = self._refining() if jobs[0].refine else self.reconstructor
+        result = reconstructor.reconstruct(
             features=maps,
             steps=self.steps,
             sampler=self.sampler,

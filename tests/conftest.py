@@ -42,6 +42,9 @@ def pytest_addoption(parser):
 HEAVY = frozenset(
     (
         "test_analysis.py::test_analysis_commands_reject_bad_input",
+        "test_hybrid.py::test_refinement_raises_the_feature_cosine_over_featinvs_on_the_trained_model",
+        "test_hybrid.py::test_the_command_line",
+        "test_hybrid.py::test_the_server_refines_on_request_as_the_library_does",
         "test_analysis.py::test_inception_fid_equals_pytorch_fid_from_a_local_file",
         "test_analysis.py::test_steer_compose_robustness_and_evaluate_write_their_reports",
         "test_analysis_real.py::test_optimisation_inversion_of_a_cat_is_a_cat",

@@ -149,9 +149,9 @@ def test_steer_compose_robustness_and_evaluate_write_their_reports(capsys, tmp_p
         assert "<img" in (out / "report.html").read_text()
         if name == "evaluate":  # a table: a row per metric, a column per method, intervals in brackets
             rows = {line.split()[0]: line for line in printed.splitlines() if line[:1].isalpha()}
-            assert rows["feature_cosine"].count("[") == 4 and rows["fid_vs_real"].count("[") == 0
+            assert rows["feature_cosine"].count("[") == 5 and rows["fid_vs_real"].count("[") == 0
     evaluation = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
-    assert list(evaluation["methods"]) == ["featinv spatial", "featinv pooled", "optimisation", "guided"]
+    assert list(evaluation["methods"]) == ["featinv spatial", "featinv pooled", "optimisation", "guided", "hybrid"]
     assert {"feature_cosine", "top1_agreement", "fid_vs_real", "mask_iou"} <= set(evaluation["methods"]["optimisation"])
     for method, row in evaluation["ci95"].items():
         for name, (low, high) in row.items():
@@ -160,7 +160,12 @@ def test_steer_compose_robustness_and_evaluate_write_their_reports(capsys, tmp_p
     low, high = evaluation["fid_spatial_minus_optimisation"]["ci95"]  # the classifier's space: small enough
     (fid_line,) = [line for line in evaluation["verdicts"] if "the optimisation baseline on FID" in line]
     assert low <= high and "images resampled" in fid_line
-    assert evaluation["verdicts"][-1].startswith("Cost: guided sampling took")
+    assert any(line.startswith("Cost: guided sampling took") for line in evaluation["verdicts"])
+    hybrid_lines = [line for line in evaluation["verdicts"] if line.startswith("Hybrid sampling")]
+    assert len(hybrid_lines) == 5 and "spatial FeatInv on FID" in hybrid_lines[-1]  # four metrics and FID
+    cost = evaluation["verdicts"][-1]
+    assert cost.startswith("Cost: hybrid sampling took") and "x FeatInv's" in cost
+    assert evaluation["hybrid_minus_spatial"]["feature_cosine"]["ci95"] is not None
 
 
 def test_evaluate_verdicts_follow_the_paired_interval():

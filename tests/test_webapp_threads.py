@@ -1,7 +1,8 @@
 """The web app's handlers leave every tensor operation to the servers' one thread (see
 ``RealtimeReconstructor``): a profiler on every thread the app starts records the torch calls
-each one makes while a client uploads, picks an example, moves the sliders and switches to the
-pooled model. And the switch's models must be one classifier's spatial and pooled maps."""
+each one makes while a client uploads, picks an example, moves the sliders, switches to the
+pooled model and asks for a refined reconstruction. And the switch's models must be one
+classifier's spatial and pooled maps."""
 
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def test_the_handlers_threads_run_no_tensor_operation():
         assert result["spread"].startswith("data:image/png;base64,")  # the seeds' per-pixel spread
         pooled = post(url + "reconstruct", json.dumps({**query, "mode": "pooled"}).encode(), "application/json")
         assert len(pooled["images"]) == 3 and pooled["images"] != result["images"]
+        refined = post(url + "reconstruct", json.dumps({**query, "refine": True}).encode(), "application/json")
+        assert refined["refined"] and not result["refined"] and refined["seconds"] > 0  # the page shows the cost
+        assert len(refined["images"]) == 3 and refined["images"] != result["images"]
         with pytest.raises(urllib.error.HTTPError) as bad:
             post(url + "reconstruct", json.dumps({**query, "mode": "tiled"}).encode(), "application/json")
         assert "mode must be one of ['spatial', 'pooled'], got 'tiled'" in json.load(bad.value)["error"]
@@ -134,7 +138,7 @@ def test_the_shipped_shapes_models_name_their_classes_from_their_record(folder):
     app = create_app(PRETRAINED / folder, device="cpu", steps=1)
     try:
         info = next(route.endpoint for route in app.routes if getattr(route, "path", "") == "/api/info")()
-        assert info["class_names"] == list(CLASSES) and info["examples"] == 100
+        assert info["class_names"] == list(CLASSES) and info["examples"] == 100 and info["refine"]
     finally:
         for server in app.state.servers.values():
             server.close()
@@ -152,6 +156,7 @@ def test_a_model_without_a_record_gets_numbered_classes(tmp_path):
     try:
         info = next(route.endpoint for route in app.routes if getattr(route, "path", "") == "/api/info")()
         assert info["class_names"] == [f"class {k}" for k in range(10)] and info["examples"] == 0
+        assert info["refine"]  # make_model stores its classifier
     finally:
         for server in app.state.servers.values():
             server.close()

@@ -1,17 +1,11 @@
 """Training-free inversion: sample from the base diffusion model alone (no ControlNet), and steer
 every step toward images whose feature map matches the target.
 
-At a guided step t the base UNet's noise prediction gives the clean estimate
-``x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)``; its images (decoded by the VAE for latent models) go
-through the frozen classifier, and the feature distance ``d(phi(decode(x0)), phi0)`` (1 - cosine, or
-the L2 distance relative to the target's norm) steers the step in two ways, as in universal guidance
-(Bansal et al., "Universal Guidance for Diffusion Models", CVPR-W 2023):
-
-- forward guidance (their eq. 6): ``eps += strength * sqrt(1 - a_t) * g / rms(g)``, g the gradient of
-  d with respect to x_t, through the UNet, the decoder and the classifier;
-- backward guidance (their sec. 3.2): ``inner_steps`` normalised gradient steps of d on x0 itself
-  (no UNet in the backward pass), the step then continuing from the moved x0 with the noise
-  ``eps' = (x_t - sqrt(a_t) x0') / sqrt(1 - a_t)`` it implies.
+At a guided step the clean estimate x0 of the base's noise prediction is decoded, sent through the
+classifier, and the gradient of the feature distance steers the step, by forward and backward
+guidance as in universal guidance (Bansal et al., "Universal Guidance for Diffusion Models", CVPR-W
+2023; the steering itself is :mod:`featinv.analysis.feature_guidance`, shared with hybrid sampling,
+which guides the FeatInv model's own denoiser instead, :mod:`featinv.analysis.hybrid`).
 
 Feature inversion by guiding a frozen diffusion model: Shirahama et al. 2025 (arXiv 2509.07936),
 Rousselot, Wendebourg & Koethe 2026 (arXiv 2603.21782). The defaults were chosen on 16 shapes
@@ -26,7 +20,6 @@ the sampler is the base model's own, bit for bit.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from featinv import choices
+from featinv.analysis.feature_guidance import FeatureGuidance, feature_distance, guided_timesteps
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor, check_images
 from featinv.limits import within
@@ -98,16 +92,6 @@ class GuidanceConfig:
         return self.strength > 0 and self.start <= i / self.steps < self.stop
 
 
-def feature_distance(features: torch.Tensor, target: torch.Tensor, distance: str, pooled: bool) -> torch.Tensor:
-    """Per-image distance (B,) between feature maps (B, C, h, w) and their targets."""
-    if pooled:
-        features, target = features.mean((2, 3)), target.mean((2, 3))
-    features, target = features.flatten(1), target.flatten(1)
-    if distance == "cosine":
-        return 1.0 - torch.nn.functional.cosine_similarity(features, target, dim=1, eps=1e-8)
-    return (features - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-12)
-
-
 class GuidedReconstructor:
     """Reconstructs images from feature maps with a FeatInv model's base alone, guided by the
     classifier's gradients (see the module's docstring). The model's ControlNet is never used, so
@@ -137,7 +121,16 @@ class GuidedReconstructor:
         self.model = model.to(self.device, torch.float32).eval()
         self.extractor = extractor.to(self.device, torch.float32).eval().requires_grad_(False)
         self.config = config
-        self._alphas = model.noise_schedule.alphas_cumprod()
+        self.steering = FeatureGuidance(
+            self.extractor,
+            lambda x0: self.model.decode(x0, straight_through=True),
+            model.noise_schedule.alphas_cumprod(),
+            strength=config.strength,
+            inner_steps=config.inner_steps,
+            inner_step_size=config.inner_step_size,
+            distance=config.distance,
+            pooled=config.pooled,
+        )
 
     @property
     def spec(self):
@@ -163,56 +156,9 @@ class GuidedReconstructor:
     def guided_denoiser(self, target: torch.Tensor, timesteps: Sequence[int]) -> Denoise:
         """The base denoiser, its noise prediction at each guided step steered toward the target
         maps ``target`` (B, C, h, w) by forward and backward guidance (see the module)."""
-        base = self.base_denoiser(len(target))
-        guided = {int(t) for i, t in enumerate(timesteps) if self.config.guided(i)}
-        if not guided:
-            return base
-        strength = self.config.strength
-
-        def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-            if int(t) not in guided:
-                return base(x, t)
-            alpha = self._alphas[int(t)]
-            sqrt_alpha, sqrt_beta = math.sqrt(alpha), math.sqrt(1.0 - alpha)
-            with torch.enable_grad():
-                x_t = x.detach().requires_grad_(True)
-                eps = base(x_t, t)
-                loss = self._distance((x_t - sqrt_beta * eps) / sqrt_alpha, target)
-                (grad,) = torch.autograd.grad(loss.sum(), x_t)
-            eps = eps.detach() + strength * sqrt_beta * _unit_rms(grad)
-            if self.config.inner_steps == 0:
-                return eps
-            x0 = self.refine((x - sqrt_beta * eps) / sqrt_alpha, target)
-            return (x - sqrt_alpha * x0) / sqrt_beta
-
-        return denoise
-
-    def refine(self, x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Backward guidance: ``inner_steps`` normalised gradient steps of the feature distance on
-        the clean estimate x0 (B, C', H', W')."""
-        x0 = x0.detach()
-        for _ in range(self.config.inner_steps):
-            with torch.enable_grad():
-                x0.requires_grad_(True)
-                (grad,) = torch.autograd.grad(self._distance(x0, target).sum(), x0)
-            x0 = (x0 - self.config.inner_step_size * _unit_rms(grad)).detach()
-        return x0
-
-    def _distance(self, x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-image feature distance (B,) of the images the clean estimates x0 decode to."""
-        return feature_distance(self._features_of(x0), target, self.config.distance, self.config.pooled)
-
-    def _features_of(self, x0: torch.Tensor) -> torch.Tensor:
-        """The classifier's maps of the images x0 decodes to, differentiably; the [0, 1] clamp passes
-        gradients straight through (an early, out-of-range estimate still gets a direction)."""
-        images = self.model.decode(x0, straight_through=True)
-        features = self.extractor._features(self.extractor.normalize(images))
-        if not features.requires_grad:
-            raise FeatInvError(
-                f"{self.spec.describe()} gives no gradient with respect to its input (a layer detaches it or runs "
-                "under no_grad): guided inversion needs a classifier that is differentiable up to the chosen layer"
-            )
-        return features
+        config = self.config
+        guided = guided_timesteps(timesteps, config.strength, config.start, config.stop)
+        return self.steering.steer(self.base_denoiser(len(target)), target, guided)
 
     @torch.no_grad()
     def reconstruct(
@@ -271,7 +217,4 @@ class GuidedReconstructor:
         return Reconstruction(images=images_out.float().cpu(), features=features.cpu(), samples=samples.cpu())
 
 
-def _unit_rms(grad: torch.Tensor) -> torch.Tensor:
-    """``grad`` (B, ...) divided by its root-mean-square per image."""
-    rms = grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12)
-    return grad / rms.view(-1, *[1] * (grad.dim() - 1))
+__all__ = ["DISTANCES", "GUIDED_SAMPLERS", "GuidanceConfig", "GuidedReconstructor", "feature_distance"]

@@ -14,6 +14,7 @@ import torch
 from featinv.analysis.compose import lerp, mix_by_mask, select_channels, slerp
 from featinv.analysis.fid import classifier_features, embed_images, fid_difference_interval, frechet_distance
 from featinv.analysis.guided import GuidanceConfig, GuidedReconstructor
+from featinv.analysis.hybrid import HybridConfig, HybridReconstructor
 from featinv.analysis.intervals import difference_interval, mean_interval
 from featinv.analysis.metrics import classifier_outputs, reconstruction_metrics
 from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
@@ -42,11 +43,28 @@ def make_inverter(
     opt_steps: int | None = None,
     guided: GuidanceConfig | None = None,
     guidance: str | None = None,
+    hybrid: HybridConfig | None = None,
 ) -> Inverter:
-    """features (B, C, h, w) -> images (B, 3, H, W): FeatInv sampling, the optimisation baseline, or
-    training-free guided sampling on the model's base (``guided`` settings; ``steps``, ``sampler``
-    and ``guidance``, what classifier-free guidance guides on, are FeatInv's; the baseline's settings
-    are ``optimize``, by default :meth:`OptimizeConfig.for_extractor` with ``opt_steps``)."""
+    """features (B, C, h, w) -> images (B, 3, H, W): FeatInv sampling, the optimisation baseline,
+    training-free guided sampling on the model's base (``guided`` settings), or FeatInv's sampling
+    refined by feature guidance (``hybrid`` settings, default the model's). ``steps``, ``sampler``
+    and ``guidance``, what classifier-free guidance guides on, are FeatInv's and hybrid's; the baseline's settings are
+    ``optimize``, by default :meth:`OptimizeConfig.for_extractor` with ``opt_steps``."""
+    if method == "hybrid":
+        if reconstructor.extractor is None:
+            raise FeatInvError("hybrid sampling needs the classifier: pass --classifier-weights")
+        refined = HybridReconstructor(
+            reconstructor.model,
+            extractor=reconstructor.extractor,
+            device=reconstructor.device,
+            dtype=reconstructor.model.unet.dtype,
+            config=hybrid,
+        )
+        return lambda f: (
+            refined.reconstruct(
+                features=f, steps=steps, sampler=sampler, guidance=guidance, seed=seed, batch_size=64, progress=False
+            ).images
+        )
     if method == "featinv":
         return lambda f: (
             reconstructor.reconstruct(
@@ -235,9 +253,11 @@ def evaluate_study(
     fid_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
     guidance: str | None = None,
     compare_guidance: str | None = None,
+    hybrid: HybridConfig | None = None,
 ) -> dict[str, Any]:
-    """FeatInv from spatial maps, FeatInv from pooled maps, the optimisation baseline and (with
-    ``guided`` settings) training-free guided sampling on the base, side by side: feature cosine,
+    """FeatInv from spatial maps, FeatInv from pooled maps, the optimisation baseline, (with
+    ``guided`` settings) training-free guided sampling on the base and (with ``hybrid`` settings)
+    FeatInv's sampling refined by feature guidance, side by side: feature cosine,
     top-1 agreement, object location (with masks), FID against ``real`` images in the classifier's
     penultimate feature space (or ``fid_features``, e.g. Inception's), and each method's seconds
     per image in this run. ``guidance``: what FeatInv's classifier-free guidance guides on (default:
@@ -270,6 +290,8 @@ def evaluate_study(
     run("optimisation", make_inverter(spatial, "optimize", optimize=optimize, opt_steps=opt_steps, seed=seed), maps)
     if guided is not None:
         run("guided", make_inverter(spatial, "guided", guided=guided, seed=seed), maps)
+    if hybrid is not None:
+        run("hybrid", make_inverter(spatial, "hybrid", hybrid=hybrid, **featinv_options), maps)
     embed = fid_features or classifier_features(extractor)
     # What every method is compared with is computed once: the originals' classifier outputs, the
     # real images' embedding.
@@ -307,6 +329,10 @@ def evaluate_study(
                 fid_intervals[other] = fid_difference_interval(
                     real_embedding, embeddings["featinv spatial"], embeddings[other], seed=seed
                 )
+        if "hybrid" in embeddings:  # hybrid minus spatial: lower is hybrid's lead
+            fid_intervals["hybrid"] = fid_difference_interval(
+                real_embedding, embeddings["hybrid"], embeddings["featinv spatial"], seed=seed
+            )
     fid_interval = fid_intervals.get("optimisation")
     verdicts = _verdicts(table, per_image, fid_interval)
     comparison = None
@@ -319,6 +345,8 @@ def evaluate_study(
         comparison = _paired_differences(table, per_image, compared, "featinv spatial", fid_compared)
     if "guided" in table:
         verdicts += _guided_verdicts(table, per_image, fid_intervals.get("guided"))
+    if "hybrid" in table:
+        verdicts += _hybrid_verdicts(table, per_image, fid_intervals.get("hybrid"))
     data = {
         "images": len(images),
         "real_images": len(real),
@@ -336,6 +364,19 @@ def evaluate_study(
                 }
             }
             if "guided" in table
+            else {}
+        ),
+        **(
+            {
+                "fid_hybrid_minus_spatial": {
+                    "value": table["hybrid"]["fid_vs_real"] - table["featinv spatial"]["fid_vs_real"],
+                    "ci95": list(fid_intervals["hybrid"]) if "hybrid" in fid_intervals else None,
+                },
+                "hybrid_minus_spatial": _paired_differences(
+                    table, per_image, "hybrid", "featinv spatial", fid_intervals.get("hybrid")
+                ),
+            }
+            if "hybrid" in table
             else {}
         ),
         "reference": reference,
@@ -441,24 +482,62 @@ def _guided_verdicts(
 ) -> list[str]:
     """Spatial FeatInv against training-free guided sampling, metric by metric (paired 95%
     intervals of the per-image differences), on FID, and what each costs per image."""
-    spatial, guided = table["featinv spatial"], table["guided"]
-    lines = []
-    for key, what, higher_is_better in GUIDED_METRICS:
-        if key not in spatial:
-            continue
-        low, high = difference_interval(per_image["featinv spatial"][key], per_image["guided"][key])
-        verdict = _verdict(low, high) if higher_is_better else _verdict(-high, -low)
-        lines.append(
-            f"Spatial FeatInv {verdict} guided sampling on {what}: {spatial[key]:.3f} vs {guided[key]:.3f}, "
-            f"difference {spatial[key] - guided[key]:.3f} (95% CI [{low:.3f}, {high:.3f}], same images)."
-        )
+    lines = _comparison(table, per_image, ("featinv spatial", "Spatial FeatInv"), ("guided", "guided sampling"))
     lines.append(_fid_line(table, "guided", "guided sampling", fid_interval) + ".")
+    spatial, guided = table["featinv spatial"], table["guided"]
     ratio = guided["seconds_per_image"] / max(spatial["seconds_per_image"], 1e-9)
     lines.append(
         f"Cost: guided sampling took {guided['seconds_per_image']:.3f} s per image, {ratio:.1f}x FeatInv's "
         f"{spatial['seconds_per_image']:.3f} s in this run (a backward pass through the UNet, decoder and "
         "classifier per step), with no training; FeatInv needs a ControlNet trained for the classifier and layer."
     )
+    return lines
+
+
+def _hybrid_verdicts(
+    table: dict[str, dict[str, float]],
+    per_image: dict[str, dict[str, torch.Tensor]],
+    fid_interval: tuple[float, float] | None,
+) -> list[str]:
+    """Hybrid sampling against spatial FeatInv (the sampling it refines), metric by metric (paired
+    95% intervals), on FID (``fid_interval``: of FID(hybrid) - FID(spatial)), and its cost."""
+    lines = _comparison(table, per_image, ("hybrid", "Hybrid sampling"), ("featinv spatial", "spatial FeatInv"))
+    hybrid, spatial = table["hybrid"]["fid_vs_real"], table["featinv spatial"]["fid_vs_real"]
+    if fid_interval is None:
+        verdict, evidence = ("beats" if hybrid < spatial else "does NOT beat"), "no interval in this space"
+    else:
+        low, high = fid_interval
+        verdict = _verdict(-high, -low)
+        evidence = f"difference {hybrid - spatial:.3f}, 95% CI [{low:.3f}, {high:.3f}], images resampled"
+    lines.append(f"Hybrid sampling {verdict} spatial FeatInv on FID ({hybrid:.3f} vs {spatial:.3f}; {evidence}).")
+    seconds, base = table["hybrid"]["seconds_per_image"], table["featinv spatial"]["seconds_per_image"]
+    lines.append(
+        f"Cost: hybrid sampling took {seconds:.3f} s per image, {seconds / max(base, 1e-9):.1f}x FeatInv's "
+        f"{base:.3f} s in this run (per guided step a backward pass through the ControlNet, the UNet's guidance "
+        "branches, the decoder and the classifier), on the same trained model."
+    )
+    return lines
+
+
+def _comparison(
+    table: dict[str, dict[str, float]],
+    per_image: dict[str, dict[str, torch.Tensor]],
+    first: tuple[str, str],
+    second: tuple[str, str],
+) -> list[str]:
+    """Method ``first`` against ``second`` ((name, label in a sentence) each) on the headline
+    per-image metrics: the verdict of the paired 95% interval of the differences."""
+    (a, label_a), (b, label_b) = first, second
+    lines = []
+    for key, what, higher_is_better in GUIDED_METRICS:
+        if key not in table[a]:
+            continue
+        low, high = difference_interval(per_image[a][key], per_image[b][key])
+        verdict = _verdict(low, high) if higher_is_better else _verdict(-high, -low)
+        lines.append(
+            f"{label_a} {verdict} {label_b} on {what}: {table[a][key]:.3f} vs {table[b][key]:.3f}, "
+            f"difference {table[a][key] - table[b][key]:.3f} (95% CI [{low:.3f}, {high:.3f}], same images)."
+        )
     return lines
 
 

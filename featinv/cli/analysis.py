@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,7 +13,7 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
 from featinv.choices import METHODS, ODE_SAMPLERS
-from featinv.cli.options import add_guidance_on_arg, load_model, required_extractor
+from featinv.cli.options import add_guidance_on_arg, load_model, only_with, required_extractor
 from featinv.errors import FeatInvError
 from featinv.limits import arg
 
@@ -195,10 +196,11 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """FeatInv spatial, FeatInv pooled, the optimisation baseline and guided sampling side by side."""
+    """FeatInv spatial, FeatInv pooled, the optimisation baseline, guided and hybrid sampling side by side."""
     import torch
 
     from featinv.analysis.guided import GuidanceConfig
+    from featinv.analysis.hybrid import HybridConfig
     from featinv.analysis.studies import evaluate_study
     from featinv.training.demo_preset import POOLED_DIR, PRETRAINED, SPATIAL_DIR
 
@@ -211,6 +213,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model_path = args.model or str(PRETRAINED / SPATIAL_DIR)
     pooled_path = args.pooled_model or (str(PRETRAINED / POOLED_DIR) if args.model is None else None)
     spatial = _analysis_reconstructor(args, model_path)
+    hybrid = None
+    if not args.no_hybrid:
+        hybrid = HybridConfig.for_model(spatial.model)
+        if args.hybrid_strength is not None:
+            hybrid = replace(hybrid, strength=args.hybrid_strength)
     pooled = _analysis_reconstructor(args, pooled_path) if pooled_path else None
     size = spatial.model.image_size
     masks = None
@@ -250,6 +257,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         fid_features=fid_features,
         guidance=args.guidance_on if args.guidance_on != "both" else "features",
         compare_guidance="prompt" if args.guidance_on == "both" else None,
+        hybrid=hybrid,
     )
     from featinv.analysis.intervals import format_interval
     from featinv.analysis.report import text_table
@@ -299,7 +307,8 @@ def _add_analysis_args(parser: argparse.ArgumentParser, *, model_required: bool 
         "--method",
         choices=METHODS,
         default="featinv",
-        help="featinv, optimize (the Mahendran-Vedaldi baseline) or guided (the base alone, training-free)",
+        help="featinv, hybrid (featinv refined by feature guidance), optimize (the Mahendran-Vedaldi baseline) or "
+        "guided (the base alone, training-free)",
     )
     parser.add_argument("--steps", type=arg("steps"), default=10, help="sampler steps (default 10)")
     parser.add_argument("--sampler", choices=ODE_SAMPLERS, default="dpmpp")
@@ -338,7 +347,7 @@ def add_analysis_commands(commands) -> None:
     robust.set_defaults(func=cmd_robustness)
 
     evaluate = commands.add_parser(
-        "evaluate", help="FeatInv spatial vs pooled vs the optimisation baseline vs guided sampling"
+        "evaluate", help="FeatInv spatial vs pooled vs the optimisation baseline vs guided vs hybrid sampling"
     )
     _add_analysis_args(evaluate, model_required=False, images=False)
     evaluate.add_argument("--pooled-model", help="a FeatInv model trained on pooled maps of the same classifier")
@@ -358,5 +367,22 @@ def add_analysis_commands(commands) -> None:
     evaluate.add_argument(
         "--guided-strength", type=arg("strength"), help="guided sampling's forward strength (default 0.3)"
     )
+    evaluate.add_argument(
+        "--no-hybrid", action="store_true", help="leave out hybrid sampling (FeatInv's sampling refined by guidance)"
+    )
+    evaluate.add_argument(
+        "--hybrid-strength",
+        type=arg("strength"),
+        help="hybrid sampling's forward strength (default 0.05; 0.001 for a distilled model)",
+    )
     add_guidance_on_arg(evaluate, both=True)
     evaluate.set_defaults(func=cmd_evaluate)
+    with_guided = ("guided sampling (not with --no-guided)", lambda args: not args.no_guided)
+    only_with(
+        evaluate,
+        {
+            "--guided-steps": with_guided,
+            "--guided-strength": with_guided,
+            "--hybrid-strength": ("hybrid sampling (not with --no-hybrid)", lambda args: not args.no_hybrid),
+        },
+    )

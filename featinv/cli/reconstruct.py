@@ -1,5 +1,6 @@
-"""``featinv reconstruct``: images from feature maps by one of three methods: ``featinv`` (the
-learned inverter), ``guided`` (training-free: the model's base steered by the classifier's
+"""``featinv reconstruct``: images from feature maps by one of four methods: ``featinv`` (the
+learned inverter), ``hybrid`` (the learned inverter's sampling refined by the classifier's gradients,
+:mod:`featinv.analysis.hybrid`), ``guided`` (training-free: the model's base steered by the classifier's
 gradients, :mod:`featinv.analysis.guided`; the model's ControlNet is not used, so an untrained model
 from ``featinv create`` serves, and ``--classifier NAME`` inverts any timm classifier and layer) and
 ``optimize`` (the optimisation baseline on pixels, on a model's classifier or, with ``--classifier
@@ -42,6 +43,12 @@ def _reconstructor(args: argparse.Namespace):
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32"))
     model = load_model(args.model)
+    if args.method == "hybrid":
+        from featinv.analysis.hybrid import HybridReconstructor
+
+        extractor = required_extractor(model, args.classifier_weights, args.model)
+        config = hybrid_from_args(args, model)
+        return HybridReconstructor(model, extractor=extractor, device=device, dtype=dtype, config=config)
     return Reconstructor(
         model,
         extractor=extractor_for(model, args.classifier_weights),
@@ -63,8 +70,13 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     if args.images is None and args.features is None:
         raise FeatInvError("give --images FILES... or --features FILE")
-    if args.guidance_on is not None and args.method != "featinv":
-        raise FeatInvError(f"--guidance-on applies to --method featinv, not --method {args.method}")
+    if args.guidance_on is not None and args.method not in ("featinv", "hybrid"):
+        raise FeatInvError(f"--guidance-on applies to --method featinv or hybrid, not --method {args.method}")
+    if args.method == "hybrid" and args.backend != "eager":
+        raise FeatInvError(
+            f"--method hybrid runs on the eager backend (it takes gradients through the denoiser), got --backend "
+            f"{args.backend}"
+        )
     if args.method == "guided":
         return cmd_guided(args)
     if args.model is None:
@@ -138,29 +150,53 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
         what = f"{len(every_stem)} reconstruction{'s' * (len(every_stem) != 1)}"
         if samples > 1:
             what += f", {samples} samples each, their spread maps (per-pixel std over the samples, 0 to 0.5)"
+        if args.method == "hybrid":
+            config = reconstructor.config
+            what += (
+                f" refined by feature guidance (strength {config.strength:g}, {config.inner_steps} inner steps, "
+                f"the steps from {config.start:g} to {config.stop:g} of the way)"
+            )
         print(f"wrote {what} and grid.png to {args.out}")
     return 0
 
 
-# ----- --method guided
+# ----- --method guided and hybrid
 
 
 def add_guided_args(parser: argparse.ArgumentParser) -> None:
-    """The guidance options of ``reconstruct --method guided`` (their defaults are
-    :class:`featinv.analysis.guided.GuidanceConfig`'s; not imported here, to keep start-up light)."""
-    group = parser.add_argument_group("with --method guided (training-free, on the model's base)")
+    """The guidance options of ``reconstruct --method guided|hybrid`` (their defaults are
+    :class:`featinv.analysis.guided.GuidanceConfig`'s and :class:`featinv.analysis.hybrid.HybridConfig`'s;
+    not imported here, to keep start-up light)."""
+    group = parser.add_argument_group(
+        "with --method guided (training-free, on the model's base) or hybrid (FeatInv's sampling refined); "
+        "defaults guided | hybrid"
+    )
     group.add_argument(
-        "--strength", type=arg("strength"), help="forward guidance strength, 0 = the base's own samples (0.3)"
+        "--strength",
+        type=arg("strength"),
+        help="forward guidance strength, 0 = the unguided samples (0.3 | 0.05; a distilled model: 0.001)",
     )
     group.add_argument(
         "--inner-steps",
         type=arg("inner_steps"),
-        help="backward-guidance gradient steps on the clean estimate per step (2)",
+        help="backward-guidance gradient steps on the clean estimate per step (2 | 0; a distilled model: 3)",
     )
     group.add_argument(
-        "--inner-step-size", type=arg("step_size"), help="RMS change of the clean estimate per inner step (0.01)"
+        "--inner-step-size",
+        type=arg("step_size"),
+        help="RMS change of the clean estimate per inner step (0.01 | 0.01; a distilled model: 0.003)",
     )
     group.add_argument("--distance", choices=DISTANCES, help="the feature distance to lower (cosine)")
+
+
+def hybrid_from_args(args: argparse.Namespace, model):
+    """The :class:`HybridConfig` the command line asks for: ``model``'s defaults
+    (:meth:`HybridConfig.for_model`) where an option is not given."""
+    from featinv.analysis.hybrid import HybridConfig
+
+    options = ("strength", "inner_steps", "inner_step_size", "distance")
+    given = {key: getattr(args, key) for key in options if getattr(args, key) is not None}
+    return replace(HybridConfig.for_model(model), **given, pooled=args.pooled)
 
 
 def guidance_from_args(args: argparse.Namespace):
@@ -341,8 +377,9 @@ def add_reconstruct_command(commands) -> None:
         "--method",
         choices=METHODS,
         default="featinv",
-        help="featinv (diffusion), optimize (the Mahendran-Vedaldi baseline) or guided (the model's base alone, "
-        "steered by the classifier's gradients); the last two need no training",
+        help="featinv (diffusion), hybrid (featinv's sampling refined by the classifier's gradients), optimize "
+        "(the Mahendran-Vedaldi baseline) or guided (the model's base alone, steered by the classifier's "
+        "gradients); the last two need no training",
     )
     rec.add_argument(
         "--opt-steps", type=arg("opt_steps"), help="with --method optimize: Adam steps (default 300, 1000 above 160 px)"
@@ -359,7 +396,7 @@ def add_reconstruct_command(commands) -> None:
     add_guided_args(rec)
     rec.set_defaults(func=cmd_reconstruct)
     with_classifier = ("--classifier NAME", lambda args: args.classifier is not None)
-    guided = ("--method guided", lambda args: args.method == "guided")
+    guided = ("--method guided or hybrid", lambda args: args.method in ("guided", "hybrid"))
     only_with(
         rec,
         {

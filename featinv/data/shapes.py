@@ -56,6 +56,7 @@ DEMO_SEED = 20_261_126  # the demo's held-out images (featinv demo), the analyse
 REAL_SEED = DEMO_SEED + 1  # the real images FID compares against in featinv evaluate
 EXAMPLES_SEED = DEMO_SEED + 7  # the web app's example images
 HELD_OUT_SEED = 20_261_201  # a trained classifier's accuracy (featinv train-classifier)
+VALIDATION_SEED = 7  # where the defaults of guided and hybrid sampling were chosen (never DEMO_SEED's images)
 
 MAX_SIZE = LIMITS["data_size"].high  # pixels: shapes images are procedural, larger only costs memory
 MAX_POOL_BYTES = 8 << 30  # a pool is generated in memory before it is written

@@ -21,6 +21,10 @@ class EagerDenoiser:
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep: int, hint: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.predict(sample, timestep, hint, context)
+
+    def predict(self, sample: torch.Tensor, timestep: int, hint: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The same eps, recording autograd where it is on (guidance through the denoiser)."""
         dtype = self.model.unet.dtype
         sample, hint, context = sample.to(dtype), hint.to(dtype), context.to(dtype)
         t = torch.tensor(timestep, dtype=torch.long, device=sample.device)

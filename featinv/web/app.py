@@ -14,6 +14,7 @@ import base64
 import io
 import itertools
 import threading
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Any
@@ -56,6 +57,7 @@ class ReconstructQuery(BaseModel):
     concept: int = 0
     other: str | None = None
     mix: float = 0.0
+    refine: bool = False
 
 
 class Session:
@@ -210,6 +212,7 @@ def create_app(
             "sampling": server.describe_sampling(),
             "realtime": server.realtime,
             "modes": list(servers),
+            "refine": server.can_refine,
         }
 
     @app.post("/api/example/{index}")
@@ -255,6 +258,8 @@ def create_app(
             )
         if not -5.0 <= query.strength <= 5.0 or not 0.0 <= query.mix <= 1.0:
             return error("strength must be in [-5, 5] and mix in [0, 1]")
+        if query.refine and not chosen.can_refine:
+            return error("refine needs the model's classifier, and this model stores none")
         if query.strength != 0 and steer_note is not None:
             return error(steer_note)
         if steer_note is None and not 0 <= query.concept < classes:
@@ -275,11 +280,13 @@ def create_app(
             concept, moved = server.call(slider_state)
         except FeatInvError as message:  # e.g. a classifier without a linear head over this map
             return error(str(message))
-        request = chosen.submit(features=moved, seed=0)
+        started = time.perf_counter()
+        request = chosen.submit(features=moved, seed=0, refine=query.refine)
         with session.lock:
             session.in_flight[query.client] = request
         try:
             images = request.result(timeout=120)
+            seconds = time.perf_counter() - started
         except RequestCancelled:
             return error("superseded by a newer request", 409)
         except FeatInvError as message:
@@ -301,6 +308,8 @@ def create_app(
             "images": [_png_data_url(picture) for picture in pictures],
             "spread": _png_data_url(spread) if spread is not None else None,
             "concept_probability": probability,
+            "refined": query.refine,
+            "seconds": seconds,
         }
 
     app.state.server = server
