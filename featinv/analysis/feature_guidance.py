@@ -24,8 +24,10 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from featinv.choices import DISTANCES
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
+from featinv.limits import within
 from featinv.sampling.guidance import Denoise
 
 
@@ -39,6 +41,23 @@ def feature_distance(features: torch.Tensor, target: torch.Tensor, distance: str
     if distance == "cosine":
         return 1.0 - torch.nn.functional.cosine_similarity(features, target, dim=1, eps=1e-8)
     return (features - target).norm(dim=1) / target.norm(dim=1).clamp_min(1e-12)
+
+
+def check_steering(
+    strength: float, inner_steps: int, inner_step_size: float, start: float, stop: float, distance: str
+) -> None:
+    """Raise ``FeatInvError`` naming the first steering setting out of its limits (the settings
+    that guided and hybrid sampling share)."""
+    within("strength", strength, "strength")
+    within("step_size", inner_step_size, "inner_step_size")
+    within("inner_steps", inner_steps, "inner_steps")
+    if not 0.0 <= start < stop <= 1.0:
+        raise FeatInvError(
+            f"start and stop must satisfy 0 <= start < stop <= 1 (fractions of the steps), "
+            f"got start={start}, stop={stop}"
+        )
+    if distance not in DISTANCES:
+        raise FeatInvError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
 
 
 def guided_timesteps(timesteps: Sequence[int], strength: float, start: float, stop: float) -> set[int]:

@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from featinv import choices
-from featinv.analysis.feature_guidance import FeatureGuidance, feature_distance, guided_timesteps
+from featinv.analysis.feature_guidance import FeatureGuidance, check_steering, feature_distance, guided_timesteps
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor, check_images
 from featinv.limits import within
@@ -72,17 +72,8 @@ class GuidanceConfig:
     guidance_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        within("strength", self.strength, "strength")
-        within("step_size", self.inner_step_size, "inner_step_size")
-        within("inner_steps", self.inner_steps, "inner_steps")
+        check_steering(self.strength, self.inner_steps, self.inner_step_size, self.start, self.stop, self.distance)
         within("steps", self.steps, "steps")
-        if not 0.0 <= self.start < self.stop <= 1.0:
-            raise FeatInvError(
-                f"start and stop must satisfy 0 <= start < stop <= 1 (fractions of the steps), "
-                f"got start={self.start}, stop={self.stop}"
-            )
-        if self.distance not in DISTANCES:
-            raise FeatInvError(f"distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
         if self.sampler not in GUIDED_SAMPLERS:
             raise FeatInvError(f"sampler must be one of {', '.join(GUIDED_SAMPLERS)}, got {self.sampler!r}")
         within("guidance", self.guidance_scale, "guidance_scale")

@@ -24,12 +24,10 @@ from dataclasses import dataclass
 
 import torch
 
-from featinv.analysis.feature_guidance import FeatureGuidance, guided_timesteps
-from featinv.choices import DISTANCES
+from featinv.analysis.feature_guidance import FeatureGuidance, check_steering, guided_timesteps
 from featinv.engine.eager import EagerDenoiser
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
-from featinv.limits import within
 from featinv.models.featinv_model import FeatInvModel
 from featinv.pipeline import Reconstructor
 
@@ -89,16 +87,7 @@ class HybridConfig:
         return cls(**FEW_STEP_DEFAULTS) if model.few_step_sampler else cls()
 
     def __post_init__(self) -> None:
-        within("strength", self.strength, "strength")
-        within("step_size", self.inner_step_size, "inner_step_size")
-        within("inner_steps", self.inner_steps, "inner_steps")
-        if not 0.0 <= self.start < self.stop <= 1.0:
-            raise FeatInvError(
-                f"start and stop must satisfy 0 <= start < stop <= 1 (fractions of the steps), "
-                f"got start={self.start}, stop={self.stop}"
-            )
-        if self.distance not in DISTANCES:
-            raise FeatInvError(f"distance must be one of {', '.join(DISTANCES)}, got {self.distance!r}")
+        check_steering(self.strength, self.inner_steps, self.inner_step_size, self.start, self.stop, self.distance)
 
 
 class HybridReconstructor(Reconstructor):

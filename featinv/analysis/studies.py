@@ -456,15 +456,27 @@ def _verdicts(
 
 def _fid_line(table: dict[str, dict[str, float]], other: str, label: str, interval: tuple[float, float] | None) -> str:
     """Spatial FeatInv against ``other`` on FID, judged by ``interval`` (of FID(spatial) - FID(other))."""
-    spatial = table["featinv spatial"]["fid_vs_real"]
-    difference = spatial - table[other]["fid_vs_real"]
+    return _fid_verdict(table, ("featinv spatial", "Spatial FeatInv"), (other, label), interval)
+
+
+def _fid_verdict(
+    table: dict[str, dict[str, float]],
+    first: tuple[str, str],
+    second: tuple[str, str],
+    interval: tuple[float, float] | None,
+) -> str:
+    """Method ``first`` against ``second`` ((name, label in a sentence) each) on FID, judged by
+    ``interval`` (of FID(first) - FID(second)); lower FID is better."""
+    (a, label_a), (b, label_b) = first, second
+    fid_a, fid_b = table[a]["fid_vs_real"], table[b]["fid_vs_real"]
+    difference = fid_a - fid_b
     if interval is None:
         verdict, evidence = ("beats" if difference < 0 else "does NOT beat"), "no interval in this space"
     else:
         low, high = interval
-        verdict = _verdict(-high, -low)  # lower FID is better
+        verdict = _verdict(-high, -low)
         evidence = f"difference {difference:.3f}, 95% CI [{low:.3f}, {high:.3f}], images resampled"
-    return f"Spatial FeatInv {verdict} {label} on FID ({spatial:.3f} vs {table[other]['fid_vs_real']:.3f}; {evidence})"
+    return f"{label_a} {verdict} {label_b} on FID ({fid_a:.3f} vs {fid_b:.3f}; {evidence})"
 
 
 GUIDED_METRICS = (
@@ -502,14 +514,9 @@ def _hybrid_verdicts(
     """Hybrid sampling against spatial FeatInv (the sampling it refines), metric by metric (paired
     95% intervals), on FID (``fid_interval``: of FID(hybrid) - FID(spatial)), and its cost."""
     lines = _comparison(table, per_image, ("hybrid", "Hybrid sampling"), ("featinv spatial", "spatial FeatInv"))
-    hybrid, spatial = table["hybrid"]["fid_vs_real"], table["featinv spatial"]["fid_vs_real"]
-    if fid_interval is None:
-        verdict, evidence = ("beats" if hybrid < spatial else "does NOT beat"), "no interval in this space"
-    else:
-        low, high = fid_interval
-        verdict = _verdict(-high, -low)
-        evidence = f"difference {hybrid - spatial:.3f}, 95% CI [{low:.3f}, {high:.3f}], images resampled"
-    lines.append(f"Hybrid sampling {verdict} spatial FeatInv on FID ({hybrid:.3f} vs {spatial:.3f}; {evidence}).")
+    lines.append(
+        _fid_verdict(table, ("hybrid", "Hybrid sampling"), ("featinv spatial", "spatial FeatInv"), fid_interval) + "."
+    )
     seconds, base = table["hybrid"]["seconds_per_image"], table["featinv spatial"]["seconds_per_image"]
     lines.append(
         f"Cost: hybrid sampling took {seconds:.3f} s per image, {seconds / max(base, 1e-9):.1f}x FeatInv's "
