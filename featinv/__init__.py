@@ -10,10 +10,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from featinv._source_kernels import map_source_kernels
+from featinv._source_kernels import map_source_kernels, unshadow_hub_kernels
 from featinv.errors import FeatInvError
 
 map_source_kernels()
+unshadow_hub_kernels()
 
 _LAZY = {
     "FeatureExtractor": "featinv.features",

@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# `python -m pytest` puts the checkout on sys.path: featinv's import keeps its kernels/ from passing
+# for Hugging Face's `kernels`, which transformers imports (before any test module imports it).
+import featinv  # noqa: E402, F401
+
 if not torch.cuda.is_available():  # Triton kernels run in the interpreter on CPU-only machines
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -10,6 +10,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -36,3 +38,21 @@ def test_an_uninstalled_source_tree_imports_the_kernels(tmp_path):
     featinv_file, kernel_file = done.stdout.split()
     assert Path(featinv_file).parent == tmp_path / "featinv"
     assert Path(kernel_file) == tmp_path / "kernels" / "guided_update.py"
+
+
+def test_the_checkouts_kernels_folder_does_not_pass_for_hugging_faces_kernels_package():
+    """Run from the checkout (`python -m ...` puts it on sys.path), `import kernels` after featinv
+    finds Hugging Face's package, which transformers (and diffusers through it) import, not
+    featinv's kernels/; featinv.kernels is still the checkout's folder."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("kernels")
+    except PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed")
+    code = "import featinv, kernels, featinv.kernels as own; print(kernels.__file__); print(own.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    hub, own = (Path(line) for line in done.stdout.split())
+    assert hub != ROOT / "kernels" / "__init__.py" and "site-packages" in hub.parts
+    assert own == ROOT / "kernels" / "__init__.py"
