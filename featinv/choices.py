@@ -17,3 +17,4 @@ MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # training autocast (accelerat
 DISTILL_TARGETS = ("consistency", "endpoint", "guidance", "trajectory")  # featinv.training.distill
 DISTANCES = ("cosine", "l2")  # guided sampling's feature distance
 FEATURE_MODES = ("spatial", "pooled")  # a feature map as it is, or its mean tiled (the paper's baseline)
+FEATURE_SOURCES = ("timm", "torchvision", "transformers", "module")  # where a classifier comes from (featinv.sources)

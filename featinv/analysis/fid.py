@@ -77,9 +77,7 @@ def classifier_features(extractor: FeatureExtractor) -> FeatureFn:
     @torch.no_grad()
     def features(images: torch.Tensor) -> torch.Tensor:
         device = next(extractor.classifier.parameters()).device
-        x = extractor.preprocess(images.to(device))
-        model = extractor.classifier
-        return model.forward_head(model.forward_features(x), pre_logits=True).flatten(1).float().cpu()
+        return extractor.pre_logits(images.to(device)).float().cpu()
 
     return features
 

@@ -88,11 +88,13 @@ def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def classifier_outputs(extractor: FeatureExtractor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(spatial feature maps, logits) of images (B, 3, H, W) on the classifier's device: what
-    :func:`reconstruction_metrics` compares (compute the originals' once for several methods)."""
+    :func:`reconstruction_metrics` compares (compute the originals' once for several methods).
+    The logits are None for a model without class scores (an encoder such as DINOv2)."""
     device = next(extractor.classifier.parameters()).device
     images = images.cpu().to(device)
     # Features are always compared in the spatial map of the classifier, whatever the model's mode.
-    return extractor._features(extractor.preprocess(images)), extractor.logits(images)
+    logits = extractor.logits(images) if extractor.has_logits else None
+    return extractor._features(extractor.preprocess(images)), logits
 
 
 @torch.no_grad()
@@ -106,8 +108,9 @@ def reconstruction_metrics(
 ) -> dict[str, torch.Tensor]:
     """Per-image metrics, each (B,) float on the CPU, of reconstructions (B, 3, H, W) against their
     originals: feature cosine in the classifier's spatial map and after pooling, top-1 and top-5
-    agreement, PSNR, SSIM, and with object masks (B, 1, H, W) the colour-mask IoU and centroid
-    distance. Callers average them (after merging shares, in a multi-process run).
+    agreement (where the classifier has class scores), PSNR, SSIM, and with object masks
+    (B, 1, H, W) the colour-mask IoU and centroid distance. Callers average them (after merging
+    shares, in a multi-process run).
     ``original_outputs``: :func:`classifier_outputs` of ``originals``, when the caller has them."""
     originals, reconstructions = originals.cpu(), reconstructions.cpu()
     f_orig, logits_orig = original_outputs or classifier_outputs(extractor, originals)
@@ -115,11 +118,12 @@ def reconstruction_metrics(
     values = {
         "feature_cosine": feature_cosine(f_orig, f_rec),
         "pooled_feature_cosine": feature_cosine(f_orig.mean((2, 3), keepdim=True), f_rec.mean((2, 3), keepdim=True)),
-        "top1_agreement": topk_agreement(logits_orig, logits_rec),
-        "top5_agreement": topk_agreement(logits_orig, logits_rec, k=5),
         "psnr_db": psnr(reconstructions, originals),
         "ssim": ssim(reconstructions, originals),
     }
+    if logits_orig is not None:
+        values["top1_agreement"] = topk_agreement(logits_orig, logits_rec)
+        values["top5_agreement"] = topk_agreement(logits_orig, logits_rec, k=5)
     if masks is not None:
         predicted = colour_masks(reconstructions, originals, masks)
         values["mask_iou"] = mask_iou(predicted, masks)

@@ -44,7 +44,7 @@ def pgd_attack(
     delta = ((torch.rand(images.shape, generator=generator) * 2 - 1) * eps).to(device)
     for _ in range(steps):
         delta.requires_grad_(True)
-        logits = extractor.classifier(extractor.normalize((images + delta).clamp(0, 1)))
+        logits = extractor.logits_normalized(extractor.normalize((images + delta).clamp(0, 1)))
         (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels), delta)
         delta = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
     return (images + delta).clamp(0, 1).detach().cpu()

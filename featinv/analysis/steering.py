@@ -41,7 +41,7 @@ class Concept:
 
 def class_concept(extractor: FeatureExtractor, class_index: int) -> Concept:
     """The direction of class ``class_index`` in the classifier's linear head."""
-    head = extractor.classifier.get_classifier() if hasattr(extractor.classifier, "get_classifier") else None
+    head = extractor.linear_head()
     channels = extractor.spec.channels
     if not isinstance(head, torch.nn.Linear) or head.in_features != channels:
         raise FeatInvError(

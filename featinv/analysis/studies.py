@@ -306,6 +306,7 @@ def evaluate_study(
         agreement = {
             key: means.pop(key)
             for key in ("feature_cosine", "pooled_feature_cosine", "top1_agreement", "top5_agreement")
+            if key in means
         }
         embeddings[name] = embed_images(recon, embed)
         fid_vs_real = frechet_distance(real_embedding, embeddings[name])

@@ -13,7 +13,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from featinv.cli.options import Parser, check_output_location, given_options, refuse_unmet
+from featinv.cli.options import (
+    Parser,
+    add_trust_code_arg,
+    check_output_location,
+    given_options,
+    refuse_unmet,
+    walk_parsers,
+)
 from featinv.errors import FeatInvError
 
 
@@ -36,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     analysis.add_analysis_commands(commands)
     serve.add_serve_command(commands)
     model.add_extract_command(commands)
+    for each in walk_parsers(parser):  # every command that reads a model folder may meet a user module's
+        flags = {flag for action in each._actions for flag in action.option_strings}
+        if "--model" in flags and "--trust-code" not in flags and each.prog != "featinv info":
+            add_trust_code_arg(each)
     return parser
 
 

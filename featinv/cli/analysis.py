@@ -22,8 +22,8 @@ def _analysis_reconstructor(args: argparse.Namespace, model_path: str | None = N
     from featinv.pipeline import Reconstructor, resolve_device
 
     folder = model_path or args.model
-    model = load_model(folder)
-    extractor = required_extractor(model, args.classifier_weights, folder)
+    model = load_model(folder, args.trust_code)
+    extractor = required_extractor(model, args.classifier_weights, folder, args.trust_code)
     return Reconstructor(model, extractor=extractor, device=resolve_device(args.device))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from featinv.cli.options import add_source_args
 from featinv.errors import FeatInvError
 from featinv.limits import arg
 
@@ -13,8 +14,7 @@ from featinv.limits import arg
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert, check everything before writing, then write the base (or reuse an identical one)
     and the model, each atomically."""
-    from featinv.cli.options import json_object_arg, parse_layer
-    from featinv.features import FeatureExtractor
+    from featinv.cli.options import new_extractor
     from featinv.models import FeatInvModel
     from featinv.models.base import weights_fingerprint
     from featinv.models.published import PUBLISHED_CLASSIFIER, PUBLISHED_INPUT_SIZE, read_checkpoint, read_config
@@ -26,20 +26,24 @@ def cmd_convert(args: argparse.Namespace) -> int:
             raise FeatInvError(f"{flag} {path} exists and is not a folder")
     if out.resolve() == base_out.resolve():
         raise FeatInvError("--out and --base-out must be two folders (the model refers to its base)")
-    if args.classifier is None and (args.classifier_kwargs or args.layer or args.input_size):
-        raise FeatInvError("--classifier-kwargs, --layer and --input-size go with --classifier")
+    named = args.classifier is not None or args.classifier_module is not None
+    given = (args.classifier_kwargs, args.layer, args.input_size, args.source, args.classifier_normalization)
+    if not named and any(value is not None for value in given):
+        raise FeatInvError(
+            "--classifier-kwargs, --layer, --input-size, --source and --classifier-normalization go with --classifier"
+        )
     text_config = json_file_arg("--text-encoder-config", args.text_encoder_config)
-    model_kwargs = json_object_arg("--classifier-kwargs", args.classifier_kwargs)
     config = read_config(args.config)
     state = read_checkpoint(args.checkpoint)  # the file's layout, before the classifier is built
-    name = args.classifier or PUBLISHED_CLASSIFIER
-    size = args.input_size or (PUBLISHED_INPUT_SIZE if args.classifier is None else None)
-    extractor = FeatureExtractor(
-        name,
-        parse_layer(args.layer),
+    extractor = new_extractor(
+        args.source,
+        args.classifier if named else PUBLISHED_CLASSIFIER,
+        args.classifier_module,
+        layer=args.layer,
         weights=args.classifier_weights,
-        model_kwargs=model_kwargs,
-        input_size=(3, size, size) if size else None,
+        kwargs_text=args.classifier_kwargs,
+        input_side=args.input_size or (None if named else PUBLISHED_INPUT_SIZE),
+        normalization_text=args.classifier_normalization,
     )
     model = FeatInvModel.from_single_file(
         state,
@@ -115,9 +119,13 @@ def add_convert_command(commands) -> None:
     convert.add_argument(
         "--classifier", help="timm model name (default: convnext_base.fb_in22k_ft_in1k at 288 px, as published)"
     )
-    convert.add_argument("--classifier-kwargs", help="with --classifier: JSON of extra timm.create_model arguments")
+    add_source_args(convert, applies="with --classifier: ")
     convert.add_argument(
-        "--layer", help="with --classifier: forward_features (default), a feature_info index, a module"
+        "--classifier-kwargs",
+        help="with --classifier: JSON of extra constructor arguments (transformers: config fields)",
+    )
+    convert.add_argument(
+        "--layer", help="with --classifier: its layer (timm: forward_features by default; see create --help)"
     )
     convert.add_argument("--input-size", type=arg("input_size"), help="with --classifier: its input side in pixels")
     convert.add_argument(

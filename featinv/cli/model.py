@@ -9,9 +9,9 @@ from pathlib import Path
 
 from featinv.cli.options import (
     add_model_args,
-    json_object_arg,
+    add_source_args,
     load_model,
-    parse_layer,
+    new_extractor,
     required_extractor,
     torch_dtype,
 )
@@ -37,8 +37,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     NoiseSchedule.from_dict(config["noise_schedule"], f"{where}: noise_schedule")
     print(f"model folder:  {args.model}")
     print(f"features:      {spec.describe()}")
+    print(f"source:        {spec.source}{' (imported only with --trust-code)' if spec.source == 'module' else ''}")
     print(f"classifier in: {spec.input_size}, mean {spec.mean}, std {spec.std}")
-    if spec.model_kwargs:
+    if spec.model_kwargs and spec.source != "transformers":  # transformers: its whole config (see --json)
         print(f"classifier kw: {spec.model_kwargs}")
     print(f"latent model:  {'yes (VAE)' if config.get('has_vae') else 'no (pixel space)'}")
     image_size, latent_shape = _model_shapes(args.model, config)
@@ -82,7 +83,6 @@ def _model_shapes(folder: str, config: dict) -> tuple[str, str]:
 
 def cmd_create(args: argparse.Namespace) -> int:
     """Create a new (untrained) FeatInv model from a preset or a diffusers base and a classifier."""
-    from featinv.features import FeatureExtractor
     from featinv.models import FeatInvModel
 
     if (args.preset is None) == (args.base is None):
@@ -93,15 +93,16 @@ def cmd_create(args: argparse.Namespace) -> int:
         base_kind(args.base)  # a folder or a hub id, before the classifier is built
     elif args.prompt is not None or args.bundle:
         raise FeatInvError("--prompt and --bundle apply to --base (a preset has no text encoder and no base folder)")
-    model_kwargs = json_object_arg("--classifier-kwargs", args.classifier_kwargs)
-    input_size = (3, args.input_size, args.input_size) if args.input_size else None
-    extractor = FeatureExtractor(
+    extractor = new_extractor(
+        args.source,
         args.classifier,
-        parse_layer(args.layer),
+        args.classifier_module,
+        layer=args.layer,
         mode="pooled" if args.pooled else "spatial",
         weights=args.classifier_weights,
-        model_kwargs=model_kwargs,
-        input_size=input_size,
+        kwargs_text=args.classifier_kwargs,
+        input_side=args.input_size,
+        normalization_text=args.classifier_normalization,
     )
     sizes = {k: getattr(args, k) for k in ("image_size", "hint_channels") if getattr(args, k) is not None}
     if args.preset is not None:
@@ -130,8 +131,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from featinv.images import load_images
     from featinv.weights import save_state_dict_atomic
 
-    model = load_model(args.model)
-    extractor = required_extractor(model, args.classifier_weights, args.model)
+    model = load_model(args.model, args.trust_code)
+    extractor = required_extractor(model, args.classifier_weights, args.model, args.trust_code)
     from featinv.features import pool_and_tile
 
     images = load_images(args.images, model.feature_spec.input_size[1:], model.feature_spec.crop_pct)
@@ -152,7 +153,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         from featinv.engine.tensorrt import require_tensorrt
 
         require_tensorrt()  # one clear line, before anything is written
-    model = load_model(args.model)
+    model = load_model(args.model, args.trust_code)
     manifest = export_onnx(model, args.out, dtype=torch_dtype(args.dtype), opset=args.opset, exporter=args.exporter)
     files = ", ".join(sorted(manifest["sha256"]))
     print(f"wrote {files} (ONNX opset {manifest['opset']}, {args.exporter} exporter, checked) to {args.out}")
@@ -177,10 +178,23 @@ def add_create_command(commands) -> None:
     create = commands.add_parser("create", help="create an untrained FeatInv model for a classifier and layer")
     create.add_argument("--preset", help="micro, tiny, minisd or sd15 (random base weights)")
     create.add_argument("--base", help="a diffusers base: local folder, or a hub id (downloads)")
-    create.add_argument("--classifier", required=True, help="timm model name, e.g. resnet50")
-    create.add_argument("--layer", help="forward_features (default), a feature_info index, or a module path")
+    create.add_argument(
+        "--classifier",
+        help="the classifier: a timm or torchvision model name (resnet50), or a transformers folder or hub id",
+    )
+    add_source_args(create)
+    create.add_argument(
+        "--layer",
+        help="timm: forward_features (default), a feature_info index, or a module path; torchvision and "
+        "--classifier-module: a module path (layer3, features.6; default: the last spatial one); transformers: "
+        "a hidden-state index (0: the embeddings) or last (default)",
+    )
     create.add_argument("--classifier-weights", help="local classifier weights (safetensors or .pth)")
-    create.add_argument("--classifier-kwargs", help="JSON of extra timm.create_model arguments")
+    create.add_argument(
+        "--classifier-kwargs",
+        help="JSON of extra constructor arguments (timm.create_model, torchvision's get_model, your factory) or, "
+        "for transformers, config fields",
+    )
     create.add_argument(
         "--input-size", type=arg("input_size"), help="classifier input side in pixels (default: the model's)"
     )

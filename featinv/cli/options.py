@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
-from featinv.choices import GUIDANCE_MODES
+from featinv.choices import FEATURE_SOURCES, GUIDANCE_MODES
 from featinv.errors import FeatInvError
 from featinv.files import probe_writable, staged_folder
 
@@ -100,27 +100,28 @@ def refuse_unmet(args: argparse.Namespace, given: set[str]) -> None:
             raise FeatInvError(f"{flag} applies only with {needs}")
 
 
-def load_model(folder: str | Path):
-    """The FeatInv model of a ``--model`` folder."""
+def load_model(folder: str | Path, trust_code: bool = False):
+    """The FeatInv model of a ``--model`` folder (one whose classifier is a user module only with
+    ``--trust-code``)."""
     from featinv.models import FeatInvModel
 
-    return FeatInvModel.from_pretrained(folder)
+    return FeatInvModel.from_pretrained(folder, trust_code=trust_code)
 
 
-def extractor_for(model, weights: str | Path | None):
+def extractor_for(model, weights: str | Path | None, trust_code: bool = False):
     """The model's classifier, or with ``--classifier-weights`` its spec's classifier with those weights."""
     from featinv.features import FeatureExtractor
 
     if weights is None:
         return model.classifier
-    extractor = FeatureExtractor.from_spec(model.feature_spec)
+    extractor = FeatureExtractor.from_spec(model.feature_spec, trust_code=trust_code)
     extractor.load_classifier_weights(weights)
     return extractor
 
 
-def required_extractor(model, weights: str | Path | None, folder: str | Path):
+def required_extractor(model, weights: str | Path | None, folder: str | Path, trust_code: bool = False):
     """:func:`extractor_for`, for commands that cannot work without the classifier."""
-    extractor = extractor_for(model, weights)
+    extractor = extractor_for(model, weights, trust_code)
     if extractor is None:
         raise FeatInvError(f"{folder} stores no classifier: pass --classifier-weights FILE")
     return extractor
@@ -212,3 +213,92 @@ def json_object_arg(flag: str, text: str | None) -> dict:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="FeatInv model folder")
     parser.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
+
+
+def add_trust_code_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="load a model folder whose classifier is a user module (--classifier-module): this imports and runs "
+        "that module's code",
+    )
+
+
+def add_source_args(parser: argparse.ArgumentParser, *, applies: str = "") -> None:
+    """``--source``, ``--classifier-module`` and ``--classifier-normalization``: where the classifier
+    named by ``--classifier`` comes from (``applies``: when they mean something, for the help)."""
+    parser.add_argument(
+        "--source",
+        choices=FEATURE_SOURCES,
+        help=f"{applies}where --classifier comes from: timm (default; a model name), torchvision (a model name), "
+        "transformers (a local model folder, or a hub id: downloads), module (with --classifier-module)",
+    )
+    parser.add_argument(
+        "--classifier-module",
+        metavar="PACKAGE.MODULE:FACTORY",
+        help=f"{applies}your own classifier: a callable returning an nn.Module, as package.module:factory or "
+        "path/to/file.py:factory (imported: runs its code); layers by module path",
+    )
+    parser.add_argument(
+        "--classifier-normalization",
+        metavar="JSON",
+        help=f"{applies}the classifier's input normalisation, e.g. "
+        '\'{"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}\' '
+        "(default: the model's own: timm's data config, torchvision's weights, the transformers image processor; "
+        "ImageNet's for a module)",
+    )
+
+
+def classifier_source(source: str | None, classifier: str | None, module: str | None) -> tuple[str, str | None]:
+    """(the source, the classifier's name) of ``--source``, ``--classifier`` and ``--classifier-module``."""
+    if module is not None:
+        if source not in (None, "module"):
+            raise FeatInvError(f"--classifier-module goes with --source module, got --source {source}")
+        if classifier is not None:
+            raise FeatInvError("give --classifier NAME or --classifier-module PACKAGE.MODULE:FACTORY, not both")
+        return "module", module
+    if source == "module":
+        raise FeatInvError("--source module needs --classifier-module PACKAGE.MODULE:FACTORY")
+    return source or "timm", classifier
+
+
+def normalization_arg(text: str | None) -> dict[str, list[float]]:
+    """``--classifier-normalization``'s ``{"mean": [...], "std": [...]}`` ({} when not given)."""
+    value = json_object_arg("--classifier-normalization", text)
+    if value and set(value) != {"mean", "std"}:
+        raise FeatInvError(
+            f'--classifier-normalization must hold "mean" and "std" (three numbers each), got {sorted(value)}'
+        )
+    return value
+
+
+def new_extractor(
+    source: str | None,
+    classifier: str | None,
+    module: str | None,
+    *,
+    layer: str | None = None,
+    mode: str = "spatial",
+    weights: str | Path | None = None,
+    kwargs_text: str | None = None,
+    input_side: int | None = None,
+    normalization_text: str | None = None,
+    **options,
+):
+    """The FeatureExtractor that a command's classifier options describe (checked first, built)."""
+    from featinv.features import FeatureExtractor
+
+    source, name = classifier_source(source, classifier, module)
+    if name is None:
+        raise FeatInvError("give --classifier NAME (or --classifier-module PACKAGE.MODULE:FACTORY)")
+    return FeatureExtractor(
+        name,
+        parse_layer(layer),
+        source=source,
+        mode=mode,
+        weights=weights,
+        model_kwargs=json_object_arg("--classifier-kwargs", kwargs_text),
+        input_size=(3, input_side, input_side) if input_side else None,
+        **normalization_arg(normalization_text),
+        **options,
+    )

@@ -20,12 +20,13 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
 from featinv.choices import BACKENDS, DISTANCES, DTYPES, METHODS, SAMPLERS
 from featinv.cli.options import (
     add_guidance_on_arg,
+    add_source_args,
     add_twin_encoder_arg,
     extractor_for,
     fast_options,
     load_model,
+    new_extractor,
     only_with,
-    parse_layer,
     read_features,
     required_extractor,
     sample_names,
@@ -42,16 +43,16 @@ def _reconstructor(args: argparse.Namespace):
 
     device = resolve_device(args.device)
     dtype = torch_dtype(args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32"))
-    model = load_model(args.model)
+    model = load_model(args.model, args.trust_code)
     if args.method == "hybrid":
         from featinv.analysis.hybrid import HybridReconstructor
 
-        extractor = required_extractor(model, args.classifier_weights, args.model)
+        extractor = required_extractor(model, args.classifier_weights, args.model, args.trust_code)
         config = hybrid_from_args(args, model)
         return HybridReconstructor(model, extractor=extractor, device=device, dtype=dtype, config=config)
     return Reconstructor(
         model,
-        extractor=extractor_for(model, args.classifier_weights),
+        extractor=extractor_for(model, args.classifier_weights, args.trust_code),
         device=device,
         dtype=dtype,
         backend=args.backend,
@@ -80,10 +81,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     if args.method == "guided":
         return cmd_guided(args)
     if args.model is None:
-        if args.method != "optimize" or args.classifier is None:
+        if args.method != "optimize" or not _names_classifier(args):
             raise FeatInvError("give --model DIR, or --method optimize --classifier NAME (no FeatInv model needed)")
         return cmd_optimize(args)
-    if args.classifier is not None:
+    if _names_classifier(args):
         raise FeatInvError("--classifier goes without --model (the model names its classifier)")
     from featinv.distributed import barrier, shard
 
@@ -225,11 +226,11 @@ def cmd_guided(args: argparse.Namespace) -> int:
         )
     config = guidance_from_args(args)
     samples, batch_size = args.samples, args.batch_size
-    model = load_model(args.model)
-    if args.classifier:
+    model = load_model(args.model, args.trust_code)
+    if _names_classifier(args):
         extractor = classifier_from_args(args, mode="spatial")
     else:
-        extractor = required_extractor(model, args.classifier_weights, args.model)
+        extractor = required_extractor(model, args.classifier_weights, args.model, args.trust_code)
     if extractor.spec.mode == "pooled":  # a pooled model's maps: match their means
         config = replace(config, pooled=True)
     device = resolve_device(args.device)
@@ -288,16 +289,23 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
-def classifier_from_args(args: argparse.Namespace, mode: str | None = None):
-    """The ``--classifier NAME [--layer] [--input-size] [--classifier-weights]`` feature extractor."""
-    from featinv.features import FeatureExtractor
+def _names_classifier(args: argparse.Namespace) -> bool:
+    return args.classifier is not None or args.classifier_module is not None
 
-    return FeatureExtractor(
+
+def classifier_from_args(args: argparse.Namespace, mode: str | None = None):
+    """The ``--classifier NAME`` (``--source``, ``--classifier-module``, ``--layer``, ``--input-size``,
+    ``--classifier-weights``, ``--classifier-kwargs``) feature extractor."""
+    return new_extractor(
+        args.source,
         args.classifier,
-        parse_layer(args.layer),
+        args.classifier_module,
+        layer=args.layer,
         mode=mode or ("pooled" if args.pooled else "spatial"),
         weights=args.classifier_weights,
-        input_size=(3, args.input_size, args.input_size) if args.input_size else None,
+        kwargs_text=args.classifier_kwargs,
+        input_side=args.input_size,
+        normalization_text=args.classifier_normalization,
     )
 
 
@@ -339,8 +347,20 @@ def add_reconstruct_command(commands) -> None:
     rec = commands.add_parser("reconstruct", help="reconstruct images from feature maps")
     rec.add_argument("--model", help="FeatInv model folder (not needed with --method optimize --classifier NAME)")
     rec.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
-    rec.add_argument("--classifier", help="a timm model name: with --method optimize (no --model) or --method guided")
-    rec.add_argument("--layer", help="with --classifier: forward_features (default), a feature_info index or a module")
+    rec.add_argument(
+        "--classifier",
+        help="a classifier (a timm name; see --source): with --method optimize (no --model) or --method guided",
+    )
+    add_source_args(rec, applies="with --classifier: ")
+    rec.add_argument(
+        "--classifier-kwargs",
+        help="with --classifier: JSON of extra constructor arguments (transformers: config fields)",
+    )
+    rec.add_argument(
+        "--layer",
+        help="with --classifier: timm: forward_features (default), a feature_info index or a module; torchvision "
+        "and modules: a module path; transformers: a hidden-state index or last",
+    )
     rec.add_argument(
         "--input-size", type=arg("input_size"), help="with --classifier: its input side in pixels (default: its own)"
     )
@@ -395,13 +415,16 @@ def add_reconstruct_command(commands) -> None:
     add_guidance_on_arg(rec)
     add_guided_args(rec)
     rec.set_defaults(func=cmd_reconstruct)
-    with_classifier = ("--classifier NAME", lambda args: args.classifier is not None)
+    with_classifier = ("--classifier NAME", _names_classifier)
     guided = ("--method guided or hybrid", lambda args: args.method in ("guided", "hybrid"))
     only_with(
         rec,
         {
             "--layer": with_classifier,
             "--input-size": with_classifier,
+            "--source": with_classifier,
+            "--classifier-kwargs": with_classifier,
+            "--classifier-normalization": with_classifier,
             "--opt-steps": ("--method optimize", lambda args: args.method == "optimize"),
             "--strength": guided,
             "--inner-steps": guided,

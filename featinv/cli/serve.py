@@ -46,6 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         realtime=args.realtime,
         steps=args.steps,
         guidance=args.guidance_on,
+        trust_code=args.trust_code,
     )
     return 0
 

@@ -14,8 +14,11 @@ from featinv.choices import CACHE_DTYPES, DISTILL_TARGETS, MIXED_PRECISION
 from featinv.cli.options import (
     Parser,
     add_model_args,
+    add_source_args,
+    classifier_source,
     json_object_arg,
     load_model,
+    new_extractor,
     only_with,
     required_extractor,
     staged_output,
@@ -38,8 +41,8 @@ def _stream(data: str, size: int, *, pool: int, seed: int, augment: bool):
 
 
 def _model_and_extractor(args: argparse.Namespace, device: torch.device):
-    model = load_model(args.model).to(device)
-    extractor = required_extractor(model, args.classifier_weights, args.model)
+    model = load_model(args.model, args.trust_code).to(device)
+    extractor = required_extractor(model, args.classifier_weights, args.model, args.trust_code)
     return model, extractor.to(device)
 
 
@@ -64,13 +67,13 @@ def _refuse_flags(args: argparse.Namespace, mode: str) -> None:
             raise FeatInvError(f"--{flag.replace('_', '-')} {why}")
 
 
-def _teacher(folder: str):
+def _teacher(folder: str, trust_code: bool = False):
     """The model folder given to --transfer-from, with its classifier."""
     from featinv.models.featinv_model import FeatInvModel
 
     if not Path(folder).is_dir():
         raise FeatInvError(f"--transfer-from folder not found: {folder}")
-    teacher = FeatInvModel.from_pretrained(folder)
+    teacher = FeatInvModel.from_pretrained(folder, trust_code=trust_code)
     if teacher.classifier is None:
         raise FeatInvError(f"--transfer-from {folder} stores no classifier: its hint embeddings need one")
     return teacher
@@ -127,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.transfer_from is not None:
         from featinv.training.transfer import check_transferable
 
-        teacher = _teacher(args.transfer_from).to(accelerator.device)
+        teacher = _teacher(args.transfer_from, args.trust_code).to(accelerator.device)
         check_transferable(model, teacher)  # before the pool is drawn
     config = TrainConfig(
         steps=args.steps, lr=args.lr, batch_size=args.batch_size, time_budget_s=args.time_budget, **common
@@ -180,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise FeatInvError(f"--student folder not found: {args.student}")
             from featinv.models.featinv_model import FeatInvModel
 
-            student = FeatInvModel.from_pretrained(args.student)
+            student = FeatInvModel.from_pretrained(args.student, trust_code=args.trust_code)
         result = distill(
             model,
             features,
@@ -224,7 +227,7 @@ def cmd_from_checkpoint(args: argparse.Namespace) -> int:
         checkpoint = load_checkpoint(args.checkpoint)
     except ValueError as error:
         raise FeatInvError(f"--checkpoint: {error}") from error
-    model = FeatInvModel.from_pretrained(args.model)
+    model = FeatInvModel.from_pretrained(args.model, trust_code=args.trust_code)
     which = load_checkpoint_into(model, checkpoint, ema=not args.raw)
     with staged_output(args.out) as staging:
         model.save_pretrained(staging)
@@ -234,15 +237,15 @@ def cmd_from_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> int:
-    """Train a timm classifier on shapes or an ImageNet-layout folder; write its weights, its
-    accuracy (held-out shapes, or the folder's own images) and the ``create`` line that uses it."""
+    """Train a classifier (timm, torchvision, transformers or a user module) on shapes or an
+    ImageNet-layout folder; write its weights, its accuracy (held-out shapes, or the folder's own
+    images) and the ``create`` line that uses it."""
     import json
 
     import torch
 
     from featinv.data.shapes import CLASSES, HELD_OUT_SEED, generate_shapes
     from featinv.distributed import get_accelerator
-    from featinv.features import FeatureExtractor
     from featinv.files import write_text_atomic
     from featinv.training.classifier import accuracy
     from featinv.training.loop import TrainConfig
@@ -252,17 +255,29 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     model_kwargs = json_object_arg("--classifier-kwargs", args.classifier_kwargs)
     accelerator = get_accelerator(args.device)
     torch.manual_seed(args.seed)
-    input_size = (3, args.input_size, args.input_size) if args.input_size else None
-    extractor = FeatureExtractor(  # its name and fields checked, the classifier built, before the pool
-        args.classifier, None, weights=args.classifier_weights, model_kwargs=model_kwargs, input_size=input_size
+    source, name = classifier_source(args.source, args.classifier, args.classifier_module)
+    extractor = new_extractor(  # its name and fields checked, the classifier built, before the pool
+        source,
+        args.classifier,
+        args.classifier_module,
+        weights=args.classifier_weights,
+        kwargs_text=args.classifier_kwargs,
+        input_side=args.input_size,
+        normalization_text=args.classifier_normalization,
     ).to(accelerator.device)
+    name = extractor.spec.model  # a module's file path made absolute
+    head = extractor.linear_head()
+    if head is None:
+        raise FeatInvError(
+            f"{extractor.backbone.describe_name()} has no classification head (a final nn.Linear) to train"
+        )
     stream = _stream(args.data, args.image_size, pool=args.pool, seed=args.seed, augment=True)
     classes = list(CLASSES) if args.data == "shapes" else stream.classes
-    outputs = extractor.classifier.num_classes
-    if outputs < len(classes):
+    if head.out_features < len(classes):
+        field = "num_labels" if source == "transformers" else "num_classes"
         raise FeatInvError(
-            f"{args.classifier} has {outputs} outputs and the data {len(classes)} classes: "
-            f'add "num_classes": {len(classes)} to --classifier-kwargs'
+            f"{name} has {head.out_features} outputs and the data {len(classes)} classes: "
+            f'add "{field}": {len(classes)} to --classifier-kwargs'
         )
     out = Path(args.out)
     config = TrainConfig(
@@ -289,7 +304,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     weights = out / "classifier.safetensors"
     save_state_dict_atomic(extractor.classifier.state_dict(), weights)
     record = {
-        "classifier": args.classifier,
+        "classifier": name,
+        **({"source": source} if source != "timm" else {}),
         "model_kwargs": model_kwargs,
         "input_size": list(extractor.spec.input_size),
         "classes": classes,
@@ -302,7 +318,11 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     print(f"wrote {weights} and classifier.json; make a FeatInv model for it with")
     kwargs = f" --classifier-kwargs '{json.dumps(model_kwargs)}'" if model_kwargs else ""
     size = f" --input-size {args.input_size}" if args.input_size else ""
-    print(f"  featinv create --classifier {args.classifier}{kwargs}{size} --classifier-weights {weights} ...")
+    named = {
+        "timm": f"--classifier {name}",
+        "module": f"--classifier-module {name}",
+    }.get(source, f"--source {source} --classifier {name}")
+    print(f"  featinv create {named}{kwargs}{size} --classifier-weights {weights} ...")
     return 0
 
 
@@ -483,14 +503,14 @@ def add_training_commands(commands) -> None:
     restored.set_defaults(func=cmd_from_checkpoint)
 
     classifier = commands.add_parser(
-        "train-classifier", help="train a timm classifier on shapes or an image folder (then 'featinv create' for it)"
+        "train-classifier", help="train a classifier on shapes or an image folder (then 'featinv create' for it)"
     )
-    classifier.add_argument(
-        "--classifier", required=True, help="timm model name, e.g. resnet18 or vit_tiny_patch16_224"
-    )
+    classifier.add_argument("--classifier", help="a timm model name (resnet18, vit_tiny_patch16_224), or see --source")
+    add_source_args(classifier)
     classifier.add_argument(
         "--classifier-kwargs",
-        help='JSON of timm.create_model arguments, e.g. \'{"num_classes": 6, "layers": [1, 1, 1, 1]}\'',
+        help='JSON of constructor arguments, e.g. \'{"num_classes": 6, "layers": [1, 1, 1, 1]}\' (transformers: '
+        "config fields, e.g. num_labels)",
     )
     classifier.add_argument("--classifier-weights", help="start from these weights (safetensors or .pth)")
     classifier.add_argument(

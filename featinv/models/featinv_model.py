@@ -434,8 +434,13 @@ class FeatInvModel(nn.Module):
         self.base_fingerprint = weights_fingerprint(self.unet, self.vae)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None) -> FeatInvModel:
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype | None = None, trust_code: bool = False
+    ) -> FeatInvModel:
         """Load a model folder written by :meth:`save_pretrained` (its base too, when it refers to one).
+
+        A folder whose classifier is a user module (feature spec ``source: module``) imports and
+        runs that module: refused unless ``trust_code``.
 
         Raises:
             FeatInvError: the folder is missing, a file in it is missing, truncated or corrupt, or
@@ -467,7 +472,7 @@ class FeatInvModel(nn.Module):
         classifier = None
         if config.get("has_classifier"):
             try:
-                classifier = FeatureExtractor.from_spec(spec)
+                classifier = FeatureExtractor.from_spec(spec, trust_code=trust_code)
             except FeatInvError as error:  # model_kwargs that do not build: say where they were read
                 raise FeatInvError(f"{where}: feature_spec: {error}") from error
             classifier.load_classifier_weights(path / "classifier.safetensors")

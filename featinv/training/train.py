@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from featinv.data.streams import ShapesStream
 from featinv.features import FeatureExtractor
 from featinv.models.featinv_model import FeatInvModel
+from featinv.sources.base import as_logits
 from featinv.training.feature_cache import FeatureSource
 from featinv.training.loop import TrainConfig, TrainResult, alphas_table, fit, unwrap
 from featinv.training.losses import FeatureConsistencyLoss
@@ -43,7 +44,7 @@ def train_classifier(
     def loss_fn(module: torch.nn.Module, key: int, part: slice) -> torch.Tensor:
         images, labels = stream.batch(key, config.batch_size)
         images, labels = images.to(device), labels.to(device)
-        return F.cross_entropy(module(extractor.preprocess(images[part])), labels[part])
+        return F.cross_entropy(as_logits(module(extractor.preprocess(images[part]))), labels[part])
 
     result = fit("classifier", classifier, loss_fn, config, **trainer_kwargs)
     classifier.requires_grad_(False)

@@ -121,6 +121,7 @@ def create_app(
     api_docs: bool = False,
     batching: bool = True,
     guidance: str | None = None,
+    trust_code: bool = False,
 ):
     """The FastAPI app serving ``model`` (a model or its folder; ``backend`` and ``fast_options`` as
     ``Reconstructor``'s: ``fast`` on a GPU), and ``pooled_model`` beside it when given: a model of
@@ -134,7 +135,8 @@ def create_app(
     reconstruct the requests of different clients queued together as one denoiser batch. ``steps``:
     per reconstruction (default: 10 DPM-Solver++ steps, or 4 steps of its own sampler for a distilled
     ``model``, the real-time mode; its pooled model, not distilled, keeps 10). ``guidance``: what
-    classifier-free guidance guides on (``features`` or ``prompt``; default: each model's own)."""
+    classifier-free guidance guides on (``features`` or ``prompt``; default: each model's own).
+    ``trust_code``: load model folders whose classifier is a user module (imports its code)."""
     options = dict(
         device=device,
         backend=backend,
@@ -142,6 +144,7 @@ def create_app(
         fast_options=fast_options,
         batching=batching,
         guidance=guidance,
+        trust_code=trust_code,
     )
     server = RealtimeReconstructor(model, steps=steps, **options)
     servers = {server.spec.mode: server}
@@ -171,7 +174,7 @@ def create_app(
     extractor = server.reconstructor.extractor
     size = server.reconstructor.model.image_size
     crop_pct = server.spec.crop_pct
-    head = extractor.classifier.get_classifier()
+    head = extractor.linear_head()
     classes = head.out_features if isinstance(head, torch.nn.Linear) else 0
     recorded = server.reconstructor.model.class_names
     class_names = _class_names(recorded, classes)
@@ -344,7 +347,7 @@ def _steering_note(extractor: Any) -> str | None:
     try:
         class_concept(extractor, 0)
     except FeatInvError:
-        head = extractor.classifier.get_classifier()
+        head = extractor.linear_head()
         over = f"{head.in_features} channels" if isinstance(head, torch.nn.Linear) else "no linear head"
         return (
             f"steering is off: class directions live in the classifier's linear head ({over}), and this model "
@@ -383,6 +386,7 @@ def serve(
     realtime: bool = False,
     steps: int | None = None,
     guidance: str | None = None,
+    trust_code: bool = False,
 ) -> None:
     """Run the app with uvicorn (blocking). Without ``model_dir``: the shipped demo models, spatial
     (with ``realtime``: its distilled, few-step version) and pooled."""
@@ -406,6 +410,7 @@ def serve(
         batching=batching,
         steps=steps,
         guidance=guidance,
+        trust_code=trust_code,
     )
     print(f"serving on http://{host}:{port}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
