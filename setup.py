@@ -86,6 +86,8 @@ setup(
             "pretrained/*/*.safetensors",
             "pretrained/*/*/*",
             "web/*.html",
+            "web/*.js",
+            "web/*.css",
         ]
     },
     ext_modules=[CMakeExtension("featinv._C"), CMakeExtension("featinv._sampler")],

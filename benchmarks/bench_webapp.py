@@ -20,6 +20,13 @@ one after another), against ``featinv serve`` with and without cross-client batc
 throughput (requests/s) and median / p90 latency per mode, and the ratio batched / unbatched.
 
     python benchmarks/bench_webapp.py --clients 20 --moves 3 --device cpu
+
+With ``--previews``: the same slider moves with live previews (``/api/reconstruct/stream``, timed
+to the final pictures) and without (``/api/reconstruct``), interleaved on one server after a
+warm-up: median and worst per way, the previews each move received, and the ratio on / off (the
+explorer's budget: previews cost at most 10% more).
+
+    python benchmarks/bench_webapp.py --previews --moves 21 --device cpu
 """
 
 from __future__ import annotations
@@ -65,6 +72,52 @@ def measure(backend: str, device: str, strengths: list[float], extra: list[str],
                 assert len(result["images"]) == info["seeds"], result
             row[mode] = {"median_s": statistics.median(seconds), "worst_s": max(seconds), "moves": len(seconds)}
         return row
+
+
+def _stream(url: str, body: dict) -> tuple[dict, int]:
+    """``/api/reconstruct/stream``'s final answer and how many previews came before it."""
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"}, method="POST")
+    previews, event = 0, None
+    with urllib.request.urlopen(request, timeout=600) as response:
+        for raw in response:
+            line = raw.decode().strip()
+            if line.startswith("event: "):
+                event = line[len("event: ") :]
+                previews += event == "preview"
+            elif line.startswith("data: ") and event in ("final", "error"):
+                answer = json.loads(line[len("data: ") :])
+                if event == "error":
+                    raise RuntimeError(f"the stream ended with an error: {answer}")
+                return answer, previews
+    raise RuntimeError("the stream ended without a final answer")
+
+
+def measure_previews(device: str, strengths: list[float], extra: list[str]) -> dict:
+    """The slider sweep with previews on and off, interleaved (order alternating) on one server."""
+    with _serving("eager", device, extra) as (url, info, startup_s):
+        image = _post(url + "example/0")["id"]
+        for strength in strengths[:2]:  # warm-up: the preview cadence adapts to the measured step time
+            _stream(url + "reconstruct/stream", {"id": image, "strength": strength})
+            _post(url + "reconstruct", {"id": image, "strength": strength})
+        seconds: dict[str, list[float]] = {"on": [], "off": []}
+        previews = []
+        for k, strength in enumerate(strengths):
+            for way in ("on", "off") if k % 2 == 0 else ("off", "on"):
+                begin = time.perf_counter()
+                if way == "on":
+                    result, count = _stream(url + "reconstruct/stream", {"id": image, "strength": strength})
+                    previews.append(count)
+                else:
+                    result = _post(url + "reconstruct", {"id": image, "strength": strength})
+                seconds[way].append(time.perf_counter() - begin)
+                assert len(result["images"]) == info["seeds"], result
+    row = {"device": device, "startup_s": startup_s, "sampling": info.get("sampling"), "steps": info["steps"]}
+    for way, values in seconds.items():
+        row[f"previews_{way}"] = {"median_s": statistics.median(values), "worst_s": max(values), "moves": len(values)}
+    row["previews_per_move"] = statistics.median(previews)
+    row["ratio_on_off"] = row["previews_on"]["median_s"] / row["previews_off"]["median_s"]
+    return row
 
 
 def measure_clients(clients: int, device: str, strengths: list[float], extra: list[str], batching: bool) -> dict:
@@ -143,11 +196,14 @@ def main() -> None:
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--clients", type=int, help="N users at once, with and without cross-client batching")
     parser.add_argument("--realtime", action="store_true", help="the default server against the real-time mode")
+    parser.add_argument("--previews", action="store_true", help="slider moves with live previews against without")
     parser.add_argument("serve_args", nargs="*", help="more arguments for featinv serve, after --")
     args = parser.parse_args()
     strengths = [round(-0.5 + 2.0 * i / max(args.moves - 1, 1), 3) for i in range(args.moves)]
     if args.clients:
         return main_clients(args, strengths)
+    if args.previews:
+        return main_previews(args, strengths)
     rows = []
     runs = [(backend, backend, []) for backend in args.backends]
     if args.realtime:
@@ -193,6 +249,22 @@ def main_clients(args: argparse.Namespace, strengths: list[float]) -> None:
     if args.out:
         result = {"clients": args.clients, "strengths": strengths, "rows": rows, "throughput_ratio": ratio}
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def main_previews(args: argparse.Namespace, strengths: list[float]) -> None:
+    """The previews mode: the same moves with and without live previews, one server, one run."""
+    row = measure_previews(args.device, strengths, args.serve_args)
+    print(json.dumps(row), flush=True)
+    print(f"\nslider moves on {args.device} ({row['sampling']}), previews on vs off, {len(strengths)} moves each")
+    print(f"{'previews':<9} {'median':>8} {'worst':>8}")
+    for way in ("on", "off"):
+        cell = row[f"previews_{way}"]
+        print(f"{way:<9} {cell['median_s']:>7.3f}s {cell['worst_s']:>7.3f}s")
+    print(
+        f"previews per move: {row['previews_per_move']:g} of {row['steps']} steps; on / off: {row['ratio_on_off']:.3f}x"
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps({"strengths": strengths, "rows": [row]}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -18,3 +18,6 @@ DISTILL_TARGETS = ("consistency", "endpoint", "guidance", "trajectory")  # feati
 DISTANCES = ("cosine", "l2")  # guided sampling's feature distance
 FEATURE_MODES = ("spatial", "pooled")  # a feature map as it is, or its mean tiled (the paper's baseline)
 FEATURE_SOURCES = ("timm", "torchvision", "transformers", "module")  # where a classifier comes from (featinv.sources)
+# What the explorer does to a map's painted grid cells (featinv.analysis.regions): steer only there,
+# ablate them (zero, or the examples' mean map), or paste the second image's map into them.
+REGION_OPERATIONS = ("steer", "zero", "mean", "paste")

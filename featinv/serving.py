@@ -62,6 +62,11 @@ class Request:
         """The reconstructions (B, 3, H, W); raises :class:`RequestCancelled` if cancelled."""
         return self._future.result(timeout)
 
+    def add_done_callback(self, callback: Callable[[Request], None]) -> None:
+        """Call ``callback(self)`` when the request ends (at once if it has): on the serving thread,
+        so it must not wait for another request."""
+        self._future.add_done_callback(lambda _: callback(self))
+
 
 @dataclass
 class _Job:
@@ -122,6 +127,7 @@ class RealtimeReconstructor:
         self.batching, self.max_batch_rows = batching, require_positive_int("max_batch_rows", max_batch_rows)
         self._pending: deque[_Job] = deque()
         self._pending_lock = threading.Lock()
+        self.cancelled_requests = 0  # requests ended by cancel(): before they started or while they ran
         if share_thread_with is not None and not isinstance(share_thread_with, RealtimeReconstructor):
             raise FeatInvError(
                 f"share_thread_with must be a RealtimeReconstructor, got {type(share_thread_with).__name__}"
@@ -295,7 +301,7 @@ class RealtimeReconstructor:
         live = []
         for job in self._take_pending():
             if job.request.cancelled:
-                job.request._future.set_exception(RequestCancelled("cancelled before it started"))
+                self._end_cancelled(job, "cancelled before it started")
                 continue
             try:  # each request's own input errors are its own
                 job.maps = self._maps(job)
@@ -307,7 +313,11 @@ class RealtimeReconstructor:
             return
         try:
             images_out = self._run(live)
-        except Exception as error:  # delivered to the callers (RequestCancelled too), the server keeps serving
+        except RequestCancelled as error:  # every request of the batch was cancelled mid-run
+            for job in live:
+                self._end_cancelled(job, str(error))
+            return
+        except Exception as error:  # delivered to the callers, the server keeps serving
             for job in live:
                 job.request._future.set_exception(error)
             return
@@ -315,10 +325,15 @@ class RealtimeReconstructor:
         for job in live:
             rows = len(job.maps)
             if job.request.cancelled:
-                job.request._future.set_exception(RequestCancelled("cancelled while its batch ran"))
+                self._end_cancelled(job, "cancelled while its batch ran")
             else:
                 job.request._future.set_result(images_out[start : start + rows])
             start += rows
+
+    def _end_cancelled(self, job: _Job, why: str) -> None:
+        """End a cancelled request (on the serving thread) and count it."""
+        self.cancelled_requests += 1
+        job.request._future.set_exception(RequestCancelled(why))
 
     def _maps(self, job: _Job) -> torch.Tensor:
         if (job.images is None) == (job.features is None):

@@ -56,6 +56,7 @@ HEAVY = frozenset(
         "test_analysis_real.py::test_the_optimisation_baseline_through_the_cli_at_224_px_without_a_model",
         "test_bench_gpu.py::test_the_smoke_run_measures_every_cpu_backend",
         "test_bench_webapp.py::test_the_concurrent_clients_mode_reports_both_modes_side_by_side",
+        "test_bench_webapp.py::test_the_previews_mode_times_both_ways_in_one_run",
         "test_bench_webapp.py::test_the_smoke_run_times_both_models_and_records_a_failed_backend",
         "test_cli.py::test_entry_point_exit_code_and_help",
         "test_distill.py::test_the_distillation_loss_falls_and_resumes_exactly",
@@ -78,6 +79,7 @@ HEAVY = frozenset(
         "test_source_tree.py::test_an_uninstalled_source_tree_imports_the_kernels",
         "test_training.py::test_the_shapes_demo_preset_trains_and_resumes_to_the_same_models",
         "test_twin_encoder.py::test_the_compiled_twin_fast_path_equals_the_eager_loop",
+        "test_webapp.py::test_the_explorer_first_impression_cancelling_and_painted_cells",
     )
 )
 

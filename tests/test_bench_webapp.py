@@ -41,3 +41,16 @@ def test_the_concurrent_clients_mode_reports_both_modes_side_by_side(tmp_path):
         assert row["requests"] == 3 and 0 < row["median_s"] <= row["p90_s"] and row["requests_per_s"] > 0
     assert results["throughput_ratio"] == batched["requests_per_s"] / unbatched["requests_per_s"]
     assert "throughput batched / unbatched" in run.stdout
+
+
+def test_the_previews_mode_times_both_ways_in_one_run(tmp_path):
+    out = tmp_path / "previews.json"
+    command = [sys.executable, str(SCRIPT), "--previews", "--moves", "2", "--device", "cpu", "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    for way in ("on", "off"):
+        assert row[f"previews_{way}"]["moves"] == 2 and row[f"previews_{way}"]["median_s"] > 0
+    assert 1 <= row["previews_per_move"] <= row["steps"]  # at least one preview before each final picture
+    assert row["ratio_on_off"] == row["previews_on"]["median_s"] / row["previews_off"]["median_s"]
+    assert "on / off:" in run.stdout

@@ -75,6 +75,31 @@ def test_the_handlers_threads_run_no_tensor_operation():
         with pytest.raises(urllib.error.HTTPError) as bad:
             post(url + "reconstruct", json.dumps({**query, "mode": "tiled"}).encode(), "application/json")
         assert "mode must be one of ['spatial', 'pooled'], got 'tiled'" in json.load(bad.value)["error"]
+        # The explorer's routes too: painted cells, the streamed previews, the edited map's file.
+        painted = {**query, "cells": [[0, 0], [3, 4]], "operation": "mean"}
+        edited = post(url + "reconstruct", json.dumps(painted).encode(), "application/json")
+        assert edited["difference"].startswith("data:image/png") and edited["unedited"] == result["images"]
+        assert edited["map"].startswith("data:image/png") and edited["norm"].startswith("data:image/png")
+        stream = urllib.request.Request(
+            url + "reconstruct/stream", data=json.dumps(painted).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(stream, timeout=60) as response:
+            events = [line.decode().strip() for line in response if line.startswith(b"event: ")]
+        assert events[-1] == "event: final" and "event: preview" in events
+        request = urllib.request.Request(
+            url + "map", data=json.dumps(painted).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            from safetensors.torch import load
+
+            assert load(response.read())["features"].shape == (1, 192, 8, 8)
+        for bad_query, message in (
+            ({**painted, "operation": "blur"}, "operation must be one of steer, zero, mean, paste, got 'blur'"),
+            ({**painted, "cells": [[9, 0]]}, "cell (9, 0) is off the 8x8 grid of the feature map"),
+        ):
+            with pytest.raises(urllib.error.HTTPError) as bad:
+                post(url + "reconstruct", json.dumps(bad_query).encode(), "application/json")
+            assert message in json.load(bad.value)["error"]
     finally:
         threading.setprofile(None)
         if thread is not None:

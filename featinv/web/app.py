@@ -1,5 +1,8 @@
-"""The web app: upload or pick an image, see its reconstructions (several seeds), steer toward a
-class with a slider, interpolate toward a second image with another; stale requests are cancelled.
+"""The web app, the explorer in a browser: pick or upload an image, see its feature map (its
+principal components as colours, and its norm) and its reconstructions (several seeds), with
+previews while the sampler runs; steer toward a class, interpolate toward a second image, and paint
+grid cells of the map to steer only there, ablate them or paste the second image's map into them,
+with the difference to the unedited reconstruction; stale requests are cancelled on the server.
 With a second model trained on pooled maps of the same classifier, a switch shows what the pooled
 map (the paper's baseline) leaves of the picture, on the same image and slider settings.
 
@@ -13,22 +16,24 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import json
+import queue
 import threading
-import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 from fastapi import FastAPI, File, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 
-from featinv.analysis.compose import lerp
 from featinv.analysis.metrics import SPREAD_MAX, sample_spread
-from featinv.analysis.steering import Concept, class_concept, steer
+from featinv.analysis.regions import MapEdit
+from featinv.choices import REGION_OPERATIONS
 from featinv.errors import FeatInvError
+from featinv.exploring import ExplorerCore
 from featinv.images import from_pil, heatmap, load_image, resize_and_crop, to_pil
 from featinv.models.featinv_model import FeatInvModel
 from featinv.serving import RealtimeReconstructor, RequestCancelled
@@ -45,10 +50,15 @@ def _png_data_url(pil: Image.Image, scale: int = 4) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+DIFFERENCE_HIGH = 0.25  # the difference map's pale yellow: a mean absolute change of a quarter of the range
+
+
 class ReconstructQuery(BaseModel):
     """One slider state: image ``id``, steering ``strength`` toward class ``concept``, and ``mix``
     toward image ``other``, reconstructed from its ``mode`` feature map (``spatial`` or, with a pooled
-    model, ``pooled``); ``client`` identifies the page whose older request becomes stale."""
+    model, ``pooled``); painted grid ``cells`` ([row, column] of the map) and what to do there
+    (``operation``: steer, zero, mean or paste); ``client`` identifies the page whose older request
+    becomes stale."""
 
     id: str
     mode: str = "spatial"
@@ -58,6 +68,8 @@ class ReconstructQuery(BaseModel):
     other: str | None = None
     mix: float = 0.0
     refine: bool = False
+    cells: list[list[int]] = []
+    operation: str = "steer"
 
 
 class Session:
@@ -178,10 +190,36 @@ def create_app(
     classes = head.out_features if isinstance(head, torch.nn.Linear) else 0
     recorded = server.reconstructor.model.class_names
     class_names = _class_names(recorded, classes)
-    steer_note = _steering_note(extractor)
     example_files = _example_files(examples)
     shapes_examples = example_files is None and _is_shapes_model(recorded)
     example_count = len(example_files) if example_files is not None else (100 if shapes_examples else 0)
+
+    def example_image(index: int) -> tuple[torch.Tensor, str]:
+        """Example ``index`` (1, 3, H, W) and its label (on the serving thread)."""
+        if example_files is not None:
+            path = example_files[index]
+            label = path.parent.name if path.parent != Path(examples) else path.stem
+            return load_image(path, size, crop_pct)[None], label
+        from featinv.data.shapes import CLASSES, EXAMPLES_SEED, generate_shapes
+
+        sample = generate_shapes(index + 1, EXAMPLES_SEED, size=size[0])
+        return sample.images[index : index + 1], CLASSES[int(sample.labels[index])]
+
+    palette_images = None  # the examples fix each model's map colours
+    if example_count:
+        from featinv.exploring import PALETTE_EXAMPLES
+
+        picked = range(min(example_count, PALETTE_EXAMPLES))
+        palette_images = server.call(lambda: torch.cat([example_image(i)[0] for i in picked]))
+    try:
+        cores = {
+            mode: ExplorerCore(s, seeds=seeds, examples=palette_images, encode=_preview_urls)
+            for mode, s in servers.items()
+        }
+    except BaseException:
+        server.close()
+        raise
+    steer_note = cores[server.spec.mode].steer_note
     docs = {} if api_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="featinv", **docs)
 
@@ -189,13 +227,21 @@ def create_app(
         return JSONResponse({"error": message}, status_code=status)
 
     def remember(image: torch.Tensor) -> dict[str, Any]:
-        features, picture = server.call(
-            lambda: ({mode: s.reconstructor.features(image) for mode, s in servers.items()}, to_pil(image[0])),
-            urgent=True,  # between two steps of the reconstruction running, not after the whole queue
-        )
+        def maps_and_pictures():
+            features = {mode: s.reconstructor.features(image) for mode, s in servers.items()}
+            rgb, norm = cores[server.spec.mode].map_pictures(features[server.spec.mode])
+            return features, to_pil(image[0]), to_pil(rgb[0]), to_pil(heatmap(norm[:, 0])[0])
+
+        # urgent: between two steps of the reconstruction running, not after the whole queue
+        features, picture, components, norm = server.call(maps_and_pictures, urgent=True)
         with session.lock:
             key = session.add(features)
-        return {"id": key, "thumbnail": _png_data_url(picture)}
+        return {
+            "id": key,
+            "thumbnail": _png_data_url(picture),
+            "map": _png_data_url(components, scale=1),
+            "norm": _png_data_url(norm, scale=1),
+        }
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -216,7 +262,15 @@ def create_app(
             "realtime": server.realtime,
             "modes": list(servers),
             "refine": server.can_refine,
+            "grid": [server.spec.height, server.spec.width],
+            "operations": list(REGION_OPERATIONS),
+            "mean_map": cores[server.spec.mode].palette is not None and example_count > 0,
         }
+
+    @app.get("/api/stats")
+    def stats() -> dict[str, Any]:
+        """What the servers did: requests cancelled (by a newer one from the same page, or a page gone)."""
+        return {"cancelled": sum(s.cancelled_requests for s in servers.values())}
 
     @app.post("/api/example/{index}")
     def example(index: int) -> Any:
@@ -224,17 +278,11 @@ def create_app(
             return error("this app has no examples (start it with --examples DIR): upload an image", 404)
         if not 0 <= index < example_count:
             return error(f"example index must be in [0, {example_count - 1}]")
-        if example_files is not None:
-            path = example_files[index]
-            try:
-                image = server.call(lambda: load_image(path, size, crop_pct)[None], urgent=True)
-            except FeatInvError as message:
-                return error(str(message))
-            return {**remember(image), "label": path.parent.name if path.parent != Path(examples) else path.stem}
-        from featinv.data.shapes import CLASSES, EXAMPLES_SEED, generate_shapes
-
-        sample = server.call(generate_shapes, index + 1, EXAMPLES_SEED, size=size[0], urgent=True)
-        return {**remember(sample.images[index : index + 1]), "label": CLASSES[int(sample.labels[index])]}
+        try:
+            image, label = server.call(example_image, index, urgent=True)
+        except FeatInvError as message:
+            return error(str(message))
+        return {**remember(image), "label": label}
 
     @app.post("/api/upload")
     def upload(file: Annotated[UploadFile, File()]) -> Any:
@@ -246,79 +294,186 @@ def create_app(
         except FeatInvError as message:
             return error(str(message))
 
-    @app.post("/api/reconstruct")
-    def reconstruct(query: ReconstructQuery) -> Any:
+    def supersede(client: str) -> None:
+        """Cancel the page's request in flight: a newer slider value makes it stale (first thing, so
+        that the new request does not wait behind it)."""
+        with session.lock:
+            stale = session.in_flight.get(client)
+        if stale is not None:
+            stale.cancel()
+
+    def prepare(query: ReconstructQuery) -> dict[str, Any] | JSONResponse:
+        """The checked query's core, edit and edited map (or the error to answer)."""
         if query.mode not in servers:
             return error(f"mode must be one of {list(servers)}, got {query.mode!r}")
-        chosen = servers[query.mode]
         with session.lock:
             features = session.get(query.id, query.mode)
             other = session.get(query.other, query.mode) if query.other else None
-            stale = session.in_flight.get(query.client)
         if features is None or (query.other and other is None):
             return error(
                 f"unknown image: upload or pick it (again; the server keeps the {session.max_images} most recent)", 404
             )
-        if not -5.0 <= query.strength <= 5.0 or not 0.0 <= query.mix <= 1.0:
-            return error("strength must be in [-5, 5] and mix in [0, 1]")
-        if query.refine and not chosen.can_refine:
+        if query.refine and not servers[query.mode].can_refine:
             return error("refine needs the model's classifier, and this model stores none")
-        if query.strength != 0 and steer_note is not None:
-            return error(steer_note)
         if steer_note is None and not 0 <= query.concept < classes:
             return error(f"concept must be a class in [0, {classes - 1}]")
-        if stale is not None:
-            stale.cancel()  # a newer slider value makes the request in flight stale
-
-        def slider_state() -> tuple[Concept | None, torch.Tensor]:
-            """The concept (None where this map has no class directions), and (seeds, C, h, w): A's
-            map moved toward B and along the concept."""
-            concept = class_concept(extractor, query.concept) if steer_note is None else None
-            moved = lerp(features, other, query.mix) if other is not None and query.mix > 0 else features
-            if query.strength != 0:
-                moved = steer(moved, concept, [query.strength])[0]
-            return concept, moved.repeat(seeds, 1, 1, 1)
-
+        if not -5.0 <= query.strength <= 5.0 or not 0.0 <= query.mix <= 1.0:
+            return error("strength must be in [-5, 5] and mix in [0, 1]")
+        if any(len(cell) != 2 for cell in query.cells) or len(query.cells) > server.spec.height * server.spec.width:
+            return error("cells must be [row, column] pairs of the feature map's grid")
         try:
-            concept, moved = server.call(slider_state)
-        except FeatInvError as message:  # e.g. a classifier without a linear head over this map
+            edit = MapEdit(query.strength, query.mix, tuple(map(tuple, query.cells)), query.operation)
+        except FeatInvError as message:  # a bad operation
             return error(str(message))
-        started = time.perf_counter()
-        request = chosen.submit(features=moved, seed=0, refine=query.refine)
-        with session.lock:
-            session.in_flight[query.client] = request
+        state = (query.mode, query.id, query.other)  # A and B: ExplorerCore.run's key for the unedited pictures
+        return {"core": cores[query.mode], "edit": edit, "features": features, "other": other, "state": state}
+
+    def run(
+        query: ReconstructQuery, prepared: dict[str, Any], on_preview=None, mine: dict | None = None
+    ) -> dict[str, Any] | JSONResponse:
+        """The state's reconstruction (:meth:`ExplorerCore.run`) and the answer's pictures.
+        ``mine["request"]``: the request, once submitted."""
+        core = prepared["core"]
+
+        def submitted(request) -> None:
+            if mine is not None:
+                mine["request"] = request
+            with session.lock:
+                session.in_flight[query.client] = request
+            prepared["request"] = request
+
         try:
-            images = request.result(timeout=120)
-            seconds = time.perf_counter() - started
+            result = core.run(
+                prepared["features"],
+                prepared["edit"],
+                state=prepared["state"],
+                other=prepared["other"],
+                concept=query.concept,
+                refine=query.refine,
+                on_preview=on_preview,
+                on_submitted=submitted,
+            )
         except RequestCancelled:
             return error("superseded by a newer request", 409)
         except FeatInvError as message:
             return error(str(message))
         finally:
             with session.lock:
-                if session.in_flight.get(query.client) is request:
+                if "request" in prepared and session.in_flight.get(query.client) is prepared["request"]:
                     del session.in_flight[query.client]
 
-        def pictures_and_probability() -> tuple[list[Image.Image], Image.Image | None, float | None]:
-            device = server.reconstructor.device
-            probability = concept.probability(extractor, images.to(device)).mean() if concept else None
+        def pictures() -> dict[str, Any]:
+            images, unedited = result.images, result.unedited
             # what the seeds disagree on: the per-pixel spread over them (what the map leaves open)
             spread = to_pil(heatmap(sample_spread(images[:, None]), high=SPREAD_MAX)[0]) if len(images) > 1 else None
-            return [to_pil(image) for image in images], spread, None if probability is None else float(probability)
+            change = result.difference()  # what a painted edit changed
+            difference = to_pil(heatmap(change[None], high=DIFFERENCE_HIGH)[0]) if change is not None else None
+            rgb, norm = core.map_pictures(result.edited)
+            return {
+                "images": [_png_data_url(to_pil(image)) for image in images],
+                "unedited": None if unedited is None else [_png_data_url(to_pil(image)) for image in unedited],
+                "spread": _png_data_url(spread) if spread is not None else None,
+                "difference": _png_data_url(difference) if difference is not None else None,
+                "map": _png_data_url(to_pil(rgb[0]), scale=1),
+                "norm": _png_data_url(to_pil(heatmap(norm[:, 0])[0]), scale=1),
+                "concept_probability": result.probability,
+            }
 
-        pictures, spread, probability = server.call(pictures_and_probability)
-        return {
-            "images": [_png_data_url(picture) for picture in pictures],
-            "spread": _png_data_url(spread) if spread is not None else None,
-            "concept_probability": probability,
-            "refined": query.refine,
-            "seconds": seconds,
-        }
+        answer = server.call(pictures)
+        return {**answer, "refined": query.refine, "seconds": result.seconds, "previews": result.previews}
+
+    @app.post("/api/reconstruct")
+    def reconstruct(query: ReconstructQuery) -> Any:
+        supersede(query.client)
+        prepared = prepare(query)
+        return prepared if isinstance(prepared, JSONResponse) else run(query, prepared)
+
+    @app.post("/api/reconstruct/stream")
+    def reconstruct_stream(query: ReconstructQuery) -> Any:
+        """The same answer as ``/api/reconstruct``, as server-sent events: ``preview`` events (the
+        sampler's clean estimate: ``images``, ``step``, ``steps``) while it runs, then ``final``
+        (or ``error`` with the answer's ``status``). A page that goes away cancels the request."""
+        supersede(query.client)
+        prepared = prepare(query)
+        if isinstance(prepared, JSONResponse):
+            return prepared
+        events: queue.Queue = queue.Queue()
+
+        def on_preview(step: int, preview: torch.Tensor) -> None:
+            # on the serving thread: the pictures to bytes; PNG encoding on the response's thread
+            events.put(("preview", step, [to_pil(image) for image in preview]))
+
+        mine: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                answer = run(query, prepared, on_preview, mine)
+            except Exception as failure:  # the stream must end, whatever happened
+                events.put(("error", {"error": f"the server failed: {failure}", "status": 500}))
+                raise
+            if isinstance(answer, JSONResponse):
+                events.put(("error", json.loads(answer.body) | {"status": answer.status_code}))
+            else:
+                events.put(("final", answer))
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+
+        def stream():
+            try:
+                while True:
+                    item = events.get()
+                    if item[0] == "preview":
+                        _, step, preview = item
+                        body = {
+                            "images": [_png_data_url(picture) for picture in preview],
+                            "step": step + 1,
+                            "steps": server.steps,
+                        }
+                        yield f"event: preview\ndata: {json.dumps(body)}\n\n"
+                        continue
+                    yield f"event: {item[0]}\ndata: {json.dumps(item[1])}\n\n"
+                    return
+            finally:  # the page went away before the answer: its request need not run on
+                request = mine.get("request")
+                if request is not None and not request.done():
+                    request.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @app.post("/api/map")
+    def edited_map(query: ReconstructQuery) -> Any:
+        """The edited feature map (1, C, h, w) as a safetensors file (key ``features``, what
+        ``featinv reconstruct --features`` reads)."""
+        prepared = prepare(query)
+        if isinstance(prepared, JSONResponse):
+            return prepared
+        from safetensors.torch import save
+
+        core = prepared["core"]
+
+        def edited_file() -> bytes:
+            edited, _ = core.edited_map(
+                prepared["features"], prepared["edit"], other=prepared["other"], concept=query.concept
+            )
+            return save({"features": edited.detach().float().cpu().contiguous()})
+
+        try:
+            data = server.call(edited_file)
+        except FeatInvError as message:
+            return error(str(message))
+        headers = {"Content-Disposition": 'attachment; filename="feature-map.safetensors"'}
+        return Response(data, media_type="application/octet-stream", headers=headers)
 
     app.state.server = server
     app.state.servers = servers
     app.state.session = session
     return app
+
+
+def _preview_urls(preview: torch.Tensor) -> list[str]:
+    """A preview's pictures (seeds, 3, H, W) as the page gets them: PNG data URLs."""
+    return [_png_data_url(to_pil(image)) for image in preview.clamp(0, 1)]
 
 
 def _class_names(recorded: list[str] | None, classes: int) -> list[str]:
@@ -340,20 +495,6 @@ def _is_shapes_model(recorded: list[str] | None) -> bool:
     from featinv.data.shapes import CLASSES
 
     return recorded == list(CLASSES)
-
-
-def _steering_note(extractor: Any) -> str | None:
-    """None when the map has class directions (a linear head over its channels), else why not."""
-    try:
-        class_concept(extractor, 0)
-    except FeatInvError:
-        head = extractor.linear_head()
-        over = f"{head.in_features} channels" if isinstance(head, torch.nn.Linear) else "no linear head"
-        return (
-            f"steering is off: class directions live in the classifier's linear head ({over}), and this model "
-            f"inverts {extractor.spec.describe()}, a layer the head does not read"
-        )
-    return None
 
 
 def _example_files(folder: str | Path | None) -> list[Path] | None:
