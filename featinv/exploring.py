@@ -91,8 +91,10 @@ class ExplorerCore:
             raise FeatInvError("the explorer needs the model's classifier, and this model stores none")
         self.steer_note = steering_note(self.extractor)
         self.palette: MapPalette | None = None
+        self.mean_map: torch.Tensor | None = None  # the examples' mean map: the ``mean`` operation's
         if examples is not None and len(examples):
             self.palette = MapPalette.fit(self.features(examples[:PALETTE_EXAMPLES]))
+            self.mean_map = self.palette.mean_map
         self._lock = threading.Lock()
         self._step_seconds: float | None = None  # per denoiser step, measured on the requests
         self._preview_seconds = self._measure_preview(encode)  # per preview: decoding and encoding it
@@ -126,8 +128,7 @@ class ExplorerCore:
         seed (seeds, C, h, w): what :meth:`submit` takes). Tensor work: call it on the serving thread."""
         if edit.strength != 0 and self.steer_note is not None:
             raise FeatInvError(self.steer_note)
-        mean_map = self.palette.mean_map if self.palette is not None else None
-        edited = apply_edit(features, edit, concept=self.concept(concept), other=other, mean_map=mean_map)
+        edited = apply_edit(features, edit, concept=self.concept(concept), other=other, mean_map=self.mean_map)
         return edited, edited.expand(self.seeds, -1, -1, -1).contiguous()
 
     def preview_every(self) -> int:

@@ -42,7 +42,7 @@ def test_bad_edits_say_what_is_wrong():
         (lambda: MapEdit(mix=1.5), "mix must be in [0, 1]"),
         (lambda: apply_edit(A, MapEdit(cells=((3, 0),), operation="zero")), "cell (3, 0) is off the 3x4 grid"),
         (lambda: apply_edit(A, MapEdit(cells=CELLS, operation="paste")), "paste needs a second image"),
-        (lambda: apply_edit(A, MapEdit(cells=CELLS, operation="mean")), "the mean operation needs the examples'"),
+        (lambda: apply_edit(A, MapEdit(cells=CELLS, operation="mean")), "the mean operation needs example images"),
         (lambda: apply_edit(A, MapEdit(strength=1.0)), "steering needs a concept"),
     ):
         with pytest.raises(FeatInvError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):

@@ -92,7 +92,7 @@ def apply_edit(
         replacement = torch.zeros_like(moved)
     elif edit.operation == "mean":
         if mean_map is None:
-            raise FeatInvError("the mean operation needs the examples' mean map (this model has no examples)")
+            raise FeatInvError("the mean operation needs example images (their mean map), and there are none")
         replacement = mean_map.to(moved).expand_as(moved)
     else:
         if other is None:

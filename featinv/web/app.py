@@ -264,7 +264,7 @@ def create_app(
             "refine": server.can_refine,
             "grid": [server.spec.height, server.spec.width],
             "operations": list(REGION_OPERATIONS),
-            "mean_map": cores[server.spec.mode].palette is not None and example_count > 0,
+            "mean_map": cores[server.spec.mode].mean_map is not None,
         }
 
     @app.get("/api/stats")
