@@ -96,3 +96,15 @@ def heatmap(values: torch.Tensor, high: float = 1.0) -> torch.Tensor:
 
     scaled = (values.detach().float().cpu() / high).clamp(0, 1).numpy()
     return torch.from_numpy(colormaps["magma"](scaled)[..., :3]).permute(0, 3, 1, 2).float()
+
+
+def png_data_url(picture: Image.Image, scale: int = 4) -> str:
+    """A picture as a PNG data URL, scaled up ``scale`` times without smoothing (what the explorer's
+    web page and notebook widget show)."""
+    import base64
+    import io
+
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

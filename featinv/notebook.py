@@ -13,8 +13,6 @@ same :class:`~featinv.serving.RealtimeReconstructor` and :class:`~featinv.explor
 
 from __future__ import annotations
 
-import base64
-import io
 import threading
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,8 @@ except ImportError as error:  # the optional extra
 from featinv.analysis.regions import MapEdit
 from featinv.choices import REGION_OPERATIONS
 from featinv.exploring import ExplorerCore, ExplorerResult
-from featinv.images import heatmap, load_image, to_pil
+from featinv.images import heatmap, load_image, png_data_url, to_pil
+from featinv.models.class_names import display_class_names
 from featinv.serving import RealtimeReconstructor, RequestCancelled
 
 WIDGET_JS = Path(__file__).with_name("web") / "widget.js"
@@ -41,14 +40,7 @@ WIDGET_CSS = Path(__file__).with_name("web") / "widget.css"
 
 def data_url(picture: torch.Tensor, scale: int = 1) -> str:
     """A picture (3, H, W) in [0, 1] as a PNG data URL (scaled up without smoothing)."""
-    from PIL import Image
-
-    pil = to_pil(picture)
-    if scale > 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return png_data_url(to_pil(picture), scale)
 
 
 def _preview_urls(preview: torch.Tensor) -> list[str]:
@@ -120,9 +112,8 @@ class Explorer(anywidget.AnyWidget):
             raise
         self.grid = list(self.core.grid)
         head = self.core.extractor.linear_head()
-        names = self.server.reconstructor.model.class_names
         classes = head.out_features if isinstance(head, torch.nn.Linear) else 0
-        self.class_names = list(names) if names and len(names) == classes else [f"class {k}" for k in range(classes)]
+        self.class_names = display_class_names(self.server.reconstructor.model.class_names, classes)
         self.steer_note = self.core.steer_note or ""
         self.result: ExplorerResult | None = None
         self._features: dict[str, torch.Tensor] = {}
@@ -177,12 +168,16 @@ class Explorer(anywidget.AnyWidget):
         self._version += 1
         if which == "a":
             self.image_a = data_url(picture[0], scale=2)
-            rgb, norm = self.server.call(self.core.map_pictures, self._features["a"])
-            self.map_picture, self.norm_picture = data_url(rgb[0]), data_url(heatmap(norm[:, 0])[0])
+            self._show_map(self._features["a"])
         else:
             self.image_b = data_url(picture[0], scale=2)
         if reconstruct and "a" in self._features:
             self._start()
+
+    def _show_map(self, features: torch.Tensor) -> None:
+        """A map (1, C, h, w) into the map's picture traits (components and norm)."""
+        rgb, norm = self.server.call(self.core.map_pictures, features)
+        self.map_picture, self.norm_picture = data_url(rgb[0]), data_url(heatmap(norm[:, 0])[0])
 
     # ----- reconstructing ----------------------------------------------------------------------
     @property
@@ -252,8 +247,7 @@ class Explorer(anywidget.AnyWidget):
         self.images = [data_url(picture, scale=2) for picture in result.images]
         change = result.difference()
         self.difference = "" if change is None else data_url(heatmap(change[None], high=0.25)[0], scale=2)
-        rgb, norm = self.server.call(self.core.map_pictures, result.edited)
-        self.map_picture, self.norm_picture = data_url(rgb[0]), data_url(heatmap(norm[:, 0])[0])
+        self._show_map(result.edited)
         self.status = f"updated in {result.seconds:.2f} s, {result.previews} previews"
         self._done.set()
 

@@ -42,3 +42,16 @@ def check_class_names(names: object, where: str = "class_names") -> list[str]:
 def write_class_names(folder: str | Path, names: Sequence[str]) -> None:
     """Record ``names`` in ``folder/classifier.json`` (atomically)."""
     write_text_atomic(Path(folder) / RECORD, json.dumps({"classes": list(names)}, indent=2) + "\n")
+
+
+def display_class_names(recorded: list[str] | None, classes: int) -> list[str]:
+    """The classes' names to show: those the model records (its ``classifier.json``, one per
+    output), ImageNet's (timm's ``ImageNetInfo``) for other 1000-class classifiers, else ``class k``."""
+    if recorded is not None and len(recorded) == classes:
+        return list(recorded)
+    if classes == 1000:
+        from timm.data import ImageNetInfo
+
+        info = ImageNetInfo()
+        return [info.index_to_description(k).split(",")[0] for k in range(classes)]
+    return [f"class {k}" for k in range(classes)]

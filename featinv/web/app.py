@@ -13,7 +13,6 @@ a small JSON API plus ``fetch`` with ``AbortController`` does exactly that, with
 
 from __future__ import annotations
 
-import base64
 import io
 import itertools
 import json
@@ -34,20 +33,14 @@ from featinv.analysis.regions import MapEdit
 from featinv.choices import REGION_OPERATIONS
 from featinv.errors import FeatInvError
 from featinv.exploring import ExplorerCore
-from featinv.images import from_pil, heatmap, load_image, resize_and_crop, to_pil
+from featinv.images import from_pil, heatmap, load_image, png_data_url, resize_and_crop, to_pil
+from featinv.models.class_names import display_class_names
 from featinv.models.featinv_model import FeatInvModel
 from featinv.serving import RealtimeReconstructor, RequestCancelled
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
 PAGE = Path(__file__).with_name("index.html")
-
-
-def _png_data_url(pil: Image.Image, scale: int = 4) -> str:
-    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 DIFFERENCE_HIGH = 0.25  # the difference map's pale yellow: a mean absolute change of a quarter of the range
@@ -189,7 +182,7 @@ def create_app(
     head = extractor.linear_head()
     classes = head.out_features if isinstance(head, torch.nn.Linear) else 0
     recorded = server.reconstructor.model.class_names
-    class_names = _class_names(recorded, classes)
+    class_names = display_class_names(recorded, classes)
     example_files = _example_files(examples)
     shapes_examples = example_files is None and _is_shapes_model(recorded)
     example_count = len(example_files) if example_files is not None else (100 if shapes_examples else 0)
@@ -238,9 +231,9 @@ def create_app(
             key = session.add(features)
         return {
             "id": key,
-            "thumbnail": _png_data_url(picture),
-            "map": _png_data_url(components, scale=1),
-            "norm": _png_data_url(norm, scale=1),
+            "thumbnail": png_data_url(picture),
+            "map": png_data_url(components, scale=1),
+            "norm": png_data_url(norm, scale=1),
         }
 
     @app.get("/", response_class=HTMLResponse)
@@ -370,12 +363,12 @@ def create_app(
             difference = to_pil(heatmap(change[None], high=DIFFERENCE_HIGH)[0]) if change is not None else None
             rgb, norm = core.map_pictures(result.edited)
             return {
-                "images": [_png_data_url(to_pil(image)) for image in images],
-                "unedited": None if unedited is None else [_png_data_url(to_pil(image)) for image in unedited],
-                "spread": _png_data_url(spread) if spread is not None else None,
-                "difference": _png_data_url(difference) if difference is not None else None,
-                "map": _png_data_url(to_pil(rgb[0]), scale=1),
-                "norm": _png_data_url(to_pil(heatmap(norm[:, 0])[0]), scale=1),
+                "images": [png_data_url(to_pil(image)) for image in images],
+                "unedited": None if unedited is None else [png_data_url(to_pil(image)) for image in unedited],
+                "spread": png_data_url(spread) if spread is not None else None,
+                "difference": png_data_url(difference) if difference is not None else None,
+                "map": png_data_url(to_pil(rgb[0]), scale=1),
+                "norm": png_data_url(to_pil(heatmap(norm[:, 0])[0]), scale=1),
                 "concept_probability": result.probability,
             }
 
@@ -426,7 +419,7 @@ def create_app(
                     if item[0] == "preview":
                         _, step, preview = item
                         body = {
-                            "images": [_png_data_url(picture) for picture in preview],
+                            "images": [png_data_url(picture) for picture in preview],
                             "step": step + 1,
                             "steps": server.steps,
                         }
@@ -473,20 +466,7 @@ def create_app(
 
 def _preview_urls(preview: torch.Tensor) -> list[str]:
     """A preview's pictures (seeds, 3, H, W) as the page gets them: PNG data URLs."""
-    return [_png_data_url(to_pil(image)) for image in preview.clamp(0, 1)]
-
-
-def _class_names(recorded: list[str] | None, classes: int) -> list[str]:
-    """The classes' names: those the model records (its ``classifier.json``, one per output),
-    ImageNet's (timm's ``ImageNetInfo``) for other 1000-class classifiers, else ``class k``."""
-    if recorded is not None and len(recorded) == classes:
-        return list(recorded)
-    if classes == 1000:
-        from timm.data import ImageNetInfo
-
-        info = ImageNetInfo()
-        return [info.index_to_description(k).split(",")[0] for k in range(classes)]
-    return [f"class {k}" for k in range(classes)]
+    return [png_data_url(to_pil(image)) for image in preview.clamp(0, 1)]
 
 
 def _is_shapes_model(recorded: list[str] | None) -> bool:
