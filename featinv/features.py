@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featinv.choices import FEATURE_MODES, FEATURE_SOURCES
+from featinv.choices import FEATURE_MODES
 from featinv.errors import FeatInvError
 from featinv.limits import LIMITS
 from featinv.sources import build_backbone, check_source
@@ -109,9 +109,7 @@ class FeatureSpec:
         def is_int(value: Any, low: int, high: int) -> bool:
             return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
 
-        source = data.get("source", "timm")
-        if source not in FEATURE_SOURCES:
-            raise FeatInvError(f"{where}: source must be one of {', '.join(FEATURE_SOURCES)}, got {source!r}")
+        source = check_source(data.get("source", "timm"), f"{where}: source")
         if not isinstance(data["model"], str) or not data["model"]:
             raise bad("model", f"a {source} model name" if source != "module" else "package.module:factory")
         layer = data["layer"]
@@ -231,7 +229,6 @@ class FeatureExtractor(nn.Module):
             raise
         except Exception as error:  # noqa: BLE001 - the probe pass of a model built from user fields
             raise self.backbone.probe_failure(error, input_size, self.layer) from error
-        spec_kwargs = getattr(self.backbone, "spec_kwargs", None)
         self.spec = FeatureSpec(
             model=self.backbone.name,
             layer=self.layer,
@@ -242,7 +239,7 @@ class FeatureExtractor(nn.Module):
             input_size=input_size,
             mean=mean,
             std=std,
-            model_kwargs=spec_kwargs() if spec_kwargs is not None else dict(model_kwargs or {}),
+            model_kwargs=self.backbone.spec_kwargs(),
             crop_pct=data_config.crop_pct,
             source=source,
         )

@@ -70,6 +70,10 @@ class Backbone:
             f"{self.describe_name()} fails on a probe input of size {input_size} at layer {layer}: {first_line(error)}"
         )
 
+    def spec_kwargs(self) -> dict[str, Any]:
+        """What the feature spec records as ``model_kwargs``: the constructor's arguments."""
+        return dict(getattr(self, "model_kwargs", {}))
+
     def map_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A weights file's state dict in this network's key names (unchanged by default)."""
         return state
