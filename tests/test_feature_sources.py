@@ -109,6 +109,24 @@ def test_a_clip_vision_tower_and_a_torchvision_resnet_at_layer3(tmp_path):
     assert resnet.linear_head() is net.fc
 
 
+def test_a_vit_classifier_and_a_user_module_match_their_own_outputs(tmp_path):
+    vit = FeatureExtractor(str(vit_classifier_folder(tmp_path)), source="transformers")
+    assert type(vit.classifier).__name__ == "ViTForImageClassification" and vit.spec.shape == (16, 4, 4)
+    assert vit.linear_head() is vit.classifier.classifier  # class steering reads this head
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        normalized = vit.preprocess(x)
+        hidden = vit.classifier.vit(pixel_values=normalized).last_hidden_state  # CLS + 16 patches
+        torch.testing.assert_close(vit(x), hidden[:, 1:].reshape(2, 4, 4, 16).permute(0, 3, 1, 2))
+        torch.testing.assert_close(vit.logits(x), vit.classifier(pixel_values=normalized).logits)
+
+    module = FeatureExtractor(f"{USER_MODULE}:tiny_convnet", "features.2", source="module", input_size=(3, 32, 32))
+    with torch.no_grad():
+        own = module.classifier.features[:3](module.normalize(x))
+        torch.testing.assert_close(module(x), own)
+    assert module.spec.model == f"{USER_MODULE.resolve()}:tiny_convnet"  # absolute: read from anywhere later
+
+
 def test_default_layers_are_the_last_spatial_ones():
     resnet = FeatureExtractor("resnet18", source="torchvision", input_size=(3, 64, 64))
     assert resnet.spec.layer == "layer4" and resnet.spec.shape == (512, 2, 2)  # not avgpool's 1x1
