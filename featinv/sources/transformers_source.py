@@ -113,6 +113,8 @@ class TransformersBackbone(Backbone):
         super().__init__(name, network)
         self.config = network.config
         self.layer: str | int = LAST
+        self._own_size = _pair(getattr(self.config, "image_size", None))
+        self._interpolates = "interpolate_pos_encoding" in inspect.signature(network.forward).parameters
 
     @staticmethod
     def _model_class(transformers: Any, config: Any) -> Any:
@@ -187,9 +189,8 @@ class TransformersBackbone(Backbone):
 
     def _call_kwargs(self, normalized: torch.Tensor) -> dict[str, Any]:
         """``interpolate_pos_encoding`` where the model takes it and the input is not its own size."""
-        own = _pair(getattr(self.config, "image_size", None))
-        accepts = "interpolate_pos_encoding" in inspect.signature(self.network.forward).parameters
-        return {"interpolate_pos_encoding": True} if accepts and own != tuple(normalized.shape[-2:]) else {}
+        other_size = self._own_size != tuple(normalized.shape[-2:])
+        return {"interpolate_pos_encoding": True} if self._interpolates and other_size else {}
 
     def forward(self, normalized: torch.Tensor) -> Any:
         return self.network(pixel_values=normalized, **self._call_kwargs(normalized))
