@@ -135,3 +135,39 @@ def test_a_reloaded_model_saves_without_its_source_path(tmp_path, tiny_model):
         assert "_name_or_path" not in (tmp_path / "b" / part / "config.json").read_text()
     again = FeatInvModel.from_pretrained(tmp_path / "b")
     assert again.controlnet.config.hint_channels == tiny_model.controlnet.config.hint_channels
+
+
+def test_weights_are_written_one_tensor_at_a_time_in_the_safetensors_format(tmp_path):
+    """featinv's streaming writer: safetensors' own reader reads every dtype and layout back, a
+    dtype casts only the floating-point tensors, and the plain reader gives the same tensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from featinv.weights import iter_safetensors, save_state_dict_atomic
+
+    state = {
+        "weight": torch.randn(3, 5),
+        "transposed": torch.randn(4, 6).t(),  # not contiguous
+        "half": torch.randn(2, 2).half(),
+        "brain": torch.randn(5).bfloat16(),
+        "steps": torch.arange(7),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5),
+        "mask": torch.tensor([True, False, True]),
+    }
+    save_state_dict_atomic(state, tmp_path / "a.safetensors", metadata={"format": "pt"})
+    back = load_file(str(tmp_path / "a.safetensors"))
+    assert list(back) and all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in state.items())
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+    assert all(torch.equal(t, state[k]) for k, t in iter_safetensors(tmp_path / "a.safetensors", list(state)))
+    save_state_dict_atomic(state, tmp_path / "b.safetensors", dtype=torch.float16)
+    half = load_file(str(tmp_path / "b.safetensors"))
+    assert {k: v.dtype for k, v in half.items()} == {
+        **dict.fromkeys(("weight", "transposed", "half", "brain", "empty", "scalar"), torch.float16),
+        "steps": torch.int64,
+        "mask": torch.bool,
+    }
+    assert torch.equal(half["transposed"], state["transposed"].half())
+    save_state_dict_atomic(state, tmp_path / "c.safetensors", dtype=torch.float16)
+    assert (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()

@@ -270,3 +270,50 @@ def test_reconstruct_on_the_converted_model_through_the_cli(capsys, converted, r
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["features_000.png", "features_001.png", "grid.png"]
     code, _, err = run_cli(capsys, *args, "--method", "optimize", "--guidance-on", "prompt", "--out", tmp_path / "o")
     assert_one_line_error(code, err, "--guidance-on applies to --method featinv")
+
+
+def test_an_fp16_conversion_holds_the_same_weights_on_half_the_disk(capsys, converted, tmp_path):
+    """The released checkpoint is fp16: --dtype fp16 loses nothing, and its base loads (float32,
+    as diffusers loads any file) with the fingerprint the model recorded."""
+    code, out, _ = convert(capsys, tmp_path / "half", "--dtype", "fp16")
+    assert code == 0 and "weights in fp16" in out, out
+    from safetensors import safe_open
+
+    for folder in (tmp_path / "half" / "controlnet", tmp_path / "half-base" / "unet"):
+        with safe_open(str(folder / "diffusion_pytorch_model.safetensors"), framework="pt") as handle:
+            assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F16"}
+    sizes = [sum(p.stat().st_size for p in f.rglob("*.safetensors")) for f in (converted, tmp_path / "half")]
+    assert sizes[1] < 0.55 * sizes[0]
+    half, full = FeatInvModel.from_pretrained(tmp_path / "half"), FeatInvModel.from_pretrained(converted)
+    for part in ("unet", "vae", "controlnet"):
+        mine, theirs = getattr(half, part).state_dict(), getattr(full, part).state_dict()
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine), part
+
+
+def test_from_single_file_takes_the_tensors_as_stored_or_in_float32():
+    from featinv.models.published import read_checkpoint
+
+    state = read_checkpoint(CHECKPOINT)
+    assert {v.dtype for v in state.values()} == {torch.float16}
+    options = {"config": TINY[1], "text_encoder_config": json.loads(Path(TINY[3]).read_text())}
+    stored = FeatInvModel.from_single_file(state, _extractor(), dtype=None, **options)
+    weight = stored.unet.conv_in.weight
+    assert weight.dtype == torch.float16
+    assert weight.data_ptr() == state["model.diffusion_model.input_blocks.0.0.weight"].data_ptr()  # no copy made
+    default = FeatInvModel.from_single_file(state, _extractor(), **options)
+    assert default.unet.dtype == torch.float32 and torch.equal(default.unet.conv_in.weight, weight.float())
+
+
+@pytest.mark.parametrize("short", ["memory", "disk"])
+def test_memory_or_disk_that_will_not_do_is_one_line_before_anything_is_written(capsys, tmp_path, monkeypatch, short):
+    import featinv.resources as resources
+
+    if short == "memory":
+        monkeypatch.setattr(resources, "available_memory", lambda: 10**6)
+        message = "needs about"
+    else:
+        monkeypatch.setattr(resources, "free_disk", lambda path: 10**6)
+        message = "GB of disk, but the file system of"
+    code, _, err = convert(capsys, tmp_path / "out")
+    assert_one_line_error(code, err, message)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out-base").exists()

@@ -6,18 +6,28 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from featinv.choices import DTYPES
 from featinv.cli.options import add_source_args
 from featinv.errors import FeatInvError
 from featinv.limits import arg
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Convert, check everything before writing, then write the base (or reuse an identical one)
-    and the model, each atomically."""
-    from featinv.cli.options import new_extractor
+    """Convert, check everything before writing (the file, the classifier, memory and disk), then
+    write the base (or reuse an identical one) and the model, each atomically. The checkpoint is
+    memory-mapped and its tensors written one at a time in the output dtype: the peak memory is
+    about the checkpoint as stored plus the text encoder (``published.footprint``)."""
+    from featinv.cli.options import new_extractor, torch_dtype
     from featinv.models import FeatInvModel
     from featinv.models.base import weights_fingerprint
-    from featinv.models.published import PUBLISHED_CLASSIFIER, PUBLISHED_INPUT_SIZE, read_checkpoint, read_config
+    from featinv.models.published import (
+        PUBLISHED_CLASSIFIER,
+        PUBLISHED_INPUT_SIZE,
+        footprint,
+        read_checkpoint,
+        read_config,
+    )
+    from featinv.resources import require_disk, require_memory
 
     out = Path(args.out)
     base_out = Path(args.base_out) if args.base_out else out.with_name(f"{out.name}-base")
@@ -32,6 +42,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise FeatInvError(
             "--classifier-kwargs, --layer, --input-size, --source and --classifier-normalization go with --classifier"
         )
+    dtype = torch_dtype(args.dtype)
     text_config = json_file_arg("--text-encoder-config", args.text_encoder_config)
     config = read_config(args.config)
     state = read_checkpoint(args.checkpoint)  # the file's layout, before the classifier is built
@@ -45,6 +56,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         input_side=args.input_size or (None if named else PUBLISHED_INPUT_SIZE),
         normalization_text=args.classifier_normalization,
     )
+    needs = footprint(state, dtype)
+    require_memory(needs.memory, f"converting {args.checkpoint}")
     model = FeatInvModel.from_single_file(
         state,
         extractor,
@@ -53,18 +66,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
         text_encoder_config=text_config,
         prompt=args.prompt,
         store_classifier=args.classifier_weights is not None,
+        dtype=None,  # the checkpoint's tensors as stored, written from the mapped file in --dtype
     )
-    fingerprint = weights_fingerprint(model.unet, model.vae)  # reads every base weight: once
+    fingerprint = weights_fingerprint(model.unet, model.vae, stored_as=dtype)  # reads every base weight: once
     reused = _existing_base(base_out, fingerprint)
+    classifier = sum(t.numel() * t.element_size() for t in extractor.classifier.state_dict().values())
+    outputs = [("the model", out, needs.model + (classifier if args.classifier_weights else 0))]
+    require_disk(
+        outputs + ([] if reused else [("its base", base_out, needs.base)]), ", or give --out/--base-out elsewhere"
+    )
     if reused:
         model.base, model.base_fingerprint = str(base_out.resolve()), fingerprint
     else:
-        model.save_base(base_out)
-    model.save_pretrained(out)
+        model.save_base(base_out, dtype=dtype, fingerprint=fingerprint)
+    model.save_pretrained(out, dtype=dtype)
     height, width = model.image_size
     print(
         f"converted {args.checkpoint} -> {out} ({extractor.spec.describe()}; images {height}x{width}; guidance on "
-        f"the prompt, as published), its base {'reused' if reused else 'written'} at {base_out}"
+        f"the prompt, as published; weights in {args.dtype}), its base {'reused' if reused else 'written'} at "
+        f"{base_out}"
     )
     if args.classifier_weights is None:
         print("note: no --classifier-weights given, so the model stores no classifier: pass them to reconstruct images")
@@ -73,16 +93,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _existing_base(folder: Path, fingerprint: str) -> bool:
     """Whether ``folder`` already holds this base (same UNet and VAE weights): then it is shared,
-    not written again. Any other existing folder is refused."""
+    not written again. Any other existing folder is refused. The folder's weights are read one
+    tensor at a time where they are plain safetensors (``folder_fingerprint``), else loaded."""
     if not folder.exists():
         return False
-    from featinv.models.base import load_base, weights_fingerprint
+    from featinv.models.base import folder_fingerprint, load_base, weights_fingerprint
 
-    try:
-        loaded = load_base(str(folder))
-    except FeatInvError as error:
-        raise FeatInvError(f"--base-out {folder} exists and is not a base folder ({error})") from error
-    if weights_fingerprint(loaded.unet, loaded.vae) != fingerprint:
+    found = folder_fingerprint(folder)
+    if found is None:
+        try:
+            loaded = load_base(str(folder))
+        except FeatInvError as error:
+            raise FeatInvError(f"--base-out {folder} exists and is not a base folder ({error})") from error
+        found = weights_fingerprint(loaded.unet, loaded.vae)
+    if found != fingerprint:
         raise FeatInvError(f"--base-out {folder} exists and holds another base: give a new folder")
     return True
 
@@ -131,6 +155,12 @@ def add_convert_command(commands) -> None:
     convert.add_argument(
         "--classifier-weights",
         help="the classifier's weights (e.g. timm's model.safetensors): stored in the model",
+    )
+    convert.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="the dtype the weights are written in (fp16 or bf16: half the disk; they load as float32)",
     )
     convert.add_argument(
         "--prompt",

@@ -219,12 +219,43 @@ def _encode_known(folder: Path, prompts: list[str]) -> list[torch.Tensor]:
     return encode_known(encoder, None, prompts)
 
 
-def weights_fingerprint(*modules: nn.Module | None) -> str:
-    """sha256 over the names, shapes, dtypes and bytes (in logical order) of the modules' state."""
+def weights_fingerprint(*modules: nn.Module | None, stored_as: torch.dtype | None = None) -> str:
+    """sha256 over the names, shapes, dtypes and bytes (in logical order) of the modules' state as
+    :func:`load_base` loads it back (in float32, as diffusers loads any file) once saved in
+    ``stored_as`` (default: as the modules hold it). A float32 model's fingerprint is of its bytes."""
     digest = hashlib.sha256()
     for index, module in enumerate(modules):
         if module is not None:
-            update_digest(digest, str(index), module.state_dict())
+            update_digest(digest, str(index), module.state_dict(), stored_as=stored_as or torch.float32)
+    return digest.hexdigest()
+
+
+def folder_fingerprint(folder: str | Path) -> str | None:
+    """:func:`weights_fingerprint` of the UNet and VAE that :func:`load_base` would load from a base
+    folder, read one tensor at a time from their safetensors files instead of loading the models
+    (a base of an SD1.x size is 3.8 GB in float32). None where the files are not plainly the models'
+    state (no safetensors file, other names): then load the base to know."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from featinv.weights import iter_safetensors, read_safetensors_header
+
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for index, (cls, part) in enumerate(((UNet2DConditionModel, "unet"), (AutoencoderKL, "vae"))):
+        if part == "vae" and not (folder / part).exists() and "vae" not in _components(folder):
+            continue
+        weights = folder / part / WEIGHT_FILES[0]
+        if not weights.is_file() or not (folder / part / "config.json").is_file():
+            return None
+        try:
+            with torch.device("meta"):  # the state's names in the model's order, no weights made
+                names = list(cls.from_config(cls.load_config(str(folder / part))).state_dict())
+            if sorted(read_safetensors_header(weights)[0]) != sorted(names):
+                return None
+            tensors = iter_safetensors(weights, names)
+            update_digest(digest, str(index), tensors, stored_as=torch.float32)  # diffusers loads float32
+        except Exception:  # a config or file diffusers would refuse too: load_base says why
+            return None
     return digest.hexdigest()
 
 

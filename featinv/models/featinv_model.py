@@ -44,7 +44,7 @@ from featinv.models.model_config import (
 )
 from featinv.models.presets import get_preset
 from featinv.sampling.schedule import NoiseSchedule
-from featinv.weights import load_state_dict, save_state_dict_atomic
+from featinv.weights import load_state_dict, save_diffusers_model, save_state_dict_atomic
 
 DEFAULT_PROMPT = "a high-quality, detailed, and professional image"
 
@@ -322,6 +322,7 @@ class FeatInvModel(nn.Module):
         text_encoder_config: dict[str, Any] | None = None,
         prompt: str | None = None,
         store_classifier: bool = True,
+        dtype: torch.dtype | None = torch.float32,
     ) -> FeatInvModel:
         """The published FeatInv checkpoint (a ControlLDM single file, e.g. the released
         ``control_featinv_convnext_fin.ckpt``, or the state ``published.read_checkpoint`` read from
@@ -332,7 +333,9 @@ class FeatInvModel(nn.Module):
         ``CLIPTextConfig`` dict (default: CLIP ViT-L/14's). The model guides on the prompt
         (``guidance="prompt"``, as the published sampler) and takes images as the published script
         does (shorter side resized to the classifier's input, centre crop: ``crop_pct`` 1). It has no
-        base folder until :meth:`save_base` writes one (``featinv convert`` does).
+        base folder until :meth:`save_base` writes one (``featinv convert`` does). ``dtype``: of the
+        UNet, VAE and ControlNet; ``None`` keeps the checkpoint's tensors as stored, memory-mapped
+        from the file (``featinv convert`` writes them from there, one at a time).
         """
         from dataclasses import replace
 
@@ -347,6 +350,7 @@ class FeatInvModel(nn.Module):
             tokenizer=tokenizer,
             text_encoder_config=text_encoder_config,
             prompt=PUBLISHED_PROMPT if prompt is None else prompt,
+            dtype=dtype,
         )
         model = cls(
             parts.unet,
@@ -364,12 +368,13 @@ class FeatInvModel(nn.Module):
         return model.eval()
 
     # ----- saving and loading -----------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, *, bundle: bool = False) -> None:
+    def save_pretrained(self, path: str | Path, *, bundle: bool = False, dtype: torch.dtype | None = None) -> None:
         """Write the model folder atomically: into a temporary sibling folder, then renamed.
 
         A model made on a base (``self.base``) refers to it: the folder holds no copy of the base's
         UNet or VAE unless ``bundle`` (a self-contained folder, for offline use). A model without a
-        base (from a preset, or one whose UNet was trained) is always bundled.
+        base (from a preset, or one whose UNet was trained) is always bundled. ``dtype``: the
+        networks' weights are stored in it (default: as the model holds them), one tensor at a time.
         """
         path = Path(path)
         with _staged_folder(path) as staging:
@@ -377,10 +382,10 @@ class FeatInvModel(nn.Module):
             if self.base is not None and not bundle:
                 reference = BaseReference.to_base(self.base, path, self.base_fingerprint)
             else:
-                self.unet.save_pretrained(staging / "unet", safe_serialization=True)
+                save_diffusers_model(self.unet, staging / "unet", dtype=dtype)
                 if self.vae is not None:
-                    self.vae.save_pretrained(staging / "vae", safe_serialization=True)
-            self.controlnet.save_pretrained(staging / "controlnet", safe_serialization=True)
+                    save_diffusers_model(self.vae, staging / "vae", dtype=dtype)
+            save_diffusers_model(self.controlnet, staging / "controlnet", dtype=dtype)
             save_state_dict_atomic(
                 {"context": self.context, "null_context": self.null_context}, staging / "contexts.safetensors"
             )
@@ -403,23 +408,29 @@ class FeatInvModel(nn.Module):
             if self.class_names is not None:
                 write_class_names(staging, self.class_names)
 
-    def save_base(self, folder: str | Path) -> None:
+    def save_base(
+        self, folder: str | Path, *, dtype: torch.dtype | None = None, fingerprint: str | None = None
+    ) -> None:
         """Write the model's UNet and VAE as a diffusers base folder (``unet/``, ``vae/``,
         ``scheduler/``, ``model_index.json``, and ``contexts.safetensors``: the contexts the UNet was
         trained with, which :meth:`from_base` gives new models on this base), atomically, and make
         the model refer to it: models saved afterwards (this one, or others given the same base)
         share it instead of copying it. A model read by :meth:`from_single_file` also writes its
-        ``text_encoder/`` (and the ``tokenizer/`` it was given): a Stable Diffusion folder."""
+        ``text_encoder/`` (and the ``tokenizer/`` it was given): a Stable Diffusion folder.
+        ``dtype``: the weights are stored in it (default: as the model holds them); ``fingerprint``:
+        their ``weights_fingerprint(unet, vae, stored_as=dtype)`` where the caller has it already
+        (reading every weight again to hash it takes seconds at SD1.x size)."""
         folder = Path(folder)
         text_encoder, tokenizer = getattr(self, "text_parts", (None, None))
         with _staged_folder(folder) as staging:
             index = {"_class_name": "FeatInvBase", "unet": ["diffusers", type(self.unet).__name__]}
-            self.unet.save_pretrained(staging / "unet", safe_serialization=True)
+            save_diffusers_model(self.unet, staging / "unet", dtype=dtype)
             if self.vae is not None:
-                self.vae.save_pretrained(staging / "vae", safe_serialization=True)
+                save_diffusers_model(self.vae, staging / "vae", dtype=dtype)
                 index["vae"] = ["diffusers", type(self.vae).__name__]
             if text_encoder is not None:
-                text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True)
+                state = None if dtype is None else {k: v.to(dtype) for k, v in text_encoder.state_dict().items()}
+                text_encoder.save_pretrained(staging / "text_encoder", safe_serialization=True, state_dict=state)
                 index["text_encoder"] = ["transformers", type(text_encoder).__name__]
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging / "tokenizer")
@@ -431,7 +442,7 @@ class FeatInvModel(nn.Module):
             contexts = {"context": self.context, "null_context": self.null_context}
             save_state_dict_atomic(contexts, staging / "contexts.safetensors")
         self.base = str(folder.resolve())
-        self.base_fingerprint = weights_fingerprint(self.unet, self.vae)
+        self.base_fingerprint = fingerprint or weights_fingerprint(self.unet, self.vae, stored_as=dtype)
 
     @classmethod
     def from_pretrained(

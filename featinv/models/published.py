@@ -173,11 +173,12 @@ def read_config(path: str | Path | None) -> dict[str, Any]:
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict of a ControlLDM single file (``.ckpt``/``.pt``/``.pth`` through
     ``torch.load(weights_only=True)``, ``{"state_dict": ...}`` or bare, or ``.safetensors``),
-    checked to be one; every tensor as float32."""
+    checked to be one; its floating-point tensors as stored (float16 in the released file), and
+    memory-mapped where the file's format allows: nothing is copied until it is used."""
     from featinv.weights import load_state_dict
 
     path = require_file(path, "--checkpoint")
-    state = load_state_dict(path, what="checkpoint")
+    state = load_state_dict(path, what="checkpoint", mmap=True)
     missing = [what for prefix, what in REQUIRED_PREFIXES.items() if not any(k.startswith(prefix) for k in state)]
     hint = [f"{HINT_PREFIX}{i}.{kind}" for i in (1, 3, 5) for kind in ("weight", "bias")]
     if missing:
@@ -194,7 +195,40 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     weights = [k for prefix in REQUIRED_PREFIXES for k in state if k.startswith(prefix) and "position_ids" not in k]
     if not all(state[k].is_floating_point() for k in weights):
         raise FeatInvError(f"--checkpoint {path} holds integer tensors where weights should be")
-    return {k: v.float() for k, v in state.items() if v.is_floating_point()}  # counters and ids dropped
+    return {k: v for k, v in state.items() if v.is_floating_point()}  # counters and ids dropped
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What converting a checkpoint takes, in bytes (``featinv convert`` checks it before writing).
+
+    Attributes:
+        memory: the checkpoint's tensors as stored (mapped, and read while the folders are written),
+            the text encoder in float32 (it encodes the prompts), two copies of the largest tensor
+            (one tensor is converted at a time) and a margin for the rest.
+        model: the model folder's weights (the ControlNet) in the output dtype.
+        base: the base folder's (UNet, VAE, text encoder) in the output dtype.
+    """
+
+    memory: int
+    model: int
+    base: int
+
+
+MEMORY_MARGIN = 256 * 2**20  # prompts, configs, the writers' buffers
+
+
+def footprint(state: dict[str, torch.Tensor], dtype: torch.dtype) -> Footprint:
+    """The :class:`Footprint` of converting ``state`` (from :func:`read_checkpoint`) into ``dtype``."""
+
+    def numel(*prefixes: str) -> int:
+        return sum(v.numel() for k, v in state.items() if k.startswith(prefixes))
+
+    stored = sum(v.numel() * v.element_size() for v in state.values())
+    largest = max(v.numel() for v in state.values()) * max(4, dtype.itemsize)
+    text = numel(TEXT_PREFIX)
+    base = numel("model.diffusion_model.", "first_stage_model.", TEXT_PREFIX) * dtype.itemsize
+    return Footprint(stored + text * 4 + 2 * largest + MEMORY_MARGIN, numel("control_model.") * dtype.itemsize, base)
 
 
 def hint_widths(state: dict[str, torch.Tensor]) -> tuple[int, int, int]:
@@ -230,12 +264,15 @@ class PublishedParts:
 
 
 def _load(module: nn.Module, weights: dict[str, torch.Tensor], what: str) -> None:
-    """Load ``weights`` into ``module`` strictly; a mismatch is one FeatInvError naming ``what``."""
+    """Load ``weights`` into ``module`` strictly; a mismatch is one FeatInvError naming ``what``.
+    A module built on the meta device (no weights of its own) takes the tensors themselves."""
+    on_meta = any(t.is_meta for t in module.state_dict().values())
     try:
-        module.load_state_dict(weights, strict=True)
+        module.load_state_dict(weights, strict=True, assign=on_meta)
     except RuntimeError as error:
         detail = " ".join(str(error).split())[:300]
         raise FeatInvError(f"the checkpoint's {what} does not fit its config: {detail}") from error
+    assert not any(t.is_meta for t in (*module.parameters(), *module.buffers())), f"{what}: a tensor left unloaded"
 
 
 def noise_schedule(config: dict[str, Any], state: dict[str, torch.Tensor]) -> NoiseSchedule:
@@ -313,9 +350,15 @@ def read_published(
     tokenizer: str | Path | None = None,
     text_encoder_config: dict[str, Any] | None = None,
     prompt: str = PUBLISHED_PROMPT,
+    dtype: torch.dtype | None = torch.float32,
 ) -> PublishedParts:
     """Convert a ControlLDM single file (or the state :func:`read_checkpoint` read from one) for a
     classifier whose maps have ``feature_channels``.
+
+    The UNet, VAE and ControlNet are built without weights (on the meta device) and take the
+    checkpoint's tensors themselves: in ``dtype``, or with ``dtype=None`` as stored (then they are
+    the memory-mapped file: no copy is made, which is how ``featinv convert`` streams a 1.4 G-parameter
+    checkpoint into its folders). The text encoder runs here, in float32, to encode the prompts.
 
     Raises:
         FeatInvError: the file is not such a checkpoint (layout, truncated, pickled code), does not
@@ -353,18 +396,17 @@ def read_published(
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise FeatInvError(f"the checkpoint does not fit its config ({type(error).__name__}: {error})") from error
     unet_config["sample_size"] = LATENT_SIZE[0]
-    unet = UNet2DConditionModel(**unet_config)
-    _load(unet, unet_weights, "UNet")
-    vae = AutoencoderKL(
-        **{**vae_config, "sample_size": LATENT_SIZE[0] * 2 ** (len(vae_config["block_out_channels"]) - 1)}
-    )
-    _load(vae, vae_weights, "autoencoder")
-    if width != unet.config.block_out_channels[0]:
+    vae_config["sample_size"] = LATENT_SIZE[0] * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if width != unet_config["block_out_channels"][0]:
         raise FeatInvError(
             f"the checkpoint's hint block ends at {width} channels, its UNet starts at "
-            f"{unet.config.block_out_channels[0]}"
+            f"{unet_config['block_out_channels'][0]}"
         )
-    controlnet = FeatInvControlNet.from_unet(unet, channels, hint_channels=hidden)
+    with torch.device("meta"):  # the modules' shapes only: the checkpoint's tensors become their weights
+        unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
+        controlnet = FeatInvControlNet.from_unet(unet, channels, hint_channels=hidden)
+    _load(unet, unet_weights, "UNet")
+    _load(vae, vae_weights, "autoencoder")
     body = {k: v for k, v in control_weights.items() if not k.startswith("controlnet_cond_embedding.")}
     _load(controlnet.controlnet, body, "ControlNet")
     hint = {
@@ -380,6 +422,8 @@ def read_published(
             f"{unet.config.cross_attention_dim}: check --text-encoder-config"
         )
     context, null_context = encode_prompts(encoder, loaded_tokenizer, [prompt, ""])
+    if dtype is not None:
+        unet, vae, controlnet = unet.to(dtype), vae.to(dtype), controlnet.to(dtype)
     return PublishedParts(
         unet.eval(), vae.eval(), controlnet.eval(), encoder, loaded_tokenizer, schedule, context, null_context, prompt
     )
