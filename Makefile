@@ -22,7 +22,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-check: $(STAMP)  # the edit-test loop: everything but the heavy tests (tests/conftest.py HEAVY)
+check: $(STAMP)  # the edit-test loop: everything but the tests marked heavy (tests/conftest.py)
 	$(PY) -m pytest -q -m "not heavy"
 
 test-slow: $(STAMP)

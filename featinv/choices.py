@@ -13,6 +13,20 @@ BACKENDS = ("eager", "compiled", "fast", "onnx", "tensorrt")  # featinv.engine's
 SERVE_BACKENDS = BACKENDS[:3]  # the web app's (no export folder)
 DTYPES = ("fp32", "fp16", "bf16")  # inference dtypes (--dtype)
 CACHE_DTYPES = ("float32", "float16", "bfloat16")  # a feature cache's storage (features cache --dtype)
+# One dtype, two spellings: every --dtype takes both the short names and torch's (fp16 == float16).
+DTYPE_SPELLINGS = dict(zip(DTYPES, CACHE_DTYPES, strict=True))
+
+
+def dtype_choice(text: str, *, long: bool = False) -> str:
+    """``text`` (fp16 or float16, half; any case) as the short name, or with ``long`` torch's; an
+    unknown name is returned as it is, for argparse's ``choices`` to refuse."""
+    name = {"half": "fp16", "float": "fp32", "bfloat16": "bf16"}.get(text.lower(), text.lower())
+    name = {long_name: short for short, long_name in DTYPE_SPELLINGS.items()}.get(name, name)
+    if name not in DTYPE_SPELLINGS:
+        return text
+    return DTYPE_SPELLINGS[name] if long else name
+
+
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # training autocast (accelerate's names)
 DISTILL_TARGETS = ("consistency", "endpoint", "guidance", "trajectory")  # featinv.training.distill
 DISTANCES = ("cosine", "l2")  # guided sampling's feature distance

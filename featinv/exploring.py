@@ -1,7 +1,7 @@
 """What the explorer does, whatever its face (the web page, :mod:`featinv.web.app`, or the notebook
 widget, :mod:`featinv.notebook`): image A's feature map edited by the sliders and the painted cells
 (:mod:`featinv.analysis.regions`), reconstructed for several seeds on a
-:class:`~featinv.serving.RealtimeReconstructor` with previews of the sampler's clean estimate, the
+:class:`~featinv.serving.ReconstructionServer` with previews of the sampler's clean estimate, the
 map shown as pictures with colours fixed per model (:mod:`featinv.analysis.map_view`), and the
 difference an edit makes to the unedited reconstruction.
 
@@ -27,7 +27,7 @@ from featinv.analysis.map_view import MapPalette
 from featinv.analysis.regions import MapEdit, apply_edit
 from featinv.analysis.steering import Concept, class_concept
 from featinv.errors import FeatInvError
-from featinv.serving import RealtimeReconstructor, Request
+from featinv.serving import ReconstructionServer, Request
 
 PREVIEW_SHARE = 0.05  # the measured part of the previews' cost, as a share of a reconstruction's time
 PALETTE_EXAMPLES = 16  # example images the map palette is fitted on
@@ -79,7 +79,7 @@ class ExplorerCore:
 
     def __init__(
         self,
-        server: RealtimeReconstructor,
+        server: ReconstructionServer,
         *,
         seeds: int = 3,
         examples: torch.Tensor | None = None,
@@ -149,7 +149,7 @@ class ExplorerCore:
     ) -> Request:
         """Reconstruct a map's rows (seeds, C, h, w) (from :meth:`edited_map`), seeded 0, 1, ...;
         with ``on_preview``, previews of the clean estimate at the adaptive cadence. ``options``:
-        :meth:`RealtimeReconstructor.submit`'s."""
+        :meth:`ReconstructionServer.submit`'s."""
         if on_preview is None:
             return self.server.submit(features=rows, seed=0, **options)
         return self.server.submit(

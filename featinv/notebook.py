@@ -1,7 +1,7 @@
 """The explorer in a Jupyter notebook: an ``anywidget`` with the web page's controls (steering
 toward a class, interpolation toward image B, painted grid cells and what to do in them), live
 previews of the sampler, the feature map as pictures and the difference a painted edit makes, on the
-same :class:`~featinv.serving.RealtimeReconstructor` and :class:`~featinv.exploring.ExplorerCore` as
+same :class:`~featinv.serving.ReconstructionServer` and :class:`~featinv.exploring.ExplorerCore` as
 ``featinv serve``. Needs ``pip install 'featinv[notebook]'``.
 
     from featinv.notebook import Explorer
@@ -32,7 +32,7 @@ from featinv.choices import REGION_OPERATIONS
 from featinv.exploring import ExplorerCore, ExplorerResult
 from featinv.images import heatmap, load_image, png_data_url, to_pil
 from featinv.models.class_names import display_class_names
-from featinv.serving import RealtimeReconstructor, RequestCancelled
+from featinv.serving import ReconstructionServer, RequestCancelled
 
 WIDGET_JS = Path(__file__).with_name("web") / "widget.js"
 WIDGET_CSS = Path(__file__).with_name("web") / "widget.css"
@@ -58,7 +58,7 @@ class Explorer(anywidget.AnyWidget):
         seeds: reconstructions per state.
         examples: images (N, 3, H, W) that fix the map's colours and give the ``mean`` operation
             its map; without them the first map shown fixes the colours.
-        device, steps, trust_code: as :class:`RealtimeReconstructor`'s.
+        device, steps, trust_code: as :class:`ReconstructionServer`'s.
 
     Setting ``strength``, ``mix``, ``concept``, ``cells`` or ``operation`` (from Python or the
     widget) starts a reconstruction and cancels the one in flight; ``images`` shows the previews,
@@ -102,7 +102,7 @@ class Explorer(anywidget.AnyWidget):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.server = RealtimeReconstructor(
+        self.server = ReconstructionServer(
             model, device=device, steps=steps, warmup_batch=seeds, trust_code=trust_code
         )
         try:

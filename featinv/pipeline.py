@@ -11,12 +11,13 @@ import torch
 from tqdm.auto import tqdm
 
 from featinv.engine import make_denoiser
+from featinv.engine.eager import EagerDenoiser
 from featinv.errors import FeatInvError, require_positive_int, require_seed
 from featinv.features import FeatureExtractor, check_images, pool_and_tile
 from featinv.limits import within
 from featinv.models.featinv_model import FeatInvModel
 from featinv.models.model_config import check_guidance
-from featinv.sampling import SAMPLERS, classifier_free_guidance
+from featinv.sampling import SAMPLER_LOOPS, classifier_free_guidance
 from featinv.sampling.noise import randn
 
 DEFAULT_STEPS = 50
@@ -244,7 +245,7 @@ class Reconstructor:
             if not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):
                 raise FeatInvError(f"{name} must be a float tensor of finite values")
         schedule = self.model.noise_schedule.for_sampler(sampler, steps, eta)
-        sample_fn = SAMPLERS[sampler]
+        sample_fn = SAMPLER_LOOPS[sampler]
         outputs = []
         bar = tqdm(total=n * steps, desc="reconstructing", unit="step", disable=not progress, leave=False)
         try:
@@ -321,8 +322,8 @@ class Reconstructor:
         raise FeatInvError(f"{what} hold NaN or Inf values, so no image is returned: likely " + ", or ".join(causes))
 
     def _check_options(self, steps: int, guidance_scale: float, sampler: str, eta: float, batch_size: int) -> None:
-        if sampler not in SAMPLERS:
-            raise FeatInvError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
+        if sampler not in SAMPLER_LOOPS:
+            raise FeatInvError(f"sampler must be one of {', '.join(SAMPLER_LOOPS)}, got {sampler!r}")
         within("batch_size", batch_size, "batch_size")
         within("steps", steps, "steps")
         within("guidance", guidance_scale, "guidance_scale")
@@ -355,6 +356,14 @@ class Reconstructor:
         if guidance == self.model.guidance:  # (the two-argument call stays what it was)
             return self.guided_denoiser(features, guidance_scale)
         return self.guided_denoiser(features, guidance_scale, guidance)
+
+    def differentiable_denoiser(
+        self, features: torch.Tensor, guidance_scale: float, guidance: str | None = None
+    ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """:meth:`guided_denoiser` on the eager path whatever the backend, recording autograd where it
+        is on: the (x, t) -> eps to take gradients through (feature guidance of the sampling)."""
+        eager = self.denoiser if isinstance(self.denoiser, EagerDenoiser) else EagerDenoiser(self.model)
+        return self.guided_denoiser(features, guidance_scale, guidance, denoiser=eager.predict)
 
     def guided_denoiser(
         self, features: torch.Tensor, guidance_scale: float, guidance: str | None = None, *, denoiser=None

@@ -1,7 +1,7 @@
 """The embeddable low-latency API: a reconstructor that warms up once, then serves requests from any
 thread, one at a time on the device, with previews every k steps and cancellation in flight.
 
-    server = RealtimeReconstructor(DIR, steps=10)   # or a FeatInvModel
+    server = ReconstructionServer(DIR, steps=10)   # or a FeatInvModel
     request = server.submit(images, seed=0, preview_every=2, on_preview=show)
     request.cancel()            # e.g. the user moved the slider again
     images = request.result()   # raises RequestCancelled if it was cancelled
@@ -86,7 +86,7 @@ class _Job:
         return len(given) if isinstance(given, torch.Tensor) and given.ndim >= 1 else 1
 
 
-class RealtimeReconstructor:
+class ReconstructionServer:
     """Serve reconstructions with bounded latency: fixed steps and sampler, warmed up at creation,
     requests run in submission order on a worker thread (``guidance``: what guidance guides on,
     as ``Reconstructor.reconstruct``'s; default the model's): with ``batching`` (the default), the
@@ -115,7 +115,7 @@ class RealtimeReconstructor:
         warmup: bool = True,
         warmup_batch: int = 1,
         fast_options: dict[str, Any] | None = None,
-        share_thread_with: RealtimeReconstructor | None = None,
+        share_thread_with: ReconstructionServer | None = None,
         batching: bool = True,
         max_batch_rows: int = 64,
         refine: HybridConfig | None = None,
@@ -128,9 +128,9 @@ class RealtimeReconstructor:
         self._pending: deque[_Job] = deque()
         self._pending_lock = threading.Lock()
         self.cancelled_requests = 0  # requests ended by cancel(): before they started or while they ran
-        if share_thread_with is not None and not isinstance(share_thread_with, RealtimeReconstructor):
+        if share_thread_with is not None and not isinstance(share_thread_with, ReconstructionServer):
             raise FeatInvError(
-                f"share_thread_with must be a RealtimeReconstructor, got {type(share_thread_with).__name__}"
+                f"share_thread_with must be a ReconstructionServer, got {type(share_thread_with).__name__}"
             )
         device = resolve_device(device)
         # Servers of several models in one process share one thread (one OpenMP pool, see above); the
@@ -388,3 +388,16 @@ class RealtimeReconstructor:
             self._worker.shutdown(wait=True, cancel_futures=True)
             while self._urgent:  # calls the cancelled queue will not reach
                 self._urgent.popleft()[0].set_exception(FeatInvError("the server was closed"))
+
+
+def __getattr__(name: str):
+    if name == "RealtimeReconstructor":  # its old name: it serves reconstructions, at any speed
+        import warnings
+
+        warnings.warn(
+            "featinv.serving.RealtimeReconstructor is deprecated: it is featinv.serving.ReconstructionServer",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ReconstructionServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

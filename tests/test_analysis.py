@@ -125,6 +125,7 @@ def test_corruptions_and_ood_inputs_stay_images():
 FAST = ["--steps", "2", "--opt-steps", "5", "--device", "cpu"]
 
 
+@pytest.mark.heavy
 def test_steer_compose_robustness_and_evaluate_write_their_reports(capsys, tmp_path):
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     save_image(torch.rand(3, 32, 32), a)
@@ -198,6 +199,7 @@ def test_evaluate_verdicts_follow_the_paired_interval():
         assert line.startswith(f"Spatial FeatInv {verdict} the optimisation baseline on FID"), line
 
 
+@pytest.mark.heavy
 def test_analysis_commands_reject_bad_input(capsys, tmp_path, model_dir):  # noqa: F811
     (tmp_path / "empty").mkdir()
     (tmp_path / "others").mkdir()
@@ -268,6 +270,7 @@ def _random_fid_inception_weights() -> dict[str, torch.Tensor]:
         return fid_inception.fid_inception_v3().state_dict()
 
 
+@pytest.mark.heavy
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore:Matrix is singular")  # pytorch-fid's scipy call
 def test_inception_fid_equals_pytorch_fid_from_a_local_file(tmp_path):
     """featinv's FID in Inception space is pytorch-fid's: its network's pool features and its

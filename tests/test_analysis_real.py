@@ -48,6 +48,7 @@ def test_pgd_at_4_over_255_changes_the_prediction(lite0):
     assert bool((before != after).all()), (before.tolist(), after.tolist())
 
 
+@pytest.mark.heavy
 def test_optimisation_inversion_of_a_cat_is_a_cat(lite0):
     cat = photo("chelsea")
     with torch.no_grad():
@@ -61,6 +62,7 @@ def test_optimisation_inversion_of_a_cat_is_a_cat(lite0):
     assert float((image - cat).abs().mean()) > 0.05  # an inversion, not a copy
 
 
+@pytest.mark.heavy
 def test_steering_along_a_class_direction_raises_its_probability(lite0):
     with torch.no_grad():
         features = lite0(photo("chelsea"))
@@ -78,6 +80,7 @@ def test_steering_along_a_class_direction_raises_its_probability(lite0):
     assert probability[-1] > 5 * probability[0]
 
 
+@pytest.mark.heavy
 def test_the_optimisation_baseline_through_the_cli_at_224_px_without_a_model(capsys, tmp_path):
     """``featinv reconstruct --method optimize --classifier NAME``: no FeatInv model, the classifier's
     own input size and eval transform (the 451x300 photo is centre-cropped, not stretched)."""

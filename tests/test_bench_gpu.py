@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_gpu  # noqa: E402
 
 
+@pytest.mark.heavy
 def test_the_smoke_run_measures_every_cpu_backend(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
     argv = ["bench_gpu.py", "--preset", "micro", "--device", "cpu", "--no-compile", "--fast-pieces", "eager"]

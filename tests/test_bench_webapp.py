@@ -14,6 +14,7 @@ pytest.importorskip("fastapi")
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_webapp.py"
 
 
+@pytest.mark.heavy
 def test_the_smoke_run_times_both_models_and_records_a_failed_backend(tmp_path):
     out = tmp_path / "webapp.json"
     command = [sys.executable, str(SCRIPT), "--backends", "eager", "tensorrt", "--device", "cpu", "--moves", "2"]
@@ -29,6 +30,7 @@ def test_the_smoke_run_times_both_models_and_records_a_failed_backend(tmp_path):
     assert "tensorrt   failed" in run.stdout
 
 
+@pytest.mark.heavy
 def test_the_concurrent_clients_mode_reports_both_modes_side_by_side(tmp_path):
     out = tmp_path / "clients.json"
     command = [sys.executable, str(SCRIPT), "--clients", "3", "--moves", "1", "--device", "cpu", "--out", str(out)]
@@ -43,6 +45,7 @@ def test_the_concurrent_clients_mode_reports_both_modes_side_by_side(tmp_path):
     assert "throughput batched / unbatched" in run.stdout
 
 
+@pytest.mark.heavy
 def test_the_previews_mode_times_both_ways_in_one_run(tmp_path):
     out = tmp_path / "previews.json"
     command = [sys.executable, str(SCRIPT), "--previews", "--moves", "2", "--device", "cpu", "--out", str(out)]

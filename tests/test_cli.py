@@ -199,6 +199,7 @@ def test_create_bad_classifier(capsys, tmp_path, classifier, layer, pattern):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.heavy
 def test_entry_point_exit_code_and_help(tmp_path):
     help_run = subprocess.run([sys.executable, "-m", "featinv.cli", "--help"], capture_output=True, text=True)
     assert help_run.returncode == 0

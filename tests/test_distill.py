@@ -34,6 +34,7 @@ def test_lcm_timesteps_are_diffusers_lcm_schedulers():
         NoiseSchedule().lcm(51)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("target", ["consistency", "endpoint", "guidance", "trajectory"])
 def test_the_distillation_loss_falls_and_resumes_exactly(tmp_path, target):
     distillation = DistillConfig(target=target, teacher_steps=3, student_steps=2)
@@ -136,7 +137,7 @@ def test_featinv_json_records_the_distillation_and_rejects_a_malformed_one(tmp_p
 
 def test_the_shipped_realtime_model_in_demo_reconstruct_and_the_server(capsys, tmp_path):
     from featinv.paths import PRETRAINED, REALTIME_DIR
-    from featinv.serving import RealtimeReconstructor
+    from featinv.serving import ReconstructionServer
 
     folder = PRETRAINED / REALTIME_DIR
     model = FeatInvModel.from_pretrained(folder)
@@ -147,7 +148,7 @@ def test_the_shipped_realtime_model_in_demo_reconstruct_and_the_server(capsys, t
     assert "real-time (2 dpmpp steps)" in out and "seconds per image" in out and "real-time - spatial" in out
     metrics = __import__("json").loads((tmp_path / "d" / "metrics.json").read_text())
     assert metrics["realtime_steps"] == 2 and set(metrics["seconds_per_image"]) == {"spatial", "pooled", "realtime"}
-    server = RealtimeReconstructor(folder, device="cpu", warmup=False)
+    server = ReconstructionServer(folder, device="cpu", warmup=False)
     try:
         assert (server.steps, server.sampler, server.guidance_scale) == (4, "dpmpp", 1.0)
         assert server.describe_sampling() == "real-time mode: 4 dpmpp steps of a guidance-distilled model"

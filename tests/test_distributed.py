@@ -38,6 +38,7 @@ def _run(args: list[str], processes: int, cwd: Path) -> str:
     return done.stdout
 
 
+@pytest.mark.heavy
 def test_two_process_ddp_training_ends_with_identical_weights(tmp_path):
     _run([str(WORKERS / "ddp_train.py"), str(tmp_path)], 2, tmp_path)
     _run([str(WORKERS / "ddp_train.py"), str(tmp_path)], 1, tmp_path)
@@ -58,6 +59,7 @@ def model_dir(tmp_path, tiny_model):
     return path
 
 
+@pytest.mark.heavy
 def test_sharded_reconstruction_over_two_processes_equals_one(tmp_path, model_dir, tiny_images):
     from featinv.images import save_image
 
@@ -77,6 +79,7 @@ def test_sharded_reconstruction_over_two_processes_equals_one(tmp_path, model_di
     assert not torch.equal(load_image(one[0]), load_image(one[1]))
 
 
+@pytest.mark.heavy
 def test_the_demo_merges_the_shares_of_two_processes(tmp_path):
     common = ["-m", "featinv.cli", "demo", "--device", "cpu", "--num-images", "6", "--steps", "2"]
     _run([*common, "--out", str(tmp_path / "one")], 1, tmp_path)

@@ -41,6 +41,7 @@ def test_onnx_denoiser_matches_eager_for_batch_1_and_3(exported, tiny_model):
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
 
 
+@pytest.mark.heavy
 def test_the_dynamo_exporter_gives_the_same_denoiser(tmp_path, tiny_model):
     """torch.onnx's successor exporter (opset 18), with the same dynamic batch and the same numbers."""
     manifest = export_onnx(tiny_model, tmp_path / "dynamo", exporter="dynamo")

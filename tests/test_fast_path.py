@@ -56,6 +56,7 @@ def test_unsupported_unets_are_refused_clearly(tiny_model):
         check_splittable(tiny_model.unet)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
 def test_fast_step_equals_the_eager_loop_on_cpu(sampler, tiny_model):
     """The step the graph captures (split forward, fused update from the device table, step index

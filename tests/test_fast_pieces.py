@@ -175,6 +175,7 @@ def test_attention_the_processors_do_not_reproduce_keeps_its_own():
     assert list(fast_processors(holder, torch.zeros(2, 3, 8))) == [plain]
 
 
+@pytest.mark.heavy
 def test_a_compiled_piece_equals_the_eager_one_and_follows_its_inputs(tiny_model):
     x, t, context, _ = _step_inputs(tiny_model, 1)
     _, encode, _ = _pieces(tiny_model)
@@ -186,6 +187,7 @@ def test_a_compiled_piece_equals_the_eager_one_and_follows_its_inputs(tiny_model
     assert all(type(m.processor) is AttnProcessor2_0 for m in tiny_model.unet.modules() if isinstance(m, Attention))
 
 
+@pytest.mark.heavy
 def test_the_compiled_fast_path_equals_the_eager_loop_at_two_step_counts(tiny_model):
     """The product's configuration (compiled pieces: weight copies, swapped processors and time
     tables inside torch.compile) through whole samplers; a second step count reuses the compile."""

@@ -12,7 +12,7 @@ from sd_miniature import write_sd_miniature
 from featinv.analysis.guided import GuidanceConfig, GuidedReconstructor, feature_distance
 from featinv.analysis.metrics import feature_cosine
 from featinv.errors import FeatInvError
-from featinv.sampling import SAMPLERS
+from featinv.sampling import SAMPLER_LOOPS
 
 
 def _base_sampler(model, n: int, seed: int, steps: int, sampler: str) -> torch.Tensor:
@@ -24,7 +24,7 @@ def _base_sampler(model, n: int, seed: int, steps: int, sampler: str) -> torch.T
     )
     schedule = model.noise_schedule.ddim(steps) if sampler == "ddim" else model.noise_schedule.dpmpp_2m(steps)
     with torch.no_grad():
-        samples = SAMPLERS[sampler](
+        samples = SAMPLER_LOOPS[sampler](
             lambda x, t: model.unet(x, t, encoder_hidden_states=context, return_dict=False)[0], x, schedule
         )
         return model.decode(samples)

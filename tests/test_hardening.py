@@ -273,6 +273,7 @@ def _png(colour=(200, 40, 40)) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.heavy
 def test_info_and_upload_answer_while_reconstructions_are_queued(served):
     from helpers import post, upload
 
@@ -304,6 +305,7 @@ def test_info_and_upload_answer_while_reconstructions_are_queued(served):
     assert info_s < 1.0 and upload_s < 1.0, (info_s, upload_s, one)
 
 
+@pytest.mark.heavy
 def test_the_servers_memory_of_images_is_bounded_and_docs_are_off(served):
     from helpers import post, upload
 

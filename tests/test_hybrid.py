@@ -34,6 +34,7 @@ def _shipped(folder: str = SPATIAL_DIR):
     return model, generate_shapes(4, VALIDATION_SEED + 1, size=model.image_size[0]).images
 
 
+@pytest.mark.heavy
 def test_refinement_raises_the_feature_cosine_over_featinvs_on_the_trained_model():
     """The demo's model, seeded inputs: hybrid reconstructions match their feature maps better
     than FeatInv's own from the same noise (the evaluation's sampler: 10 DPM-Solver++ steps)."""
@@ -117,6 +118,7 @@ def _features_file(tmp_path):
     return path
 
 
+@pytest.mark.heavy
 def test_the_command_line(capsys, tmp_path):
     from featinv.images import load_image
 
@@ -153,12 +155,13 @@ def test_the_command_line_refuses_bad_options_in_one_line(capsys, tmp_path, extr
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.heavy
 def test_the_server_refines_on_request_as_the_library_does():
-    from featinv.serving import RealtimeReconstructor
+    from featinv.serving import ReconstructionServer
 
     model, images = _shipped()
     config = HybridConfig(strength=0.1)
-    server = RealtimeReconstructor(model, device="cpu", steps=2, warmup=False, refine=config)
+    server = ReconstructionServer(model, device="cpu", steps=2, warmup=False, refine=config)
     try:
         assert server.can_refine
         features = server.features(images[:2])

@@ -102,6 +102,7 @@ def test_inject_concat_rejects_mismatched_shapes():
     ("shape", "size", "bias"),
     [((2, 5, 3, 4), (9, 13), True), ((1, 8, 8, 8), (32, 32), False), ((3, 3, 2, 2), (5, 3), True)],
 )
+@pytest.mark.heavy
 def test_upsample_conv3x3_matches_the_reference(dtype, shape, size, bias):
     """Odd sizes (not block multiples, scale factors that are not integers), with and without bias,
     a non-contiguous input."""

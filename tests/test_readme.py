@@ -185,6 +185,7 @@ def _run_block(capsys, monkeypatch, folder: Path, lines: list[str]) -> list[str]
     return ran
 
 
+@pytest.mark.heavy
 def test_the_recipe_of_the_shipped_weights_runs_at_a_tiny_scale(capsys, monkeypatch, readme_world):
     """ "How the shipped weights were made": step 1 as ``featinv train --preset shapes-demo
     --scale 0.001 --time-budget 0 --out DIR`` (on the CPU), then the three fine-tunes for a step."""
@@ -198,6 +199,7 @@ def test_the_recipe_of_the_shipped_weights_runs_at_a_tiny_scale(capsys, monkeypa
     assert (readme_world / "DIR4" / "model" / "featinv.json").is_file()
 
 
+@pytest.mark.heavy
 def test_the_readme_code_blocks_run_at_a_tiny_scale(capsys, monkeypatch, readme_world):
     """Every code block with a runnable line runs in a folder of its own, in order, with the
     ``my-model`` its usage section makes; training, distillation, transfer and classifiers alike."""

@@ -78,6 +78,7 @@ def trained(world):
     return world / "run" / "model", pooled
 
 
+@pytest.mark.heavy
 def test_create_reads_the_text_encoder_and_refers_to_the_base(capsys, world, trained):
     from diffusers import StableDiffusionPipeline
 
@@ -110,6 +111,7 @@ def test_training_resumes_extends_and_draws_validation_pictures(world, trained):
     assert not (run / "model" / "unet").exists()
 
 
+@pytest.mark.heavy
 def test_reconstruct_samples_and_pooled_evaluate_and_onnx(capsys, world, trained):
     model_dir, pooled_dir = trained
     photos = sorted(str(p) for p in (world / "images").rglob("*.png"))[:2]
@@ -228,6 +230,7 @@ def test_the_real_time_model_distilled_in_two_stages_on_the_latent_model(capsys,
     assert sorted(p.name for p in out.iterdir()) == ["000.png", "001.png", "grid.png"]
 
 
+@pytest.mark.heavy
 def test_the_web_app_serves_a_layer3_model(world, trained, tmp_path):
     from helpers import post, upload
 

@@ -107,6 +107,7 @@ def test_one_denoiser_step_is_bit_identical_to_the_recipe(setup):
         assert torch.equal(denoise(latents, 981), expected)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp"])
 def test_trained_tiny_model_matches_the_recipe_to_1e_5(sampler):
     """On a trained tiny model (the shipped shapes-demo one), samples stay at their natural scale

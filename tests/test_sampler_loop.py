@@ -55,14 +55,14 @@ def test_cpp_without_the_module_is_a_clear_error(monkeypatch):
 def test_with_autograd_recording_the_samplers_keep_the_graph(sampler, impl, monkeypatch):
     """Distillation differentiates through a few-step solve; the C++ loop records no graph, so it
     must not be taken then (it silently returned a sample without gradients)."""
-    from featinv.sampling import SAMPLERS, NoiseSchedule
+    from featinv.sampling import SAMPLER_LOOPS, NoiseSchedule
 
     monkeypatch.setenv("FEATINV_IMPL", impl if _native.native_sampler_available() else "python")
     scale = torch.nn.Parameter(torch.tensor(0.5))
     x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     schedule = NoiseSchedule().for_sampler(sampler, 4)
-    sample = SAMPLERS[sampler](lambda x, t: scale * x, x, schedule)
+    sample = SAMPLER_LOOPS[sampler](lambda x, t: scale * x, x, schedule)
     sample.square().sum().backward()
     assert scale.grad is not None and float(scale.grad.abs()) > 0
     with torch.no_grad():  # and under no_grad the same sample (either loop)
-        torch.testing.assert_close(SAMPLERS[sampler](lambda x, t: scale * x, x, schedule), sample.detach())
+        torch.testing.assert_close(SAMPLER_LOOPS[sampler](lambda x, t: scale * x, x, schedule), sample.detach())

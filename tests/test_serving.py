@@ -10,12 +10,12 @@ import torch
 
 from featinv.models.featinv_model import FeatInvModel
 from featinv.pipeline import Reconstructor
-from featinv.serving import RealtimeReconstructor, RequestCancelled
+from featinv.serving import ReconstructionServer, RequestCancelled
 
 
 @pytest.fixture
 def server(tiny_model):
-    server = RealtimeReconstructor(tiny_model, device="cpu", steps=6)
+    server = ReconstructionServer(tiny_model, device="cpu", steps=6)
     yield server
     server.close()
 
@@ -42,7 +42,7 @@ def test_requests_from_several_threads_equal_sequential_runs(server, tiny_model,
 def _one_then_queued(model, images, batching: bool) -> tuple[list[torch.Tensor], list[int]]:
     """One request runs (held after its first step) while two more queue and a third is cancelled:
     the queued requests' pictures and the batch sizes the reconstructor ran."""
-    server = RealtimeReconstructor(model, device="cpu", steps=6, batching=batching, warmup=False)
+    server = ReconstructionServer(model, device="cpu", steps=6, batching=batching, warmup=False)
     sizes = []
     original = server.reconstructor.reconstruct
 
@@ -118,23 +118,23 @@ def test_bad_input_reaches_the_caller_not_the_server(server, tiny_images):
 
 def test_warm_up_runs_at_the_batch_the_caller_will_send(tiny_model, monkeypatch):
     seen = []
-    run = RealtimeReconstructor._run
+    run = ReconstructionServer._run
 
     def spy(self, jobs):
         seen.extend(tuple(job.maps.shape) for job in jobs)
         return run(self, jobs)
 
-    monkeypatch.setattr(RealtimeReconstructor, "_run", spy)
-    server = RealtimeReconstructor(tiny_model, device="cpu", steps=2, warmup_batch=3)
+    monkeypatch.setattr(ReconstructionServer, "_run", spy)
+    server = ReconstructionServer(tiny_model, device="cpu", steps=2, warmup_batch=3)
     server.close()
     assert seen == [(3, *tiny_model.feature_spec.shape)]
     with pytest.raises(ValueError, match="warmup_batch must be a positive integer"):
-        RealtimeReconstructor(tiny_model, device="cpu", warmup_batch=0)
+        ReconstructionServer(tiny_model, device="cpu", warmup_batch=0)
 
 
 def test_backends_that_compile_per_shape_serve_padded_batches(tiny_model):
-    compiled = RealtimeReconstructor(tiny_model, device="cpu", backend="compiled", warmup=False, warmup_batch=3)
-    eager = RealtimeReconstructor(tiny_model, device="cpu", warmup=False)
+    compiled = ReconstructionServer(tiny_model, device="cpu", backend="compiled", warmup=False, warmup_batch=3)
+    eager = ReconstructionServer(tiny_model, device="cpu", warmup=False)
     try:
         assert compiled.reconstructor.pad_batches and not eager.reconstructor.pad_batches
         assert compiled.reconstructor.exact_batches == {3}  # the batch it warms up at runs unpadded
@@ -153,7 +153,7 @@ def test_a_folder_is_loaded_and_all_tensor_work_runs_on_the_serving_thread(tiny_
         return load(path, **kwargs)
 
     monkeypatch.setattr(FeatInvModel, "from_pretrained", spy)
-    server = RealtimeReconstructor(tmp_path / "model", device="cpu", steps=2)
+    server = ReconstructionServer(tmp_path / "model", device="cpu", steps=2)
     try:
         threads.append(server.call(lambda: threading.current_thread().name))
         assert len(threads) == 2 and all(name.startswith("featinv-serve") for name in threads)

@@ -15,6 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.heavy
 def test_an_uninstalled_source_tree_imports_the_kernels(tmp_path):
     for folder in ("featinv", "kernels"):
         shutil.copytree(

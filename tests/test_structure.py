@@ -92,6 +92,70 @@ def test_test_modules_share_through_helpers_not_each_other():
 
 
 def test_one_list_of_sampler_names():
+    import pytest
+
     from featinv import choices, sampling
 
-    assert tuple(sampling.SAMPLERS) == choices.SAMPLERS
+    assert tuple(sampling.SAMPLER_LOOPS) == choices.SAMPLERS
+    with pytest.warns(DeprecationWarning, match="SAMPLER_LOOPS"):
+        assert sampling.SAMPLERS is sampling.SAMPLER_LOOPS  # the old name still works
+
+
+def test_the_analysis_package_imports_nothing_from_the_engine():
+    for path in (PACKAGE / "analysis").rglob("*.py"):
+        found = {n for n in imported_modules(path) if n == "featinv.engine" or n.startswith("featinv.engine.")}
+        assert not found, f"{path.relative_to(PACKAGE.parent)} imports {sorted(found)}: use featinv.pipeline"
+
+
+def every_command_parser():
+    """(command words, parser) of every command and subcommand of ``featinv``."""
+    import argparse
+
+    from featinv.cli import build_parser
+
+    found, todo = [], [((), build_parser())]
+    while todo:
+        words, parser = todo.pop()
+        found.append((words, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [((*words, name), sub) for name, sub in action.choices.items()]
+    return found
+
+
+def option(parser, flag: str):
+    return next((a for a in parser._actions if flag in a.option_strings), None)
+
+
+def test_every_dtype_option_takes_both_spellings_and_every_device_defaults_to_auto():
+    with_dtype, with_device = set(), set()
+    for words, parser in every_command_parser():
+        dtype, device = option(parser, "--dtype"), option(parser, "--device")
+        if dtype is not None:
+            with_dtype.add(" ".join(words))
+            for short, long in (("fp32", "float32"), ("fp16", "float16")):
+                assert dtype.type(short) == dtype.type(long) == dtype.type(long.upper()), words
+                assert dtype.type(short) in dtype.choices, words
+            assert dtype.type("int8") not in dtype.choices
+        if device is not None:
+            with_device.add(" ".join(words))
+            assert device.default == "auto", f"featinv {' '.join(words)} --device defaults to {device.default!r}"
+    assert {"reconstruct", "export", "convert", "features cache"} <= with_dtype
+    assert {"reconstruct", "train", "evaluate", "serve", "features cache"} <= with_device
+
+
+def test_the_heavy_check_names_unmarked_tests_at_the_limit_and_over():
+    from conftest import unmarked_heavy_tests
+
+    durations = {"tests/a.py::fast": 0.4, "tests/b.py::slow": 3.0, "tests/c.py::slower": 7.25}
+    assert unmarked_heavy_tests(durations, 3.0) == ["7.2 s  tests/c.py::slower", "3.0 s  tests/b.py::slow"]
+    assert unmarked_heavy_tests(durations, 8.0) == []
+
+
+def test_the_old_name_of_the_reconstruction_server_still_works_with_a_note():
+    import pytest
+
+    from featinv import serving
+
+    with pytest.warns(DeprecationWarning, match="ReconstructionServer"):
+        assert serving.RealtimeReconstructor is serving.ReconstructionServer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from featinv.data.shapes import CLASSES, generate_shapes
@@ -38,6 +39,7 @@ def test_demo_runs_on_the_shipped_weights(tmp_path):
     assert "95% confidence interval" in (tmp_path / "report.html").read_text()
 
 
+@pytest.mark.heavy
 def test_the_shapes_demo_preset_trains_and_resumes_to_the_same_models(tmp_path):
     from featinv.models.featinv_model import FeatInvModel
     from featinv.training.demo_preset import POOLED_DIR, train_shapes_demo

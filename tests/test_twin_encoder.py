@@ -90,6 +90,7 @@ def test_a_controlnet_of_another_shape_is_refused(tiny_model):
     check_twins(unet, tiny_model.controlnet.controlnet)  # the model's own passes
 
 
+@pytest.mark.heavy
 def test_the_compiled_twin_fast_path_equals_the_eager_loop(tiny_model):
     """vmap inside torch.compile (Inductor's CPU kernels here), through a whole sampler."""
     _distinct(tiny_model)

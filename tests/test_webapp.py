@@ -205,6 +205,7 @@ def _move(browser, slider: str, value: str) -> None:
     )
 
 
+@pytest.mark.heavy
 def test_the_explorer_first_impression_cancelling_and_painted_cells(app_url, browser):
     browser.get(app_url)
     # First impression: an example loads and is reconstructed by itself; previews came first; every

@@ -1,5 +1,5 @@
 """The web app's handlers leave every tensor operation to the servers' one thread (see
-``RealtimeReconstructor``): a profiler on every thread the app starts records the torch calls
+``ReconstructionServer``): a profiler on every thread the app starts records the torch calls
 each one makes while a client uploads, picks an example, moves the sliders, switches to the
 pooled model and asks for a refined reconstruction. And the switch's models must be one
 classifier's spatial and pooled maps."""

@@ -33,7 +33,7 @@ from featinv.features import FeatureExtractor, check_images
 from featinv.limits import within
 from featinv.models.featinv_model import FeatInvModel
 from featinv.pipeline import Reconstruction, Reconstructor, batch_noise, features_to_invert, resolve_device
-from featinv.sampling import SAMPLERS, classifier_free_guidance
+from featinv.sampling import SAMPLER_LOOPS, classifier_free_guidance
 from featinv.sampling.guidance import Denoise
 
 DISTANCES = choices.DISTANCES
@@ -195,7 +195,7 @@ class GuidedReconstructor:
 
                 denoise = self.guided_denoiser(chunk, schedule.timesteps)
                 outputs.append(
-                    SAMPLERS[config.sampler](denoise, x, schedule, generator=batch_generators, callback=on_step)
+                    SAMPLER_LOOPS[config.sampler](denoise, x, schedule, generator=batch_generators, callback=on_step)
                 )
         finally:
             bar.close()

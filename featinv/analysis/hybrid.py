@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from featinv.analysis.feature_guidance import FeatureGuidance, check_steering, guided_timesteps
-from featinv.engine.eager import EagerDenoiser
 from featinv.errors import FeatInvError
 from featinv.features import FeatureExtractor
 from featinv.models.featinv_model import FeatInvModel
@@ -120,7 +119,6 @@ class HybridReconstructor(Reconstructor):
             raise FeatInvError("hybrid sampling needs the classifier: the model stores none, pass extractor=")
         self.extractor.requires_grad_(False)
         self.config = config
-        self._differentiable = EagerDenoiser(self.model).predict
         unet_dtype = self.model.unet.dtype
         self.steering = FeatureGuidance(
             self.extractor,
@@ -143,5 +141,5 @@ class HybridReconstructor(Reconstructor):
         guided = guided_timesteps(timesteps, config.strength, config.start, config.stop)
         if not guided:
             return own
-        differentiable = self.guided_denoiser(features, guidance_scale, guidance, denoiser=self._differentiable)
+        differentiable = self.differentiable_denoiser(features, guidance_scale, guidance)
         return self.steering.steer(own, features.float(), guided, differentiable)

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from featinv.choices import DTYPES
-from featinv.cli.options import add_source_args
+from featinv.cli.options import add_dtype_arg, add_source_args
 from featinv.errors import FeatInvError
 from featinv.limits import arg
 
@@ -156,11 +156,8 @@ def add_convert_command(commands) -> None:
         "--classifier-weights",
         help="the classifier's weights (e.g. timm's model.safetensors): stored in the model",
     )
-    convert.add_argument(
-        "--dtype",
-        choices=DTYPES,
-        default="fp32",
-        help="the dtype the weights are written in (fp16 or bf16: half the disk; they load as float32)",
+    add_dtype_arg(
+        convert, DTYPES, "fp32", "the dtype the weights are written in (fp16 or bf16: half the disk; load as float32)"
     )
     convert.add_argument(
         "--prompt",

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from featinv.cli.options import (
+    add_dtype_arg,
     add_model_args,
     add_source_args,
     load_model,
@@ -224,7 +225,7 @@ def add_export_command(commands) -> None:
     export.add_argument("--model", required=True, help="FeatInv model folder")
     export.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
     export.add_argument("--out", required=True, help="output folder (denoiser.onnx, hint_encoder.onnx, manifest)")
-    export.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    add_dtype_arg(export, ["fp32", "fp16"], "fp32", "the exported denoiser's dtype")
     export.add_argument("--opset", type=arg("opset"), help="ONNX opset (default: 17 with torchscript, 18 with dynamo)")
     export.add_argument(
         "--exporter",

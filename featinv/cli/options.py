@@ -14,16 +14,39 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
     import torch
 
-from featinv.choices import FEATURE_SOURCES, GUIDANCE_MODES
+from featinv.choices import FEATURE_SOURCES, GUIDANCE_MODES, dtype_choice
 from featinv.errors import FeatInvError
 from featinv.files import probe_writable, staged_folder
 
 
 def torch_dtype(name: str):
-    """The torch dtype of a ``--dtype`` choice."""
+    """The torch dtype of a ``--dtype`` choice (either spelling: fp16 or float16)."""
     import torch
 
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_choice(name)]
+
+
+def add_dtype_arg(
+    parser: argparse.ArgumentParser,
+    choices: Sequence[str],
+    default: str,
+    help: str = "",  # noqa: A002 - argparse's name
+    *,
+    long: bool = False,
+) -> None:
+    """``--dtype``, taking both spellings of each of ``choices`` (fp16 or float16: see
+    :func:`featinv.choices.dtype_choice`); the command reads the short names, or with ``long``
+    torch's."""
+    canonical = [dtype_choice(c, long=long) if c != "auto" else c for c in choices]
+    other = [dtype_choice(c, long=not long) for c in canonical if c != "auto"]
+    parser.add_argument(
+        "--dtype",
+        type=lambda text: text if text == "auto" else dtype_choice(text, long=long),
+        choices=canonical,
+        default=default,
+        metavar="{" + ",".join(canonical) + "}",
+        help=(help + " " if help else "") + f"(also spelled {', '.join(other)}; default {default})",
+    )
 
 
 class Parser(argparse.ArgumentParser):

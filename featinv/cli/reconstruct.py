@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
 
 from featinv.choices import BACKENDS, DISTANCES, DTYPES, METHODS, SAMPLERS
 from featinv.cli.options import (
+    add_dtype_arg,
     add_guidance_on_arg,
     add_source_args,
     add_twin_encoder_arg,
@@ -391,7 +392,7 @@ def add_reconstruct_command(commands) -> None:
     rec.add_argument("--batch-size", type=arg("batch_size"), default=8)
     rec.add_argument("--pooled", action="store_true", help="condition on pooled features (the paper's baseline)")
     rec.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    rec.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
+    add_dtype_arg(rec, ["auto", *DTYPES], "auto", "the denoiser's dtype; auto: fp16 on a GPU, fp32 on the CPU")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
     rec.add_argument(
         "--method",

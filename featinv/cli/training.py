@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # torch is imported by the commands that run, not by --help
 from featinv.choices import CACHE_DTYPES, DISTILL_TARGETS, MIXED_PRECISION
 from featinv.cli.options import (
     Parser,
+    add_dtype_arg,
     add_model_args,
     add_source_args,
     classifier_source,
@@ -100,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         _refuse_flags(args, "preset")
         train_shapes_demo(
             args.out,
-            device=args.device,
+            device=_device(args),
             scale=args.scale,
             time_budget_s=args.time_budget,
             resume=args.resume,
@@ -125,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from featinv.training.losses import FeatureConsistencyLoss
     from featinv.training.train import train_controlnet
 
-    accelerator = get_accelerator(args.device)
+    accelerator = get_accelerator(_device(args))
     model, extractor = _model_and_extractor(args, accelerator.device)
     if args.transfer_from is not None:
         from featinv.training.transfer import check_transferable
@@ -253,7 +254,7 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from featinv.weights import save_state_dict_atomic
 
     model_kwargs = json_object_arg("--classifier-kwargs", args.classifier_kwargs)
-    accelerator = get_accelerator(args.device)
+    accelerator = get_accelerator(_device(args))
     torch.manual_seed(args.seed)
     source, name = classifier_source(args.source, args.classifier, args.classifier_module)
     extractor = new_extractor(  # its name and fields checked, the classifier built, before the pool
@@ -347,10 +348,19 @@ def cmd_data_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _device(args: argparse.Namespace) -> str:
+    """``--device``, ``auto`` resolved (cuda when there is one)."""
+    from featinv.pipeline import resolve_device
+
+    return str(resolve_device(args.device))
+
+
 def add_loop_args(parser: argparse.ArgumentParser, *, steps: int, batch_size: int, lr: float, only: str = "") -> None:
     """The training loop's options (featinv.training.loop.Trainer), with the command's defaults;
     ``only`` prefixes the help of those that apply to one way of training (e.g. "with --model: ")."""
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (accelerate picks the rank's GPU)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda when there is one), cpu or cuda (accelerate picks the rank's GPU)"
+    )
     parser.add_argument(
         "--steps", type=arg("train_steps"), default=steps, help=f"{only}optimizer steps (default {steps})"
     )
@@ -538,7 +548,7 @@ def add_training_commands(commands) -> None:
     cache.add_argument("--seed", type=arg("seed"), default=1, help="the pool's seed (as given to 'featinv train')")
     cache.add_argument("--out", required=True, help="output .safetensors file")
     cache.add_argument("--batch-size", type=arg("batch_size"), default=256)
-    cache.add_argument("--dtype", choices=CACHE_DTYPES, default="float32")
+    add_dtype_arg(cache, CACHE_DTYPES, "float32", "the stored maps' dtype", long=True)
     cache.add_argument("--device", default="auto")
     cache.set_defaults(func=cmd_features_cache, writes_file=True)
     only_with(cache, {"--pool": shapes_data})

@@ -36,7 +36,7 @@ from featinv.exploring import ExplorerCore
 from featinv.images import from_pil, heatmap, load_image, png_data_url, resize_and_crop, to_pil
 from featinv.models.class_names import display_class_names
 from featinv.models.featinv_model import FeatInvModel
-from featinv.serving import RealtimeReconstructor, RequestCancelled
+from featinv.serving import ReconstructionServer, RequestCancelled
 
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 MAX_PIXELS = 4096 * 4096
@@ -151,12 +151,12 @@ def create_app(
         guidance=guidance,
         trust_code=trust_code,
     )
-    server = RealtimeReconstructor(model, steps=steps, **options)
+    server = ReconstructionServer(model, steps=steps, **options)
     servers = {server.spec.mode: server}
     if pooled_model is not None:
         try:
             pooled_steps = None if server.realtime else steps
-            pooled = RealtimeReconstructor(pooled_model, steps=pooled_steps, **options, share_thread_with=server)
+            pooled = ReconstructionServer(pooled_model, steps=pooled_steps, **options, share_thread_with=server)
         except BaseException:
             server.close()
             raise
