@@ -102,9 +102,7 @@ class Explorer(anywidget.AnyWidget):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.server = ReconstructionServer(
-            model, device=device, steps=steps, warmup_batch=seeds, trust_code=trust_code
-        )
+        self.server = ReconstructionServer(model, device=device, steps=steps, warmup_batch=seeds, trust_code=trust_code)
         try:
             self.core = ExplorerCore(self.server, seeds=seeds, examples=examples, encode=_preview_urls)
         except BaseException:

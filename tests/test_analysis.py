@@ -395,8 +395,7 @@ def test_every_command_runs_the_optimisation_baseline_with_one_setting(capsys, m
         seen.append(config)
         return torch.zeros(len(target), 3, *(size or extractor.spec.input_size[1:]))
 
-    monkeypatch.setattr(optimize, "invert_by_optimization", record)
-    monkeypatch.setattr(studies, "invert_by_optimization", record)
+    monkeypatch.setattr(optimize, "invert_by_optimization", record)  # the registry's, for the CLI and studies
     kwargs = {"num_classes": 4, "layers": [1, 1, 1, 1], "channels": [8, 8, 8, 8]}
     extractor = FeatureExtractor("resnet18", "layer2", model_kwargs=kwargs, input_size=(3, 224, 224))
     image = tmp_path / "cat.png"
@@ -408,3 +407,21 @@ def test_every_command_runs_the_optimisation_baseline_with_one_setting(capsys, m
     assert code == 0, err
     studies.make_inverter(Reconstructor(make_model(extractor)), "optimize")(extractor(torch.rand(1, 3, 224, 224)))
     assert seen[0] == seen[1] == OptimizeConfig.for_input(224) != OptimizeConfig(steps=300)
+
+
+def test_one_registry_of_methods_refuses_what_each_cannot_run_with():
+    from featinv.analysis.methods import REGISTRY, inversion_method
+    from featinv.choices import METHODS
+
+    assert tuple(REGISTRY) == METHODS
+    with pytest.raises(FeatInvError, match="method must be one of featinv, optimize, guided, hybrid"):
+        inversion_method("pixels")
+    with pytest.raises(FeatInvError, match="--method hybrid runs on the eager backend"):
+        inversion_method("hybrid").check(backend="compiled")
+    with pytest.raises(FeatInvError, match="--method optimize runs no denoiser"):
+        inversion_method("optimize").check(backend="onnx")
+    with pytest.raises(FeatInvError, match="--guidance-on applies to --method featinv or hybrid, not --method guided"):
+        inversion_method("guided").check(guidance=True)
+    inversion_method("featinv").check(backend="tensorrt", guidance=True, classifier=False)
+    with pytest.raises(FeatInvError, match="--method guided needs the classifier"):
+        inversion_method("guided").check(classifier=False)

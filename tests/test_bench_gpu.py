@@ -60,6 +60,7 @@ def test_the_profile_counts_the_kernels_of_a_step():
     assert found["top"] and found["top"][0]["calls_per_step"] >= 1
 
 
+@pytest.mark.heavy
 def test_the_kernel_counter_counts_generated_kernel_calls():
     import count_step_kernels
 

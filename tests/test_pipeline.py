@@ -129,6 +129,7 @@ def test_compiled_backend_matches_eager(tiny_model, tiny_images):
     assert float((compiled.samples - eager.samples).abs().max()) <= 1e-4
 
 
+@pytest.mark.heavy
 def test_padded_batches_give_the_same_images_and_callbacks_see_only_real_rows(tiny_model, features):
     from featinv.engine.fast import FastPath
 

@@ -107,6 +107,7 @@ def test_a_whole_ddim_run_reproduces_the_official_images(model, reference):
     assert max_error(features_mode.samples, result.samples) > 1e-3
 
 
+@pytest.mark.heavy
 def test_the_onnx_backend_agrees_with_eager_on_the_published_run(model, reference, tmp_path):
     pytest.importorskip("onnxruntime")
     eager = official_run(Reconstructor(model), reference)
@@ -244,6 +245,7 @@ def test_guidance_mode_is_stored_shown_and_checked(capsys, tiny_model, tmp_path)
     assert_one_line_error(code, err, "guidance must be 'features' or 'prompt'")
 
 
+@pytest.mark.heavy
 def test_the_fast_path_guides_on_the_prompt_as_eager_does(tiny_model):
     """The fast backend's step (run eagerly on the CPU, as test_fast_path's) in each guidance mode."""
     from featinv.engine.fast import FastPath

@@ -22,6 +22,7 @@ def _stream(pool: int = 48) -> ShapesStream:
     return ShapesStream(pool_size=pool, seed=3, device=torch.device("cpu"), size=16)
 
 
+@pytest.mark.heavy
 def test_a_few_training_steps_lower_the_loss(tiny_extractor):
     model = make_model(tiny_extractor)
     stream = _stream(64)

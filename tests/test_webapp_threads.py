@@ -29,6 +29,7 @@ def _is_torch_call(function) -> bool:
     ).startswith("torch")
 
 
+@pytest.mark.heavy
 def test_the_handlers_threads_run_no_tensor_operation():
     from PIL import Image
 

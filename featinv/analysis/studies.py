@@ -13,15 +13,15 @@ import torch
 
 from featinv.analysis.compose import lerp, mix_by_mask, select_channels, slerp
 from featinv.analysis.fid import classifier_features, embed_images, fid_difference_interval, frechet_distance
-from featinv.analysis.guided import GuidanceConfig, GuidedReconstructor
-from featinv.analysis.hybrid import HybridConfig, HybridReconstructor
+from featinv.analysis.guided import GuidanceConfig
+from featinv.analysis.hybrid import HybridConfig
 from featinv.analysis.intervals import difference_interval, mean_interval
+from featinv.analysis.methods import InversionSettings, inversion_method
 from featinv.analysis.metrics import classifier_outputs, reconstruction_metrics
-from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
+from featinv.analysis.optimize import OptimizeConfig
 from featinv.analysis.report import bar_plot, line_plot, write_report
 from featinv.analysis.robustness import corrupt, ood_inputs, pgd_attack
 from featinv.analysis.steering import Concept, steer
-from featinv.choices import METHODS  # the one list of names, read by the CLI too
 from featinv.errors import FeatInvError
 from featinv.images import make_grid, save_image
 from featinv.pipeline import Reconstructor
@@ -45,49 +45,25 @@ def make_inverter(
     guidance: str | None = None,
     hybrid: HybridConfig | None = None,
 ) -> Inverter:
-    """features (B, C, h, w) -> images (B, 3, H, W): FeatInv sampling, the optimisation baseline,
-    training-free guided sampling on the model's base (``guided`` settings), or FeatInv's sampling
-    refined by feature guidance (``hybrid`` settings, default the model's). ``steps``, ``sampler``
-    and ``guidance``, what classifier-free guidance guides on, are FeatInv's and hybrid's; the baseline's settings are
+    """features (B, C, h, w) -> images (B, 3, H, W) by the registered ``method``
+    (:mod:`featinv.analysis.methods`), on ``reconstructor``'s model and classifier, seeded ``seed``:
+    FeatInv sampling, the optimisation baseline (at the model's image size), training-free guided
+    sampling on the model's base (``guided`` settings), or FeatInv's sampling refined by feature
+    guidance (``hybrid`` settings, default the model's). ``steps``, ``sampler`` and ``guidance``,
+    what classifier-free guidance guides on, are FeatInv's and hybrid's; the baseline's settings are
     ``optimize``, by default :meth:`OptimizeConfig.for_extractor` with ``opt_steps``."""
-    if method == "hybrid":
-        if reconstructor.extractor is None:
-            raise FeatInvError("hybrid sampling needs the classifier: pass --classifier-weights")
-        refined = HybridReconstructor(
-            reconstructor.model,
-            extractor=reconstructor.extractor,
-            device=reconstructor.device,
-            dtype=reconstructor.model.unet.dtype,
-            config=hybrid,
-        )
-        return lambda f: (
-            refined.reconstruct(
-                features=f, steps=steps, sampler=sampler, guidance=guidance, seed=seed, batch_size=64, progress=False
-            ).images
-        )
-    if method == "featinv":
-        return lambda f: (
-            reconstructor.reconstruct(
-                features=f, steps=steps, sampler=sampler, guidance=guidance, seed=seed, batch_size=64, progress=False
-            ).images
-        )
-    if method == "optimize":
-        if reconstructor.extractor is None:
-            raise FeatInvError("the optimisation baseline needs the classifier: pass --classifier-weights")
-        config = optimize or OptimizeConfig.for_extractor(reconstructor.extractor, opt_steps)
-        size = reconstructor.model.image_size
-        return lambda f: invert_by_optimization(reconstructor.extractor, f, size=size, config=config, seed=seed)
-    if method == "guided":
-        if reconstructor.extractor is None:
-            raise FeatInvError("guided inversion needs the classifier: pass --classifier-weights")
-        guided_sampler = GuidedReconstructor(
-            reconstructor.model,
-            extractor=reconstructor.extractor,
-            device=reconstructor.device,
-            config=guided or GuidanceConfig(),
-        )
-        return lambda f: guided_sampler.reconstruct(features=f, seed=seed, batch_size=64, progress=False).images
-    raise FeatInvError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    settings = InversionSettings(
+        steps=steps,
+        sampler=sampler,
+        guidance=guidance,
+        hybrid=hybrid,
+        guided=guided,
+        optimize=optimize,
+        opt_steps=opt_steps,
+        image_size=reconstructor.model.image_size,
+    )
+    invert = inversion_method(method).inverter(reconstructor, settings=settings)
+    return lambda features: invert(features, seed=seed)
 
 
 def _scale(images: torch.Tensor) -> int:

@@ -4,8 +4,8 @@ learned inverter), ``hybrid`` (the learned inverter's sampling refined by the cl
 gradients, :mod:`featinv.analysis.guided`; the model's ControlNet is not used, so an untrained model
 from ``featinv create`` serves, and ``--classifier NAME`` inverts any timm classifier and layer) and
 ``optimize`` (the optimisation baseline on pixels, on a model's classifier or, with ``--classifier
-NAME``, on any timm classifier without a model). See :mod:`featinv.cli.options` for what the
-commands share."""
+NAME``, on any timm classifier without a model), each from the one registry of
+:mod:`featinv.analysis.methods`. See :mod:`featinv.cli.options` for what the commands share."""
 
 from __future__ import annotations
 
@@ -39,67 +39,47 @@ from featinv.errors import FeatInvError
 from featinv.limits import arg
 
 
-def _reconstructor(args: argparse.Namespace):
-    from featinv.pipeline import Reconstructor, resolve_device
-
-    device = resolve_device(args.device)
-    dtype = torch_dtype(args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32"))
-    model = load_model(args.model, args.trust_code)
-    if args.method == "hybrid":
-        from featinv.analysis.hybrid import HybridReconstructor
-
-        extractor = required_extractor(model, args.classifier_weights, args.model, args.trust_code)
-        config = hybrid_from_args(args, model)
-        return HybridReconstructor(model, extractor=extractor, device=device, dtype=dtype, config=config)
-    return Reconstructor(
-        model,
-        extractor=extractor_for(model, args.classifier_weights, args.trust_code),
-        device=device,
-        dtype=dtype,
-        backend=args.backend,
-        engine_dir=args.engine_dir,
-        fast_options=fast_options(args.twin_encoder, args.backend),
-    )
-
-
 def cmd_reconstruct(args: argparse.Namespace) -> int:
-    """Reconstruct images from the feature maps of image files (or a features file), one or
-    several samples each (with the samples' per-pixel spread)."""
+    """Reconstruct images from the feature maps of image files (or a features file) by the
+    registered ``--method`` (:mod:`featinv.analysis.methods`), one or several samples each (with
+    the samples' per-pixel spread); under ``accelerate launch`` / ``torchrun`` each process takes a
+    contiguous share, seeded by global index."""
     import torch
 
+    from featinv.analysis.methods import InversionSettings, inversion_method
     from featinv.analysis.metrics import SPREAD_MAX, sample_spread
+    from featinv.distributed import barrier, shard
     from featinv.images import heatmap, load_images, make_grid, save_image
 
     if args.images is None and args.features is None:
         raise FeatInvError("give --images FILES... or --features FILE")
-    if args.guidance_on is not None and args.method not in ("featinv", "hybrid"):
-        raise FeatInvError(f"--guidance-on applies to --method featinv or hybrid, not --method {args.method}")
-    if args.method == "hybrid" and args.backend != "eager":
-        raise FeatInvError(
-            f"--method hybrid runs on the eager backend (it takes gradients through the denoiser), got --backend "
-            f"{args.backend}"
-        )
-    if args.method == "guided":
-        return cmd_guided(args)
-    if args.model is None:
-        if args.method != "optimize" or not _names_classifier(args):
-            raise FeatInvError("give --model DIR, or --method optimize --classifier NAME (no FeatInv model needed)")
-        return cmd_optimize(args)
-    if _names_classifier(args):
-        raise FeatInvError("--classifier goes without --model (the model names its classifier)")
-    from featinv.distributed import barrier, shard
-
-    reconstructor = _reconstructor(args)
-    reconstructor.sampling_defaults(args.steps, args.guidance, args.sampler)  # refuse a mismatch before any work
-    size = reconstructor.spec.input_size[1:]
-    # Under accelerate launch / torchrun each process takes a contiguous share, seeded by global index.
+    method = inversion_method(args.method)
+    method.check(backend=args.backend, guidance=args.guidance_on is not None)
+    model, extractor, reconstructor = _inverting(args, method)
+    spec = reconstructor.spec if reconstructor is not None else extractor.spec
+    if reconstructor is not None:
+        reconstructor.sampling_defaults(args.steps, args.guidance, args.sampler)  # refuse a mismatch before any work
+    guided = method.name == "guided"
+    settings = InversionSettings(
+        steps=args.steps,
+        sampler=args.sampler,
+        guidance_scale=args.guidance,
+        guidance=args.guidance_on,
+        eta=args.eta,
+        hybrid=hybrid_from_args(args, model) if method.name == "hybrid" else None,
+        guided=guidance_from_args(args, pooled=args.pooled or spec.mode == "pooled") if guided else None,
+        opt_steps=args.opt_steps,
+    )
+    invert = method.inverter(reconstructor, model=model, extractor=extractor, device=args.device, settings=settings)
+    size = spec.input_size[1:]
     if args.images:
         first, paths = shard(args.images)
         every_stem = unique_stems(args.images)
-        crop = reconstructor.spec.crop_pct  # the classifier's eval transform: shorter side, centre crop
-        originals, features = (load_images(paths, size, crop) if paths else None), None
+        originals, features = (load_images(paths, size, spec.crop_pct) if paths else None), None
     else:
         every = read_features(args.features)
+        if reconstructor is None:
+            spec.check_features(every, "--features")
         first, paths = shard(range(len(every)))
         every_stem = [f"features_{i:03d}" for i in range(len(every))]
         originals, features = None, every[first : first + len(paths)]
@@ -108,27 +88,18 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     names = sample_names(every_stem, samples)
     runs = []  # per sample: (images, 3, H, W); sample k of image i is seeded seed + k * N + i
     if stems:
-        maps = reconstructor.features(originals, pooled=args.pooled) if originals is not None else features
-        if args.method == "optimize" and reconstructor.extractor is None:
-            raise FeatInvError(f"{args.model} stores no classifier: --method optimize needs --classifier-weights")
+        maps = _features_of(originals, reconstructor, extractor, args.pooled) if originals is not None else features
     for k in range(samples if stems else 0):
-        seed = args.seed + k * len(every_stem)
-        if args.method == "optimize":  # at the classifier's own input size, not the model's image size
-            runs.append(optimize_images(reconstructor.extractor, maps, args, seed))
-        else:
-            result = reconstructor.reconstruct(
-                features=maps,
-                steps=args.steps,
-                guidance_scale=args.guidance,
-                guidance=args.guidance_on,
-                sampler=args.sampler,
-                eta=args.eta,
-                seed=seed,
-                first_index=first,
-                batch_size=args.batch_size,
-                progress=not args.quiet,
-            )
-            runs.append(result.images)
+        images = invert(
+            maps,
+            seed=args.seed + k * len(every_stem),
+            first_index=first,
+            batch_size=args.batch_size,
+            progress=not args.quiet,
+        )
+        if method.name == "optimize":
+            _print_feature_cosine(extractor, images, maps)
+        runs.append(images)
     if stems:
         with staged_output(args.out) as staging:
             for k, images in enumerate(runs):
@@ -141,25 +112,104 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     barrier()
     if first == 0:  # the process with the first share merges: the grid of the first 16 of all
         shown = every_stem[:16]
-        image_size = reconstructor.model.image_size
+        image_size = tuple(runs[0].shape[-2:])
         columns = [load_images([Path(args.out) / names[stem][k] for stem in shown], image_size) for k in range(samples)]
         if samples > 1:
             columns.append(load_images([Path(args.out) / names[stem][-1] for stem in shown], image_size))
         if args.images:
-            columns.insert(0, load_images(args.images[: len(shown)], size, reconstructor.spec.crop_pct))
+            columns.insert(0, load_images(args.images[: len(shown)], size, spec.crop_pct))
         with staged_output(args.out) as staging:
             save_image(make_grid(columns, scale=max(1, 128 // columns[0].shape[-1])), staging / "grid.png")
-        what = f"{len(every_stem)} reconstruction{'s' * (len(every_stem) != 1)}"
-        if samples > 1:
-            what += f", {samples} samples each, their spread maps (per-pixel std over the samples, 0 to 0.5)"
-        if args.method == "hybrid":
-            config = reconstructor.config
-            what += (
-                f" refined by feature guidance (strength {config.strength:g}, {config.inner_steps} inner steps, "
-                f"the steps from {config.start:g} to {config.stop:g} of the way)"
-            )
-        print(f"wrote {what} and grid.png to {args.out}")
+        print(f"wrote {_what(method.name, len(every_stem), samples, spec, settings)} and grid.png to {args.out}")
     return 0
+
+
+def _inverting(args: argparse.Namespace, method):
+    """(model or None, classifier or None, FeatInv's Reconstructor or None) that ``--method`` runs on,
+    as the command line names them; refuses a combination it cannot run, in one line."""
+    from featinv.pipeline import Reconstructor, resolve_device
+
+    names_classifier = _names_classifier(args)
+    if args.model is None:
+        if method.needs_model and not method.uses_controlnet:
+            method.check(model=False)  # guided: names what model serves
+        if method.needs_model or not names_classifier:
+            raise FeatInvError("give --model DIR, or --method optimize --classifier NAME (no FeatInv model needed)")
+    elif names_classifier and not (method.needs_model and not method.uses_controlnet):
+        raise FeatInvError("--classifier goes without --model (the model names its classifier)")
+    device = resolve_device(args.device)
+    model = load_model(args.model, args.trust_code) if args.model is not None else None
+    if names_classifier:  # guided (the model's base only) or optimize (no model): any classifier
+        mode = "spatial" if model is not None else None
+        return model, classifier_from_args(args, mode=mode).to(device), None
+    if method.needs_classifier:
+        extractor = required_extractor(model, args.classifier_weights, args.model, args.trust_code)
+    else:
+        extractor = extractor_for(model, args.classifier_weights, args.trust_code)
+    if not method.uses_controlnet:
+        return model, extractor.to(device), None
+    dtype = torch_dtype(args.dtype if args.dtype != "auto" else ("fp16" if device.type == "cuda" else "fp32"))
+    reconstructor = Reconstructor(
+        model,
+        extractor=extractor,
+        device=device,
+        dtype=dtype,
+        backend=args.backend,
+        engine_dir=args.engine_dir,
+        fast_options=fast_options(args.twin_encoder, args.backend),
+    )
+    return reconstructor.model, reconstructor.extractor, reconstructor
+
+
+def _features_of(images: torch.Tensor, reconstructor, extractor, pooled: bool) -> torch.Tensor:
+    """The (B, C, h, w) maps of (B, 3, H, W) ``images`` to invert (``pooled``: their means tiled)."""
+    import torch
+
+    from featinv.features import pool_and_tile
+
+    if reconstructor is not None:
+        return reconstructor.features(images, pooled=pooled)
+    with torch.no_grad():
+        maps = extractor(images.to(next(extractor.parameters()).device)).cpu()
+    return pool_and_tile(maps) if pooled and extractor.spec.mode == "spatial" else maps
+
+
+def _print_feature_cosine(extractor, images: torch.Tensor, maps: torch.Tensor) -> None:
+    """The optimisation baseline's report: the feature cosine of the images it found."""
+    import torch
+
+    from featinv.analysis.metrics import feature_cosine
+
+    device = next(extractor.classifier.parameters()).device
+    with torch.no_grad():
+        cosine = feature_cosine(extractor(images.to(device)).float(), maps.to(device).float())
+    print(
+        f"optimised {len(images)} image(s) at {images.shape[-2]}x{images.shape[-1]} px: feature cosine "
+        + ", ".join(f"{float(c):.3f}" for c in cosine)
+    )
+
+
+def _what(method: str, n: int, samples: int, spec, settings) -> str:
+    """What ``reconstruct`` wrote, for its closing line."""
+    if method == "guided":
+        config = settings.guided
+        what = (
+            f"{n} guided inversion(s) of {spec.describe()} ({config.steps} {config.sampler} steps, strength "
+            f"{config.strength:g}, {config.inner_steps} inner steps; no ControlNet)"
+        )
+    elif method == "optimize":
+        what = f"{n} optimisation inversion(s) of {spec.describe()}"
+    else:
+        what = f"{n} reconstruction{'s' * (n != 1)}"
+    if samples > 1:
+        what += f", {samples} samples each, their spread maps (per-pixel std over the samples, 0 to 0.5)"
+    if method == "hybrid":
+        config = settings.hybrid
+        what += (
+            f" refined by feature guidance (strength {config.strength:g}, {config.inner_steps} inner steps, "
+            f"the steps from {config.start:g} to {config.stop:g} of the way)"
+        )
+    return what
 
 
 # ----- --method guided and hybrid
@@ -201,93 +251,16 @@ def hybrid_from_args(args: argparse.Namespace, model):
     return replace(HybridConfig.for_model(model), **given, pooled=args.pooled)
 
 
-def guidance_from_args(args: argparse.Namespace):
+def guidance_from_args(args: argparse.Namespace, *, pooled: bool):
     """The :class:`GuidanceConfig` the command line asks for, its defaults where an option is not
-    given (``--steps`` 20, ``--guidance`` 1: off)."""
+    given (``--steps`` 20, ``--guidance`` 1: off); ``pooled``: match the maps' means."""
     from featinv.analysis.guided import GuidanceConfig
 
     options = {"strength", "inner_steps", "inner_step_size", "distance", "steps", "guidance", "sampler"}
     given = {key: getattr(args, key) for key in options if getattr(args, key) is not None}
     if "guidance" in given:
         given["guidance_scale"] = given.pop("guidance")
-    return GuidanceConfig(**given, pooled=args.pooled)
-
-
-def cmd_guided(args: argparse.Namespace) -> int:
-    """Invert the feature maps of ``--images`` (or ``--features``) by guided sampling; write one PNG
-    per input (and sample) and grid.png."""
-    from featinv.analysis.guided import GuidedReconstructor
-    from featinv.features import pool_and_tile
-    from featinv.pipeline import resolve_device
-
-    if args.model is None:
-        raise FeatInvError(
-            "--method guided needs --model DIR: a FeatInv model on the base to sample from (an untrained one "
-            "from 'featinv create --base ... --classifier ...' serves; its ControlNet is not used)"
-        )
-    config = guidance_from_args(args)
-    samples, batch_size = args.samples, args.batch_size
-    model = load_model(args.model, args.trust_code)
-    if _names_classifier(args):
-        extractor = classifier_from_args(args, mode="spatial")
-    else:
-        extractor = required_extractor(model, args.classifier_weights, args.model, args.trust_code)
-    if extractor.spec.mode == "pooled":  # a pooled model's maps: match their means
-        config = replace(config, pooled=True)
-    device = resolve_device(args.device)
-    guided = GuidedReconstructor(model, extractor=extractor, device=device, config=config)
-    stems, originals, maps = classifier_inputs(guided.extractor, args)
-    if args.pooled and args.images:
-        maps = pool_and_tile(maps)
-    runs = []
-    for k in range(samples):
-        result = guided.reconstruct(
-            features=maps, seed=args.seed + k * len(stems), batch_size=batch_size, progress=not args.quiet
-        )
-        runs.append(result.images)
-    write_inversions(args, stems, originals, runs)
-    print(
-        f"wrote {len(stems)} guided inversion(s) of {guided.spec.describe()} ({config.steps} {config.sampler} steps, "
-        f"strength {config.strength:g}, {config.inner_steps} inner steps; no ControlNet) and grid.png to {args.out}"
-    )
-    return 0
-
-
-# ----- --method optimize
-
-
-def optimize_images(extractor, maps: torch.Tensor, args: argparse.Namespace, seed: int) -> torch.Tensor:
-    """The optimisation baseline at the classifier's input size, with a progress bar; prints the
-    final feature cosine of the images it found."""
-    import torch
-
-    from featinv.analysis.metrics import feature_cosine
-    from featinv.analysis.optimize import OptimizeConfig, invert_by_optimization
-
-    config = OptimizeConfig.for_extractor(extractor, args.opt_steps)
-    images = invert_by_optimization(extractor, maps, config=config, seed=seed, progress=not args.quiet)
-    device = next(extractor.classifier.parameters()).device
-    with torch.no_grad():
-        cosine = feature_cosine(extractor(images.to(device)).float(), maps.to(device).float())
-    print(
-        f"optimised {len(images)} image(s) at {images.shape[-2]}x{images.shape[-1]} px: feature cosine "
-        + ", ".join(f"{float(c):.3f}" for c in cosine)
-    )
-    return images
-
-
-def cmd_optimize(args: argparse.Namespace) -> int:
-    """``reconstruct --method optimize --classifier NAME``: the optimisation baseline on any timm
-    classifier and layer, no FeatInv model: images are brought to the classifier's input by its own
-    eval transform, and optimised at that size."""
-    from featinv.pipeline import resolve_device
-
-    extractor = classifier_from_args(args).to(resolve_device(args.device))
-    stems, originals, maps = classifier_inputs(extractor, args)
-    runs = [optimize_images(extractor, maps, args, args.seed + k * len(stems)) for k in range(args.samples)]
-    write_inversions(args, stems, originals, runs)
-    print(f"wrote {len(stems)} optimisation inversion(s) of {extractor.spec.describe()} and grid.png to {args.out}")
-    return 0
+    return GuidanceConfig(**given, pooled=pooled)
 
 
 def _names_classifier(args: argparse.Namespace) -> bool:
@@ -310,41 +283,8 @@ def classifier_from_args(args: argparse.Namespace, mode: str | None = None):
     )
 
 
-def classifier_inputs(extractor, args: argparse.Namespace) -> tuple[list[str], torch.Tensor | None, torch.Tensor]:
-    """(stems, originals (B, 3, H, W) at the classifier's input or None, feature maps (B, C, h, w))
-    of ``--images`` (by the classifier's eval transform) or ``--features``."""
-    import torch
-
-    from featinv.images import load_images
-
-    if args.images:
-        originals = load_images(args.images, extractor.spec.input_size[1:], extractor.spec.crop_pct)
-        with torch.no_grad():
-            maps = extractor(originals.to(next(extractor.parameters()).device)).cpu()
-        return unique_stems(args.images), originals, maps
-    maps = read_features(args.features)
-    extractor.spec.check_features(maps, "--features")
-    return [f"features_{i:03d}" for i in range(len(maps))], None, maps
-
-
-def write_inversions(
-    args: argparse.Namespace, stems: list[str], originals: torch.Tensor | None, runs: list[torch.Tensor]
-) -> None:
-    """Write sample k of input ``stem`` as its :func:`featinv.cli.sample_names` file, and grid.png
-    (originals, then one column per sample, the first 16 inputs) into ``--out``, atomically."""
-    from featinv.images import make_grid, save_image
-
-    names = sample_names(stems, len(runs))
-    with staged_output(args.out) as staging:
-        for k, images in enumerate(runs):
-            for stem, image in zip(stems, images, strict=True):
-                save_image(image, staging / names[stem][k])
-        columns = ([originals[:16]] if originals is not None else []) + [images[:16] for images in runs]
-        save_image(make_grid(columns, scale=max(1, 128 // columns[0].shape[-1])), staging / "grid.png")
-
-
 def add_reconstruct_command(commands) -> None:
-    """Register ``reconstruct`` (all three methods)."""
+    """Register ``reconstruct`` (every method of :mod:`featinv.analysis.methods`)."""
     rec = commands.add_parser("reconstruct", help="reconstruct images from feature maps")
     rec.add_argument("--model", help="FeatInv model folder (not needed with --method optimize --classifier NAME)")
     rec.add_argument("--classifier-weights", help="classifier weights file (if the model stores none)")
