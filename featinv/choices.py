@@ -20,7 +20,7 @@ DTYPE_SPELLINGS = dict(zip(DTYPES, CACHE_DTYPES, strict=True))
 def dtype_choice(text: str, *, long: bool = False) -> str:
     """``text`` (fp16 or float16, half; any case) as the short name, or with ``long`` torch's; an
     unknown name is returned as it is, for argparse's ``choices`` to refuse."""
-    name = {"half": "fp16", "float": "fp32", "bfloat16": "bf16"}.get(text.lower(), text.lower())
+    name = {"half": "fp16", "float": "fp32"}.get(text.lower(), text.lower())
     name = {long_name: short for short, long_name in DTYPE_SPELLINGS.items()}.get(name, name)
     if name not in DTYPE_SPELLINGS:
         return text
