@@ -37,6 +37,7 @@ TINY_CLASSIFIERS = {
 # runs everything, and a full run fails when an unmarked test took that long (pytest_sessionfinish),
 # so the marker follows what the tests measure, not a list kept by hand.
 HEAVY_SECONDS = float(os.environ.get("FEATINV_HEAVY_SECONDS", "3"))
+NEAR_HEAVY = 0.8  # unmarked tests above this share of the limit are listed, as a warning
 _durations: dict[str, float] = {}  # unmarked tests: seconds of setup and call
 
 
@@ -78,8 +79,13 @@ def pytest_sessionfinish(session, exitstatus):
     if config.option.markexpr or config.option.keyword:  # a selection: `make check`, -k
         return
     slow = unmarked_heavy_tests(_durations)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    near = [line for line in unmarked_heavy_tests(_durations, NEAR_HEAVY * HEAVY_SECONDS) if line not in slow]
+    if near and reporter is not None:  # a warning, not a failure: candidates for the marker on a slower machine
+        reporter.write_sep("-", f"unmarked tests near {HEAVY_SECONDS:g} s (mark them if CI's machine is slower)")
+        for line in near:
+            reporter.write_line(line)
     if slow:
-        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
         lines = [f"{len(slow)} test(s) took {HEAVY_SECONDS:g} s or more without @pytest.mark.heavy:", *slow]
         if reporter is not None:
             reporter.write_sep("=", "unmarked heavy tests", red=True)

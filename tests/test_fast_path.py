@@ -105,6 +105,7 @@ def test_the_step_cache_keeps_the_most_recently_used(tiny_model):
         FastPath(tiny_model, compile_mode=None, max_graphs=0)
 
 
+@pytest.mark.heavy
 def test_the_null_hint_is_computed_once_and_equals_the_batched_one(tiny_model):
     features, _ = _inputs(tiny_model, 3)
     path = FastPath(tiny_model, compile_mode=None)
