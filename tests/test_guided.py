@@ -222,6 +222,7 @@ def test_evaluate_has_a_guided_column_with_its_cost_and_verdicts(tmp_path):
     assert guided_lines[-1].startswith("Cost: guided sampling took") and "x FeatInv's" in guided_lines[-1]
 
 
+@pytest.mark.heavy  # 2.5-2.8 s on CI, too near the 3 s limit
 def test_the_analysis_commands_take_method_guided(capsys, tmp_path):
     steer = ["steer", "--class", 1, "--shapes", 2, "--strengths", "0,1", "--method", "guided"]
     code, out, err = run_cli(capsys, *steer, "--out", tmp_path / "s")

@@ -23,7 +23,11 @@ import pytest
 pytest.importorskip("fastapi")
 webdriver = pytest.importorskip("selenium.webdriver")
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")
+# A browser and a server start per module (16.8 s on CI for the first test): every test here is heavy.
+pytestmark = [
+    pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver"),
+    pytest.mark.heavy,
+]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 
@@ -205,7 +209,6 @@ def _move(browser, slider: str, value: str) -> None:
     )
 
 
-@pytest.mark.heavy
 def test_the_explorer_first_impression_cancelling_and_painted_cells(app_url, browser):
     browser.get(app_url)
     # First impression: an example loads and is reconstructed by itself; previews came first; every
