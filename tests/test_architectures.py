@@ -41,7 +41,7 @@ def test_the_shipped_spatial_maps_are_about_eight_by_eight():
     assert all(shape[1:] == (8, 8) for shape in shapes.values()), shapes
 
 
-@pytest.mark.heavy  # 2-3.8 s on the 2-core CPU, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_demo_for_every_classifier_writes_the_cross_architecture_table(capsys, tmp_path):
     code, out, err = run_cli(capsys, "demo", "--classifier", "all", "--n", 2, "--steps", 2, "--out", tmp_path)
     assert code == 0, err

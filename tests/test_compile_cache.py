@@ -27,7 +27,7 @@ def _graphs_compiled(modules) -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
 
 
-@pytest.mark.heavy  # 2-3.8 s on the 2-core CPU, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_instances_with_their_own_cache_all_compile():
     torch._dynamo.reset()
     torch.manual_seed(0)

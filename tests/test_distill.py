@@ -92,7 +92,7 @@ def test_few_step_sampling_is_seeded_and_batch_independent(tmp_path, target, sam
     assert not torch.equal(other, whole)
 
 
-@pytest.mark.heavy  # 2-3.8 s on the 2-core CPU, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_a_model_that_is_not_distilled_is_refused_clearly(capsys, tmp_path):
     from safetensors.torch import save_file
 
@@ -136,7 +136,7 @@ def test_featinv_json_records_the_distillation_and_rejects_a_malformed_one(tmp_p
             FeatInvModel.from_pretrained(tmp_path / "guidance")
 
 
-@pytest.mark.heavy  # 2.5-2.8 s on CI, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_the_shipped_realtime_model_in_demo_reconstruct_and_the_server(capsys, tmp_path):
     from featinv.paths import PRETRAINED, REALTIME_DIR
     from featinv.serving import ReconstructionServer
@@ -160,7 +160,7 @@ def test_the_shipped_realtime_model_in_demo_reconstruct_and_the_server(capsys, t
         server.close()
 
 
-@pytest.mark.heavy  # 2-3.8 s on the 2-core CPU, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_a_second_stage_starts_from_a_distilled_student(capsys, tmp_path):
     teacher = make_model()
     teacher.save_pretrained(tmp_path / "teacher")

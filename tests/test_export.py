@@ -88,7 +88,7 @@ def test_whole_reconstruction_through_onnxruntime_equals_eager(exported, tiny_mo
     assert float((onnx.samples - eager.samples).abs().max()) <= 1e-3
 
 
-@pytest.mark.heavy  # 2-3.8 s on the 2-core CPU, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_export_is_reused_for_the_same_weights_and_redone_for_others(tmp_path, tiny_model, monkeypatch):
     from featinv.engine import onnx as onnx_backend
 

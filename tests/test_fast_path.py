@@ -78,6 +78,7 @@ def test_fast_step_equals_the_eager_loop_on_cpu(sampler, tiny_model):
     assert torch.equal(again, got)
 
 
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_the_fast_hint_encoder_equals_the_models(tiny_model):
     """The upsample and first convolution fused at the feature map's resolution (the Triton kernel,
     through the interpreter on the CPU) give the model's hints."""

@@ -195,7 +195,7 @@ def test_a_malicious_pickle_runs_nothing(capsys, tmp_path):
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
-@pytest.mark.heavy  # 2-3.8 s on the 2-core CPU, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_a_hint_width_that_does_not_fit_the_classifier_is_refused(capsys, tmp_path):
     # the default classifier (the published ConvNeXt-B, 1024 channels) against the tiny 16-channel hint block
     out = tmp_path / "out"

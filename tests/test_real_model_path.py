@@ -206,7 +206,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.heavy  # 2-3.8 s on the 2-core CPU, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_the_real_time_model_distilled_in_two_stages_on_the_latent_model(capsys, world, trained, tmp_path):
     """Guidance, then trajectory distillation (through the VAE decoder for its consistency term) of
     the layer3 model, then a default reconstruction: 4 dpmpp steps, no guidance."""

@@ -64,7 +64,7 @@ def setup():
     return model, features, latents
 
 
-@pytest.mark.heavy  # 2.5-2.8 s on CI, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_ddim_matches_the_diffusers_recipe(setup):
     model, features, latents = setup
     scheduler = DDIMScheduler.from_config(model.noise_schedule.to_dict())

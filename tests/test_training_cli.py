@@ -41,7 +41,7 @@ def test_data_and_folder_bad_input(capsys, tmp_path):
         ImageFolderStream(tmp_path / "empty", 16)
 
 
-@pytest.mark.heavy  # 2.5-2.8 s on CI, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_cache_then_train_then_resume_from_the_cli(capsys, tmp_path, model_dir):  # noqa: F811
     cache = tmp_path / "cache.safetensors"
     code, out, _ = run_cli(capsys, "features", "cache", "--model", model_dir, "--pool", 24, "--seed", 2, "--out", cache)
@@ -86,6 +86,7 @@ def test_cache_then_train_then_resume_from_the_cli(capsys, tmp_path, model_dir):
     assert_one_line_error(code, err, "exactly one of --preset")
 
 
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_train_with_the_consistency_loss_from_the_cli(capsys, tmp_path, model_dir):  # noqa: F811
     common = ["train", "--model", model_dir, "--pool", 16, "--batch-size", 4, "--steps", 2, "--checkpoint-every", 0]
     code, out, _ = run_cli(

@@ -59,7 +59,7 @@ def _train_controlnet(extractor, stream, out, resume=False):
     return model, result
 
 
-@pytest.mark.heavy  # 2-3.8 s on the 2-core CPU, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_resume_after_an_interruption_gives_the_same_weights(tiny_extractor, tmp_path):
     straight, _ = _train_controlnet(tiny_extractor, _stream(), tmp_path / "straight")
 
@@ -118,6 +118,7 @@ def test_checkpoints_keep_only_the_newest(tmp_path):
     assert ckpt.load_checkpoint(tmp_path / "step-0000004").state == {"note": 4}
 
 
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_resume_refuses_a_checkpoint_of_other_settings(tiny_extractor, tmp_path):
     _train_controlnet(tiny_extractor, _stream(), tmp_path)
     model = make_model(tiny_extractor)
@@ -129,7 +130,7 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tiny_extractor, tmp_path)
         train_controlnet(model, OnlineFeatures(tiny_extractor), _stream(), fewer, checkpoint_dir=tmp_path, resume=True)
 
 
-@pytest.mark.heavy  # 1.3-2.2 s on the 2-core CPU, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_a_finished_run_extends_with_more_steps(tiny_extractor, tmp_path, capsys):
     """The last step is checkpointed, so a larger --steps continues a finished run from there."""
     finished, _ = _train_controlnet(tiny_extractor, _stream(), tmp_path)

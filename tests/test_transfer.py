@@ -35,7 +35,7 @@ def _embedding_error(model: FeatInvModel, teacher: FeatInvModel, images: torch.T
     return float(torch.nn.functional.mse_loss(ours, theirs))
 
 
-@pytest.mark.heavy  # 2-3.8 s on the 2-core CPU, too near the 3 s limit
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_transfer_copies_the_body_and_teaches_the_hint_encoder(capsys, tmp_path):
     _create(capsys, tmp_path / "resnet")
     code, text, err = run_cli(

@@ -114,6 +114,7 @@ def test_the_handlers_threads_run_no_tensor_operation():
     assert not elsewhere, f"tensor work outside the server's thread: {elsewhere[:10]}"
 
 
+@pytest.mark.heavy  # above 2 s in a full run: too near the 3 s limit
 def test_the_switch_takes_one_classifiers_spatial_and_pooled_models(tmp_path):
     from conftest import make_extractor, make_model
 
