@@ -18,7 +18,7 @@ is its own:
 Reported: the images' max difference (in [0, 1]), seconds per DDIM step of each (the sampling
 loop, hint included, after a warm-up run; decode apart), peak memory of each, the ratios.
 
-    pip install -e '.[official]'
+    pip install --no-build-isolation -e '.[official]'
     python benchmarks/bench_published.py --official-code PATH/TO/FeatInv/code --work /tmp/featinv-published
     python benchmarks/bench_published.py ... --device cuda   # on a GPU
 """

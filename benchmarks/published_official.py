@@ -2,7 +2,7 @@
 
 The code is not part of featinv: give the ``code/`` folder of a checkout of AI4HealthUOL/FeatInv
 (``--official-code``). It runs unchanged on a CPU or a GPU with pytorch-lightning, omegaconf,
-einops and open_clip_torch installed (``pip install -e '.[official]'``), and three shims applied
+einops and open_clip_torch installed (``pip install --no-build-isolation -e '.[official]'``), and three shims applied
 from outside, none of which changes what it computes:
 
 * ``pytorch_lightning.utilities.distributed`` (gone in pytorch-lightning 2) is given its
@@ -38,7 +38,8 @@ def import_official(code: Path) -> types.SimpleNamespace:
         raise SystemExit(f"--official-code {code}: not the code/ folder of AI4HealthUOL/FeatInv (no cldm/cldm.py)")
     missing = [name for name in ("pytorch_lightning", "omegaconf", "einops", "open_clip") if not _importable(name)]
     if missing:
-        raise SystemExit(f"the official code needs {', '.join(missing)}: pip install -e '.[official]'")
+        install = "pip install --no-build-isolation -e '.[official]'"
+        raise SystemExit(f"the official code needs {', '.join(missing)}: {install}")
     sys.path.insert(0, str(code))
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
