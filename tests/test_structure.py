@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "featinv"
 CLI = PACKAGE / "cli"
 COMMAND_MODULES = {path.stem for path in CLI.glob("*.py")} - {"__init__", "__main__", "options"}
@@ -92,8 +94,6 @@ def test_test_modules_share_through_helpers_not_each_other():
 
 
 def test_one_list_of_sampler_names():
-    import pytest
-
     from featinv import choices, sampling
 
     assert tuple(sampling.SAMPLER_LOOPS) == choices.SAMPLERS
@@ -144,17 +144,50 @@ def test_every_dtype_option_takes_both_spellings_and_every_device_defaults_to_au
     assert {"reconstruct", "train", "evaluate", "serve", "features cache"} <= with_device
 
 
-def test_the_heavy_check_names_unmarked_tests_at_the_limit_and_over():
-    from conftest import unmarked_heavy_tests
+def test_the_heavy_check_fails_a_test_only_when_it_is_over_the_limit_again_alone():
+    from conftest import recheck_heavy, slowest
 
-    durations = {"tests/a.py::fast": 0.4, "tests/b.py::slow": 3.0, "tests/c.py::slower": 7.25}
-    assert unmarked_heavy_tests(durations, 3.0) == ["7.2 s  tests/c.py::slower", "3.0 s  tests/b.py::slow"]
-    assert unmarked_heavy_tests(durations, 8.0) == []
+    durations = {"tests/a.py::fast": 0.4, "tests/b.py::slow": 3.0, "tests/c.py::noisy": 7.25, "tests/d.py::near": 2.5}
+    alone = {"tests/b.py::slow": 3.5, "tests/c.py::noisy": 1.0}
+    timed = []
+    heavy, noise = recheck_heavy(durations, lambda nodeid: timed.append(nodeid) or alone[nodeid], 3.0)
+    assert timed == ["tests/c.py::noisy", "tests/b.py::slow"]  # only those over the limit are timed again
+    assert heavy == ["3.0 s, then 3.5 s alone  tests/b.py::slow"]
+    assert noise == ["7.2 s, then 1.0 s alone  tests/c.py::noisy"]
+    assert recheck_heavy(durations, alone.__getitem__, 8.0) == ([], [])
+    assert slowest(durations, 2.0, 3.0) == [(2.5, "tests/d.py::near")]
+
+
+def test_the_heavy_check_leaves_shared_fixtures_setup_out_of_a_tests_time():
+    import time
+    from types import SimpleNamespace
+
+    import conftest
+
+    def set_up(scope: str, nodeid: str, seconds: float, setup_report: float) -> float:
+        conftest.pytest_runtest_logstart(nodeid, None)
+        wrapper = conftest.pytest_fixture_setup(SimpleNamespace(scope=scope), None)
+        next(wrapper)
+        time.sleep(seconds)
+        next(wrapper, None)
+        report = SimpleNamespace(when="setup", keywords={}, nodeid=nodeid, duration=setup_report)
+        conftest.pytest_runtest_logreport(report)
+        return conftest._durations.pop(nodeid)
+
+    assert set_up("function", "fake.py::own", 0.05, 0.08) == 0.08
+    assert set_up("module", "fake.py::shared", 0.05, 0.08) <= 0.03
+
+
+@pytest.mark.heavy  # a pytest process of its own: 3.5 s
+def test_a_test_is_timed_alone_in_a_pytest_process_of_its_own():
+    from conftest import time_alone
+
+    root = Path(__file__).resolve().parents[1]
+    nodeid = "tests/test_structure.py::test_the_heavy_check_fails_a_test_only_when_it_is_over_the_limit_again_alone"
+    assert 0 < time_alone(nodeid, root) < 3
 
 
 def test_the_old_name_of_the_reconstruction_server_still_works_with_a_note():
-    import pytest
-
     from featinv import serving
 
     with pytest.warns(DeprecationWarning, match="ReconstructionServer"):
