@@ -87,6 +87,8 @@ class InversionMethod:
         needs_classifier: it takes gradients of (or features from) the classifier.
         backends: the denoiser backends it runs on (empty: it runs no denoiser).
         takes_guidance: it takes ``guidance`` (what classifier-free guidance guides on).
+        model_need: what model it needs, for the error without one ("" when it needs none).
+        backend_reason: why it runs on ``backends`` only, for the error on another.
     """
 
     name: str
@@ -97,6 +99,8 @@ class InversionMethod:
     backends: tuple[str, ...]
     takes_guidance: bool
     _build: Builder = field(repr=False)
+    model_need: str = ""
+    backend_reason: str = ""
 
     def check(
         self, *, model: bool = True, classifier: bool = True, backend: str = "eager", guidance: bool = False
@@ -104,14 +108,14 @@ class InversionMethod:
         """Refuse, in one line naming the option, what this method cannot run with: no model, no
         classifier, ``backend``, a ``guidance`` mode given."""
         if self.needs_model and not model:
-            raise FeatInvError(f"--method {self.name} needs --model DIR: {MODEL_NEEDS[self.name]}")
+            raise FeatInvError(f"--method {self.name} needs --model DIR: {self.model_need}")
         if self.needs_classifier and not classifier:
             raise FeatInvError(
                 f"--method {self.name} needs the classifier: the model stores none, pass --classifier-weights"
             )
         if backend != "eager" and backend not in self.backends:
             runs = f"runs on the {' or '.join(self.backends)} backend" if self.backends else "runs no denoiser"
-            raise FeatInvError(f"--method {self.name} {runs} ({BACKEND_REASONS[self.name]}), got --backend {backend}")
+            raise FeatInvError(f"--method {self.name} {runs} ({self.backend_reason}), got --backend {backend}")
         if guidance and not self.takes_guidance:
             takes = " or ".join(m.name for m in REGISTRY.values() if m.takes_guidance)
             raise FeatInvError(f"--guidance-on applies to --method {takes}, not --method {self.name}")
@@ -195,19 +199,6 @@ def _optimize(reconstructor, model, extractor, device, settings) -> Inverter:
     return invert
 
 
-MODEL_NEEDS = {
-    "featinv": "the trained FeatInv model to sample",
-    "hybrid": "the trained FeatInv model whose sampling to refine",
-    "guided": "a FeatInv model on the base to sample from (an untrained one from 'featinv create --base ... "
-    "--classifier ...' serves; its ControlNet is not used)",
-    "optimize": "",
-}
-BACKEND_REASONS = {
-    "featinv": "",
-    "hybrid": "it takes gradients through the denoiser",
-    "guided": "it takes gradients through the base",
-    "optimize": "it optimises pixels",
-}
 REGISTRY: dict[str, InversionMethod] = {
     method.name: method
     for method in (
@@ -220,6 +211,7 @@ REGISTRY: dict[str, InversionMethod] = {
             backends=("eager", "compiled", "fast", "onnx", "tensorrt"),
             takes_guidance=True,
             _build=_featinv,
+            model_need="the trained FeatInv model to sample",
         ),
         InversionMethod(
             "optimize",
@@ -230,6 +222,7 @@ REGISTRY: dict[str, InversionMethod] = {
             backends=(),
             takes_guidance=False,
             _build=_optimize,
+            backend_reason="it optimises pixels",
         ),
         InversionMethod(
             "guided",
@@ -240,6 +233,9 @@ REGISTRY: dict[str, InversionMethod] = {
             backends=("eager",),
             takes_guidance=False,
             _build=_guided,
+            model_need="a FeatInv model on the base to sample from (an untrained one from 'featinv create --base ... "
+            "--classifier ...' serves; its ControlNet is not used)",
+            backend_reason="it takes gradients through the base",
         ),
         InversionMethod(
             "hybrid",
@@ -250,6 +246,8 @@ REGISTRY: dict[str, InversionMethod] = {
             backends=("eager",),
             takes_guidance=True,
             _build=_hybrid,
+            model_need="the trained FeatInv model whose sampling to refine",
+            backend_reason="it takes gradients through the denoiser",
         ),
     )
 }
