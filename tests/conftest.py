@@ -49,7 +49,7 @@ HEAVY_SECONDS = float(os.environ.get("FEATINV_HEAVY_SECONDS", "3"))
 # Unmarked tests above two thirds of the limit are listed, as a warning: candidates for the marker.
 NEAR_HEAVY = 2 / 3
 DURATIONS_FILE = "FEATINV_DURATIONS_FILE"  # where a run writes its unmarked tests' seconds (JSON)
-_durations: dict[str, float] = {}  # unmarked tests: seconds of setup and call
+_durations: dict[str, float] = {}  # unmarked tests: their own seconds (pytest_runtest_logreport)
 
 
 def pytest_configure(config):
@@ -82,14 +82,15 @@ def pytest_runtest_logstart(nodeid, location):
 def pytest_fixture_setup(fixturedef, request):
     """Time the shared fixtures apart: their setup lands on whichever test needs them first, and
     marking that test heavy would not leave it out of `make check`."""
-    shared = fixturedef.scope != "function" and _running["shared fixtures"] == 0
+    shared = fixturedef.scope != "function"
+    outermost = shared and _running["shared fixtures"] == 0  # one set up inside another counts once
     start = time.perf_counter()
-    _running["shared fixtures"] += fixturedef.scope != "function"
+    _running["shared fixtures"] += shared
     try:
         yield
     finally:
-        _running["shared fixtures"] -= fixturedef.scope != "function"
-        if shared:
+        _running["shared fixtures"] -= shared
+        if outermost:
             nodeid = _running["nodeid"]
             _shared_setup[nodeid] = _shared_setup.get(nodeid, 0.0) + time.perf_counter() - start
 
@@ -119,8 +120,8 @@ def recheck_heavy(durations: dict[str, float], time_alone, limit: float = HEAVY_
 
 
 def time_alone(nodeid: str, rootdir: Path) -> float:
-    """Seconds (setup and call) of the test ``nodeid`` in a pytest process of its own; infinite when
-    that run reports no time for it."""
+    """The test ``nodeid``'s own seconds (as in the run) in a pytest process of its own; infinite
+    when that run reports no time for it."""
     with tempfile.TemporaryDirectory() as folder:
         report = Path(folder) / "durations.json"
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", nodeid]
